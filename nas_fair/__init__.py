@@ -1,0 +1,14 @@
+"""nas-fair: search compression settings of BERT-family classifiers with bias as an objective."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load"]
+
+
+def load(directory):  # noqa: ANN001, ANN201 - thin re-export, typed in nas_fair.checkpoint
+    """Load an exported compressed model (safetensors + JSON only, nothing unpickled)."""
+    from nas_fair.checkpoint import load_compressed
+
+    return load_compressed(directory)

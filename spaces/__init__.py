@@ -1,0 +1,80 @@
+"""Compression families. Every module in this folder that calls ``@register`` is a family."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from nas_fair.errors import UserError, did_you_mean
+from nas_fair.spaces.base import (
+    REGISTRY,
+    CompressionContext,
+    Family,
+    FamilyConfig,
+    RecoveryData,
+    ordered,
+    register,
+)
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base" and not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+__all__ = [
+    "REGISTRY",
+    "CompressionContext",
+    "Family",
+    "FamilyConfig",
+    "RecoveryData",
+    "build_space",
+    "compress",
+    "configs_from_params",
+    "off_configs",
+    "register",
+]
+
+
+def build_space(families: list[str] | None, options: Mapping[str, Mapping[str, Any]]) -> list[Family]:
+    """Instantiate the study's families (all registered ones by default) in application order."""
+    names = list(REGISTRY) if families is None else families
+    for name in list(names) + list(options):
+        if name not in REGISTRY:
+            raise UserError(
+                f"unknown compression family {name!r}{did_you_mean(name, REGISTRY)}; "
+                f"available: {', '.join(sorted(REGISTRY))}"
+            )
+    return [cls(options.get(cls.name)) for cls in ordered(names)]
+
+
+def off_configs(space: list[Family]) -> dict[str, FamilyConfig]:
+    return {fam.name: fam.off() for fam in space}
+
+
+def configs_from_params(params: Mapping[str, Any]) -> dict[str, FamilyConfig]:
+    """Rebuild per-family configs from flat Optuna params ``family.param`` (replay, export)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        family, _, param = key.partition(".")
+        if family not in REGISTRY:
+            raise UserError(f"parameter {key!r} names no compression family")
+        grouped.setdefault(family, {})[param] = value
+    return {name: REGISTRY[name].config_class.from_dict(vals) for name, vals in grouped.items()}
+
+
+def compress(
+    reference: nn.Module, configs: Mapping[str, FamilyConfig], ctx: CompressionContext
+) -> nn.Module:
+    """A compressed private copy of ``reference``: families applied in their fixed stage order."""
+    model = copy.deepcopy(reference)
+    model.eval()
+    for cls in ordered(list(configs)):
+        torch.manual_seed(ctx.seed)
+        model = cls().apply(model, configs[cls.name], ctx)
+    model.eval()
+    return model

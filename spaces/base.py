@@ -1,0 +1,188 @@
+"""The contract every compression family implements, and the registry that finds them.
+
+A family is one file in ``spaces/``: a config dataclass (PEFT-style, JSON round-trip), a table of
+searchable parameters, and ``apply``. Dropping a new file here that calls ``@register`` is all it
+takes for the search, the CLI and the contract tests to pick it up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from nas_fair.errors import UserError, did_you_mean
+
+# Fixed order of application: prune -> low-rank -> share -> distil (recover) -> quantize.
+STAGE_PRUNE = 10
+STAGE_LOWRANK = 20
+STAGE_SHARE = 30
+STAGE_RECOVER = 40
+STAGE_QUANTIZE = 50
+
+
+@dataclass(frozen=True)
+class Categorical:
+    choices: tuple[Any, ...]
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        return trial.suggest_categorical(name, list(self.choices))
+
+    def override(self, value: Any, where: str) -> Categorical:
+        if not isinstance(value, list) or not value:
+            raise UserError(f"{where} must be a non-empty list of choices, got {value!r}")
+        return Categorical(tuple(value))
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    step: float | None = None
+
+    def suggest(self, trial: Any, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, step=self.step)
+
+    def override(self, value: Any, where: str) -> FloatRange:
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or value[0] > value[1]
+        ):
+            raise UserError(f"{where} must be a range [low, high] with low <= high, got {value!r}")
+        return FloatRange(float(value[0]), float(value[1]), self.step)
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+    step: int = 1
+
+    def suggest(self, trial: Any, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high, step=self.step)
+
+    def override(self, value: Any, where: str) -> IntRange:
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or value[0] > value[1]
+        ):
+            raise UserError(f"{where} must be an integer range [low, high], got {value!r}")
+        return IntRange(value[0], value[1], self.step)
+
+
+ParamSpec = Categorical | FloatRange | IntRange
+
+
+@dataclass
+class FamilyConfig:
+    """Base of each family's config dataclass; subclasses validate in ``__post_init__``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FamilyConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise UserError(
+                f"unknown parameter {unknown[0]!r} for {cls.__name__}"
+                f"{did_you_mean(unknown[0], names)}; valid: {', '.join(sorted(names))}"
+            )
+        return cls(**data)
+
+
+@dataclass
+class RecoveryData:
+    """Tokenized training split with the reference model's logits, computed once per study."""
+
+    input_ids: torch.Tensor  # (N, L) int64, right-padded
+    attention_mask: torch.Tensor  # (N, L)
+    labels: torch.Tensor  # (N,) int64
+    teacher_logits: torch.Tensor  # (N, C) float32, from the fine-tuned reference
+    groups: list[str] | None = None  # sensitive attribute per example, when the data has one
+    texts: list[str] | None = None  # raw texts, for data-side mitigation (counterfactuals)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class CompressionContext:
+    """Everything a family may need beyond the model; built once per study, shared by trials."""
+
+    reference: nn.Module  # the fine-tuned uncompressed model (teacher); never mutated
+    train: RecoveryData
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 32
+    recovery_steps: int = 0
+    cache_dir: Path | None = None  # families may cache reference-only computations here
+    tokenizer: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Family(ABC):
+    """One compression family. Subclasses set the class attributes and implement ``apply``."""
+
+    name: ClassVar[str]
+    stage: ClassVar[int]
+    config_class: ClassVar[type[FamilyConfig]]
+    # Parameter table: name -> default search range. Every parameter is suggested in every trial
+    # (NSGA-II samples anything else at random); "off" is an ordinary value of the table.
+    params: ClassVar[dict[str, ParamSpec]]
+    # Names of families this one composes with (the contract tests combine exactly these).
+    composes_with: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        """``options`` is the study's ``[space.<name>]`` table: overrides of the ranges."""
+        self.space: dict[str, ParamSpec] = dict(self.params)
+        for key, value in (options or {}).items():
+            if key not in self.space:
+                raise UserError(
+                    f"unknown option [space.{self.name}] {key}{did_you_mean(key, self.space)}; "
+                    f"valid: {', '.join(sorted(self.space))}"
+                )
+            self.space[key] = self.space[key].override(value, f"[space.{self.name}] {key}")
+        # Validate every corner of the range early: a bad range is a bad study, not a bad trial.
+        for key, spec in self.space.items():
+            if isinstance(spec, Categorical):
+                for choice in spec.choices:
+                    self.config_class.from_dict({**self.off().to_dict(), key: choice})
+
+    @classmethod
+    def off(cls) -> FamilyConfig:
+        """The identity setting: applying it returns logits equal to the input model's."""
+        return cls.config_class()
+
+    def suggest(self, trial: Any) -> FamilyConfig:
+        values = {key: spec.suggest(trial, f"{self.name}.{key}") for key, spec in self.space.items()}
+        return self.config_class.from_dict(values)
+
+    @abstractmethod
+    def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
+        """Change ``model`` (already a private copy) for real and return it."""
+
+
+REGISTRY: dict[str, type[Family]] = {}
+
+
+def register(cls: type[Family]) -> type[Family]:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"compression family {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def ordered(names: Sequence[str]) -> list[type[Family]]:
+    return sorted((REGISTRY[n] for n in names), key=lambda c: c.stage)
