@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import pkgutil
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,13 +69,23 @@ def configs_from_params(params: Mapping[str, Any]) -> dict[str, FamilyConfig]:
 
 
 def compress(
-    reference: nn.Module, configs: Mapping[str, FamilyConfig], ctx: CompressionContext
+    reference: nn.Module,
+    configs: Mapping[str, FamilyConfig],
+    ctx: CompressionContext,
+    *,
+    timings: dict[str, float] | None = None,
 ) -> nn.Module:
-    """A compressed private copy of ``reference``: families applied in their fixed stage order."""
+    """A compressed private copy of ``reference``: families applied in their fixed stage order.
+
+    ``timings``, when given, receives the seconds each family took (the per-trial cost breakdown).
+    """
     model = copy.deepcopy(reference)
     model.eval()
     for cls in ordered(list(configs)):
         torch.manual_seed(ctx.seed)
+        start = time.perf_counter()
         model = cls().apply(model, configs[cls.name], ctx)
+        if timings is not None:
+            timings[cls.name] = time.perf_counter() - start
     model.eval()
     return model

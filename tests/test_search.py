@@ -1,0 +1,283 @@
+"""End-to-end: nas-fair search on a tiny BERT checkpoint and a CSV, resume, crash, replay."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from nas_fair.search.cli import main
+
+from conftest import WORDS, tiny_config
+
+CUES = ["cook", "sheriff", "clerk"]
+
+
+def write_csv(path: Path, n: int = 150, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = ["text,label,gender"]
+    for i in range(n):
+        label = i % 3
+        gender = "f" if rng.random() < 0.4 else "m"
+        pron = "she" if gender == "f" else "he"
+        filler = " ".join(rng.choice(["the", "good", "new", "old", "my", "is"], size=3))
+        rows.append(f'"{pron} works as a {CUES[label]} {filler}",{label},{gender}')
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny, untrained BERT saved as a Hugging Face checkpoint folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("ckpt")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert", 2, len(vocab)))
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    return d / "model"
+
+
+def write_study(tmp: Path, ckpt: Path, *, name: str = "tiny", steps: int = 4,
+                extra: str = "", data: str | None = None) -> Path:
+    csv = write_csv(tmp / "data.csv") if data is None else Path(data)
+    text = f"""
+name = "{name}"
+seed = 0
+[model]
+path = "{ckpt}"
+max_length = 16
+epochs = 3
+learning_rate = 1e-3
+batch_size = 16
+[data]
+source = "file"
+train = "{csv}"
+group_column = "gender"
+[search]
+batch_size = 4
+seq_len = 16
+recovery_steps = {steps}
+latency_repeats = 2
+bootstrap = 50
+threads = 1
+[objectives]
+accuracy = "macro_f1"
+bias = "tpr_gap_rms"
+{extra}
+"""
+    path = tmp / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def run_cli(*args: str) -> int:
+    return main(list(args))
+
+
+def load(run_dir: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+def test_search_runs_and_resumes(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint)
+    run_dir = tmp_path / "run"
+    assert run_cli("search", "--config", str(toml), "--budget", "3", "--run-dir", str(run_dir)) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "ref " in out and "trial   0" in out
+    study = load(run_dir)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert study.metric_names == ["size_mb", "latency_ms", "macro_f1", "tpr_gap_rms"]
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE", "MAXIMIZE", "MINIMIZE"]
+    ref = study.user_attrs["reference"]
+    assert len(ref["values"]) == 4 and ref["size_mb"] > 0
+    # every parameter is suggested in every trial (NSGA-II samples the rest at random)
+    keys = {frozenset(t.params) for t in complete}
+    assert len(keys) == 1
+    assert {k.split(".")[0] for k in next(iter(keys))} >= {"pruning", "quantization"}
+    for t in complete:
+        assert len(t.values) == 4 and all(np.isfinite(t.values))
+        assert set(t.user_attrs["cost"]) >= {"compress_s", "recover_s", "evaluate_s", "latency_s"}
+        assert "tpr_gap_rms" in t.user_attrs["bias"]
+    stamp = run_dir / "reference" / "nas_fair_reference.json"
+    mtime = stamp.stat().st_mtime_ns
+    # same budget: nothing more to do; larger budget continues to exactly that many
+    assert run_cli("search", "--config", str(toml), "--budget", "3", "--run-dir", str(run_dir)) == 0
+    assert "budget met" in capsys.readouterr().out
+    assert run_cli("search", "--config", str(toml), "--budget", "5", "--run-dir", str(run_dir),
+                   "--json") == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["completed_trials"] == 5 and result["pareto"]
+    assert stamp.stat().st_mtime_ns == mtime  # the reference was reused, not fine-tuned again
+    study = load(run_dir)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 5
+    assert study.user_attrs["population_size"] == 4
+
+
+def test_pareto_command(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint)
+    run_dir = tmp_path / "run"
+    assert run_cli("pareto", "--config", str(toml), "--run-dir", str(run_dir)) == 2
+    assert "has not been run yet" in capsys.readouterr().err
+    assert run_cli("search", "--config", str(toml), "--budget", "2", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    capsys.readouterr()
+    assert run_cli("pareto", "--config", str(toml), "--run-dir", str(run_dir)) == 0
+    assert "Pareto front of study 'tiny'" in capsys.readouterr().out
+
+
+def test_replay_reproduces_recorded_metrics(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from nas_fair.config import load_study
+    from nas_fair.objectives import ACCURACY
+    from nas_fair.search.study import Session
+
+    toml = write_study(tmp_path, tiny_checkpoint)
+    run_dir = tmp_path / "run"
+    assert run_cli("search", "--config", str(toml), "--budget", "2", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    study = load(run_dir)
+    session = Session(load_study(toml), run_dir, quiet=True)
+    session.prepare()
+    for t in study.trials:
+        model = session.replay(t.params)
+        record = session.evaluate(model)
+        assert ACCURACY["macro_f1"](record) == pytest.approx(t.values[2], abs=1e-12)
+        assert t.user_attrs["bias"]["tpr_gap_rms"]["value"] == pytest.approx(
+            session.score(model, record, paired=False).attrs["bias"]["tpr_gap_rms"]["value"])
+
+
+def test_killed_trial_is_failed_and_retried(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint, steps=400)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nas_fair.search.cli", "search", "--config", str(toml),
+           "--budget", "2", "--run-dir", str(run_dir), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = run_dir / "study.db"
+    deadline = time.monotonic() + 240
+    running = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as con:
+                    row = con.execute("select number from trials where state='RUNNING'").fetchone()
+            except sqlite3.Error:
+                row = None
+            if row is not None:
+                running = row[0]
+                break
+        time.sleep(0.05)
+    assert running is not None, proc.stderr.read().decode() if proc.poll() is not None else ""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    study = load(run_dir)
+    assert study.trials[running].state == optuna.trial.TrialState.RUNNING
+    killed_params = study.trials[running].params
+    assert run_cli("search", "--config", str(toml), "--budget", "2", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    study = load(run_dir)
+    states = [t.state for t in study.trials]
+    assert states[running] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == running]
+    assert len(retry) == 1 and retry[0].params == killed_params
+    assert retry[0].state == optuna.trial.TrialState.COMPLETE
+
+
+# ------------------------------------------------------------------ bad input: exit 2, one line
+
+
+def _bad(capsys, *args: str) -> str:
+    code = run_cli(*args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_budget(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint)
+    run_dir = tmp_path / "run"
+    for budget in ("0", "-3", "abc", "0m"):
+        err = _bad(capsys, "search", "--config", str(toml), "--budget", budget,
+                   "--run-dir", str(run_dir))
+        assert "--budget" in err
+    assert not run_dir.exists()
+
+
+def test_unknown_study_and_malformed_toml(tmp_path: Path, capsys) -> None:
+    err = _bad(capsys, "search", "--study", "bois", "--budget", "1")
+    assert "unknown study 'bois'" in err and "did you mean 'bios'" in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[model\npath = 1\n')
+    assert "not valid TOML" in _bad(capsys, "search", "--config", str(bad), "--budget", "1")
+    typo = tmp_path / "typo.toml"
+    typo.write_text('name = "x"\n[search]\nsampeler = "nsga2"\n')
+    assert "did you mean 'sampler'" in _bad(capsys, "search", "--config", str(typo), "--budget", "1")
+    wrong_type = tmp_path / "type.toml"
+    wrong_type.write_text('name = "x"\n[search]\nrecovery_steps = "many"\n')
+    assert "must be int" in _bad(capsys, "search", "--config", str(wrong_type), "--budget", "1")
+    assert "does not exist" in _bad(capsys, "search", "--config", str(tmp_path / "no.toml"),
+                                    "--budget", "1")
+
+
+def test_unknown_sampler(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint, extra="")
+    err = _bad(capsys, "search", "--config", str(toml), "--budget", "1", "--sampler", "nsga3",
+               "--run-dir", str(tmp_path / "r"))
+    assert "--sampler must be one of nsga2, random, tpe" in err
+    text = toml.read_text().replace("[search]\n", '[search]\nsampler = "cmaes"\n')
+    toml.write_text(text)
+    assert "[search] sampler must be one of" in _bad(
+        capsys, "search", "--config", str(toml), "--budget", "1", "--run-dir", str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_model_path(tmp_path: Path, capsys) -> None:
+    toml = write_study(tmp_path, tmp_path / "no-such-model")
+    err = _bad(capsys, "search", "--config", str(toml), "--budget", "1",
+               "--run-dir", str(tmp_path / "r"))
+    assert "[model] path" in err and "does not exist" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_column_and_empty_split(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    csv = tmp_path / "cols.csv"
+    csv.write_text("sentence,label,gender\nhe is a cook,0,m\nshe is a clerk,1,f\n")
+    toml = write_study(tmp_path, tiny_checkpoint, data=str(csv))
+    err = _bad(capsys, "search", "--config", str(toml), "--budget", "1",
+               "--run-dir", str(tmp_path / "r"))
+    assert "no column 'text'" in err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label,gender\n")
+    toml = write_study(tmp_path, tiny_checkpoint, data=str(empty))
+    err = _bad(capsys, "search", "--config", str(toml), "--budget", "1",
+               "--run-dir", str(tmp_path / "r"))
+    assert "empty" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_metric_needing_groups_fails_at_start(tmp_path: Path, tiny_checkpoint: Path,
+                                              capsys) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint)
+    toml.write_text(toml.read_text().replace('group_column = "gender"\n', ""))
+    err = _bad(capsys, "search", "--config", str(toml), "--budget", "1",
+               "--run-dir", str(tmp_path / "r"))
+    assert "group" in err
+    assert not (tmp_path / "r").exists()
