@@ -101,16 +101,18 @@ def predict_logits(
     """Logits row-aligned with the input, computed in length-sorted batches (no padding waste)."""
     model.eval()
     order = torch.argsort(mask.sum(1), descending=True)
-    out = torch.empty(len(ids), dtype=torch.float32)
     chunks: list[torch.Tensor] = []
     for start in range(0, len(ids), batch_size):
         idx = order[start : start + batch_size]
         b_ids, b_mask = _trim(ids[idx], mask[idx])
         logits = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device)).logits
         chunks.append(logits.float().cpu())
-    if chunks:
-        out[order] = torch.cat(chunks)
-    return out.reshape(len(ids), -1) if len(ids) else out
+    if not chunks:
+        return torch.empty(0, getattr(getattr(model, "config", None), "num_labels", 0))
+    stacked = torch.cat(chunks)
+    out = torch.empty_like(stacked)
+    out[order] = stacked
+    return out
 
 
 def finetune(

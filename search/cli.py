@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", required=True, metavar="N|DURATION",
                    help="completed trials for the study in total (e.g. 8; re-running finishes "
                         "the rest, a larger N continues) or a duration for this run (45m, 2h)")
-    s.add_argument("--device", help="cpu (default) or cuda")
+    s.add_argument("--device", help="cpu (default); cuda is refused until it is tested")
     s.add_argument("--sampler", help="nsga2 (default), random or tpe")
     s.add_argument("--max-bias-increase", type=float, metavar="X",
                    help="trials whose bias CI upper end exceeds the reference's by more than X "
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pareto", help="show the Pareto-optimal trials of a study")
     _add_study_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    r = sub.add_parser("report", help="write a self-contained HTML report (plotly)")
+    _add_study_args(r)
+    r.add_argument("--out", metavar="FILE", help="default: <run folder>/report.html")
     return parser
 
 
@@ -92,12 +96,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pareto(args: argparse.Namespace) -> int:
-    import json
-
+def _existing_study(args: argparse.Namespace):  # noqa: ANN202
     from nas_fair.search.run import open_study, run_dir_for
-    from nas_fair.search.study import default_storage, directions, objective_names
-    from nas_fair.search.table import pareto_rows, render_table
+    from nas_fair.search.study import default_storage
 
     cfg = load_config(args)
     run_dir = run_dir_for(cfg, args.run_dir)
@@ -105,9 +106,31 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         raise UserError(f"study {cfg.name!r} has not been run yet (no {run_dir / 'study.db'}); "
                         f"run nas-fair search --study {cfg.name} --budget N first")
     url = args.storage or default_storage(run_dir.resolve())
-    study = open_study(cfg, url, create=False, budget=None)
+    return cfg, run_dir, open_study(cfg, url, create=False, budget=None)
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    import json
+
+    from nas_fair.search.study import directions, objective_names
+    from nas_fair.search.table import pareto_rows, render_table
+
+    cfg, _, study = _existing_study(args)
     result = pareto_rows(study, directions(cfg), objective_names(cfg))
     print(json.dumps(result, indent=2) if args.json else render_table(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nas_fair.search.report import write_report
+    from nas_fair.search.study import directions, objective_names
+
+    cfg, run_dir, study = _existing_study(args)
+    out = Path(args.out) if args.out else run_dir / "report.html"
+    write_report(study, directions(cfg), objective_names(cfg), out)
+    print(out)
     return 0
 
 
@@ -117,11 +140,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars are noise here
     try:
+        import warnings
+
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return {"search": cmd_search, "pareto": cmd_pareto}[args.command](args)
+        # Heartbeats and metric names are marked experimental; they are used on purpose.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        return {"search": cmd_search, "pareto": cmd_pareto, "report": cmd_report}[args.command](args)
     except UserError as exc:
         print(f"nas-fair: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

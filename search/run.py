@@ -142,6 +142,10 @@ def run_search(
         reference = {"values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
                      "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs}
         study.set_user_attr("reference", reference)
+    if reference["collapse"]["collapsed"]:
+        log("warning: the reference model itself looks collapsed ("
+            f"{reference['collapse']['reason'].split(';')[0]}); fine-tune it longer "
+            "([model] epochs) before trusting any bias figure")
     retried = fail_dead_local_trials(study)
     if retried:
         log(f"trials {', '.join(map(str, retried))} were left running by a stopped process: "

@@ -91,6 +91,7 @@ def check_objectives(cfg: StudyConfig, data: TaskData) -> list[str]:
         has_counterfactual=data.test_counterfactual is not None,
         has_stereotype=data.test.stereotype is not None,
         has_reference=True,
+        group_values=None if groups is None else set(groups.tolist()),
     )
     for name in names:
         check_metric_applicable(name, **facts)
@@ -136,8 +137,10 @@ class Session:
         self.quiet = quiet
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.timings: dict[str, float] = {}
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but torch sees no CUDA device; "
+        if self.device.type == "cuda":
+            # Not yet verified on a GPU (none was available to test it), so refuse rather than
+            # report numbers from an untested path.
+            raise UserError("--device cuda is not supported yet (only the CPU path is tested); "
                             "use --device cpu")
         # Validate everything that can be validated before writing anything.
         self.model_path = resolve_model_path(
@@ -188,8 +191,9 @@ class Session:
         )
         ref_logits = self.tensors["test_logits"]
         self.ref_pred = predictions(ref_logits)
+        # The reference compared with itself: compression metrics are 0 by definition.
         self.ref_record = self._record(self.ref_pred, self._cf_pred(ref_logits, self.reference),
-                                       reference=None)
+                                       reference=self.ref_pred)
 
     def fingerprint(self) -> str:
         m = self.cfg.model
@@ -331,23 +335,24 @@ class Session:
     def score_reference(self) -> Scores:
         return self.score(self.reference, self.ref_record, paired=False)
 
-    def constraints(self, scores: Scores, reference: dict[str, Any]) -> list[float]:
+    def constraints(self, scores: Scores, reference: dict[str, Any]) -> dict[str, float]:
         """Optuna constraints (<= 0 is feasible): not collapsed, and the user's limits."""
-        cons = [1.0 if scores.attrs["collapse"]["collapsed"] else -1.0]
+        cons = {"collapsed": 1.0 if scores.attrs["collapse"]["collapsed"] else -1.0}
         o = self.cfg.objectives
         if o.max_bias_increase is not None:
             hi = scores.attrs["bias_ci"][1]
             hi = scores.bias if hi is None else bias_objective(self.cfg, hi)
-            cons.append(hi - reference["bias"] - o.max_bias_increase)
+            cons["max_bias_increase"] = hi - reference["bias"] - o.max_bias_increase
         if o.min_accuracy is not None:
-            cons.append(o.min_accuracy - scores.accuracy)
+            cons["min_accuracy"] = o.min_accuracy - scores.accuracy
         return cons
 
     # ------------------------------------------------------------------ trials
 
     def run_trial(self, trial: optuna.Trial, reference: dict[str, Any]) -> list[float]:
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         configs = {fam.name: fam.suggest(trial) for fam in self.space}
+        # Recorded once every parameter is stored, so a retry replays the whole recipe.
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         model = compress(self.reference, configs, self.ctx, timings=times)
@@ -365,7 +370,10 @@ class Session:
         for key, value in scores.attrs.items():
             if key != "timings":
                 trial.set_user_attr(key, value)
-        trial.set_user_attr("constraints", self.constraints(scores, reference))
+        constraints = self.constraints(scores, reference)
+        for key, value in constraints.items():
+            trial.set_constraint(key, value)  # read by NSGA-II / TPE for feasibility
+        trial.set_user_attr("constraints", list(constraints.values()))
         cost["bookkeeping_s"] = time.perf_counter() - t
         cost["total_s"] = time.perf_counter() - t0
         trial.set_user_attr("cost", {k: round(v, 3) for k, v in cost.items()})
@@ -403,14 +411,14 @@ def default_storage(run_dir: Path) -> str:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
         return RDBStorage(url, heartbeat_interval=20, grace_period=120,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=3), **kwargs)
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3), **kwargs)
     except Exception as exc:  # noqa: BLE001
         shown = url.split("@")[-1] if "@" in url else url  # never print a password
         raise UserError(f"cannot open storage {shown!r}: {exc}".splitlines()[0]) from None
@@ -424,14 +432,11 @@ def population_for(budget_trials: int | None) -> int:
 
 
 def make_sampler(cfg: StudyConfig, population: int, seed: int) -> optuna.samplers.BaseSampler:
-    def constraints(trial: FrozenTrial) -> list[float]:
-        return list(trial.user_attrs.get("constraints", [1.0]))
-
+    """Samplers read each trial's constraints (``trial.set_constraint``) for feasibility."""
     if cfg.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed,
-                                             constraints_func=constraints)
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
     if cfg.search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=seed)
 
 

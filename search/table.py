@@ -38,8 +38,12 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
         row["trial"] = t.number
         row["recipe"] = t.params
         rows.append(row)
+    costs = [t.user_attrs.get("cost", {}) for t in trials]
+    keys = ("compress_s", "recover_s", "evaluate_s", "latency_s", "bookkeeping_s", "total_s")
+    mean_cost = {k: sum(c.get(k, 0.0) for c in costs) / len(costs) for k in keys} if costs else {}
     return {"study": study.study_name, "objectives": names, "directions": dirs,
-            "completed_trials": len(trials), "reference": ref_row, "pareto": rows}
+            "completed_trials": len(trials), "reference": ref_row, "pareto": rows,
+            "mean_trial_cost_s": mean_cost}
 
 
 def _cell(obj: dict[str, Any], digits: int) -> str:
@@ -71,6 +75,10 @@ def render_table(result: dict[str, Any]) -> str:
     out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     out.append("  ".join("-" * w for w in widths))
     out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    cost = result.get("mean_trial_cost_s") or {}
+    if cost:
+        parts = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in cost.items() if k != "total_s")
+        out.append(f"mean trial cost: {cost['total_s']:.1f}s ({parts})")
     return "\n".join(out)
 
 

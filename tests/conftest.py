@@ -87,9 +87,7 @@ def tiny_tokenizer_dir(tmp_path: Path) -> Path:
     from transformers import BertTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    vocab_file = tmp_path / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab_file))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     out = tmp_path / "tok"
     tok.save_pretrained(out)
     return out

@@ -42,8 +42,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     d = tmp_path_factory.mktemp("ckpt")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_config("bert", 2, len(vocab)))
     model.save_pretrained(d / "model")
@@ -60,8 +59,8 @@ seed = 0
 [model]
 path = "{ckpt}"
 max_length = 16
-epochs = 3
-learning_rate = 1e-3
+epochs = 20
+learning_rate = 3e-3
 batch_size = 16
 [data]
 source = "file"
@@ -176,7 +175,11 @@ def test_killed_trial_is_failed_and_retried(tmp_path: Path, tiny_checkpoint: Pat
         if db.exists():
             try:
                 with sqlite3.connect(db, timeout=1) as con:
-                    row = con.execute("select number from trials where state='RUNNING'").fetchone()
+                    # running, and far enough to have recorded its worker (host, pid)
+                    row = con.execute(
+                        "select t.number from trials t join trial_user_attributes a "
+                        "on a.trial_id = t.trial_id where t.state = 'RUNNING' and a.key = 'worker'"
+                    ).fetchone()
             except sqlite3.Error:
                 row = None
             if row is not None:

@@ -1,0 +1,446 @@
+"""Replacement modules used by the compression families, and how each is rebuilt from JSON.
+
+Every module here stores its compressed form as plain tensors (state_dict / safetensors-ready)
+and describes its own shape with ``spec()``; ``build_module(spec)`` makes an empty module of the
+same shape, which is how ``nas_fair.checkpoint`` rebuilds a compressed architecture without
+pickling anything. The int8 linear layer is torch's own dynamic quantized Linear (fbgemm/x86
+kernel), handled here by adapter functions because its weights live in packed params.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.nn.quantized import dynamic as nnqd
+
+DynamicInt8Linear = nnqd.Linear
+
+# Default group along the input dimension for 4-bit weights: one fp16 scale per 64 weights adds
+# 2/64 byte per weight, so a 4-bit matrix takes ~0.53 bytes per weight (~1/7.5 of fp32).
+GROUP_SIZE_4BIT = 64
+
+
+@contextmanager
+def quiet_quantized_deprecation() -> Iterator[None]:
+    """torch 2.13 warns that qint8 tensor creation is deprecated; the kernel is still the one
+    that makes int8 fast on CPU, so the warning is silenced where we create such tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao.*")
+        yield
+
+
+# --------------------------------------------------------------------------- low rank
+
+
+class LowRankLinear(nn.Module):
+    """``W ~= up @ down``: two plain Linear layers, so later stages (quantization) see linears."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.down = _empty_linear(in_features, rank, bias=False)
+        self.up = _empty_linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": _has_bias(self.up),
+        }
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+# --------------------------------------------------------------------------- weight-only formats
+
+
+class Fp16Linear(nn.Module):
+    """Weight stored in fp16 (half the bytes), upcast to fp32 for the matmul on every call.
+
+    This saves storage only: on CPU there is no fp16 GEMM speed-up, and the upcast costs a little.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float16))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp16Linear:
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        mod.weight.copy_(linear.weight.detach().to(torch.float16))
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        return mod.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    def logical_params(self) -> int:
+        return self.in_features * self.out_features + (
+            0 if self.bias is None else self.out_features
+        )
+
+
+def _group_layout(width: int, group_size: int) -> tuple[int, int]:
+    """(group size, padded width) for packing rows of ``width`` values two per byte."""
+    even = width + (width % 2)
+    gs = min(group_size, even)
+    gs += gs % 2
+    padded = -(-width // gs) * gs
+    return gs, padded
+
+
+def quantize_groups(
+    w: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-group quantization of each row of ``w`` (rows, width).
+
+    Returns (q, scales): q as int8 values in [-(2^(b-1)-1), 2^(b-1)-1] (padded to the group
+    layout), scales as fp16 (rows, groups). The scale is rounded to fp16 *before* quantizing, so
+    dequantization with the stored scale reproduces exactly what was intended.
+    """
+    rows, width = w.shape
+    gs, padded = _group_layout(width, group_size)
+    w = w.detach().float()
+    if padded != width:
+        w = F.pad(w, (0, padded - width))
+    g = w.reshape(rows, padded // gs, gs)
+    qmax = 2 ** (bits - 1) - 1
+    scales = (g.abs().amax(-1) / qmax).to(torch.float16)
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales).float()
+    q = torch.round(g / safe[..., None]).clamp(-qmax, qmax).to(torch.int8)
+    return q.reshape(rows, padded), scales
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit values per byte: even column in the low nibble, odd in the high one."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`, as float32 values in [-8, 7]."""
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+    return nibbles.to(torch.float32) - 8.0
+
+
+class Packed4Linear(nn.Module):
+    """4-bit weights packed two per byte (uint8) with one fp16 scale per group of inputs.
+
+    The full weight is dequantized on every call, so this saves storage (~1/7.5 of fp32) but is
+    not faster than fp32 on CPU; latency is whatever the benchmark measures.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = GROUP_SIZE_4BIT,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size, padded = _group_layout(in_features, group_size)
+        self.register_buffer("packed", torch.empty(out_features, padded // 2, dtype=torch.uint8))
+        self.register_buffer(
+            "scales",
+            torch.empty(out_features, padded // self.group_size, dtype=torch.float16),
+        )
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = GROUP_SIZE_4BIT) -> Packed4Linear:
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        q, scales = quantize_groups(linear.weight, 4, mod.group_size)
+        mod.packed.copy_(pack_int4(q))
+        mod.scales.copy_(scales)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        return mod.to(linear.weight.device)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = unpack_int4(self.packed)
+        rows, padded = q.shape
+        w = (
+            q.reshape(rows, padded // self.group_size, self.group_size)
+            * self.scales.float()[..., None]
+        )
+        return w.reshape(rows, padded)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "group_size": self.group_size,
+        }
+
+    def logical_params(self) -> int:
+        return self.in_features * self.out_features + (
+            0 if self.bias is None else self.out_features
+        )
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+class HalfEmbedding(nn.Module):
+    """Embedding table stored in fp16; only the looked-up rows are upcast to fp32."""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.register_buffer(
+            "weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.float16)
+        )
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> HalfEmbedding:
+        mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+        mod.weight.copy_(emb.weight.detach().to(torch.float16))
+        return mod.to(emb.weight.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float()
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+        }
+
+    def logical_params(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding rows quantized to 8 bits (int8, one scale per row) or 4 bits (packed uint8, one
+    scale per group of 64 values); only the looked-up rows are dequantized."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        padding_idx: int | None = None,
+        group_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantEmbedding bits must be 4 or 8, got {bits}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.bits = bits
+        self.padding_idx = padding_idx
+        if group_size is None:
+            group_size = embedding_dim if bits == 8 else GROUP_SIZE_4BIT
+        self.group_size, padded = _group_layout(embedding_dim, group_size)
+        if bits == 8:
+            self.register_buffer("qweight", torch.empty(num_embeddings, padded, dtype=torch.int8))
+        else:
+            self.register_buffer(
+                "qweight", torch.empty(num_embeddings, padded // 2, dtype=torch.uint8)
+            )
+        self.register_buffer(
+            "scales", torch.empty(num_embeddings, padded // self.group_size, dtype=torch.float16)
+        )
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int) -> QuantEmbedding:
+        mod = cls(emb.num_embeddings, emb.embedding_dim, bits, emb.padding_idx)
+        q, scales = quantize_groups(emb.weight, bits, mod.group_size)
+        mod.qweight.copy_(q if bits == 8 else pack_int4(q))
+        mod.scales.copy_(scales)
+        return mod.to(emb.weight.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[ids]
+        q = rows.to(torch.float32) if self.bits == 8 else unpack_int4(rows)
+        shape = q.shape
+        g = q.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        w = g * self.scales[ids].float()[..., None]
+        return w.reshape(shape)[..., : self.embedding_dim]
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "bits": self.bits,
+            "padding_idx": self.padding_idx,
+            "group_size": self.group_size,
+        }
+
+    def logical_params(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+
+# --------------------------------------------------------------------------- int8 (torch kernel)
+
+
+def int8_dynamic_linear(linear: nn.Linear) -> DynamicInt8Linear:
+    """A real fbgemm/x86 dynamic int8 Linear: symmetric per-output-channel int8 weights, the
+    activations quantized per call by the kernel itself."""
+    w = linear.weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
+    zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+    with quiet_quantized_deprecation():
+        qw = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
+        mod = DynamicInt8Linear(linear.in_features, linear.out_features, dtype=torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        mod.set_weight_bias(qw, bias)
+    return mod
+
+
+def int8_state(mod: DynamicInt8Linear) -> dict[str, torch.Tensor]:
+    """The int8 Linear as plain tensors (weight, per-channel scales and zero points, bias)."""
+    with quiet_quantized_deprecation():
+        w = mod.weight()
+        out = {
+            "weight_int8": w.int_repr().contiguous(),
+            "weight_scales": w.q_per_channel_scales().to(torch.float64).contiguous(),
+            "weight_zero_points": w.q_per_channel_zero_points().to(torch.int64).contiguous(),
+        }
+        bias = mod.bias()
+    if bias is not None:
+        out["bias"] = bias.detach().float().contiguous()
+    return out
+
+
+def int8_load_state(mod: DynamicInt8Linear, state: dict[str, torch.Tensor]) -> None:
+    """Rebuild the per-channel qint8 weight from plain tensors and pack it into ``mod``."""
+    with quiet_quantized_deprecation():
+        qw = torch._make_per_channel_quantized_tensor(
+            state["weight_int8"], state["weight_scales"], state["weight_zero_points"], 0
+        )
+        mod.set_weight_bias(qw, state.get("bias"))
+
+
+def int8_has_bias(mod: DynamicInt8Linear) -> bool:
+    return mod.bias() is not None
+
+
+# --------------------------------------------------------------------------- spec <-> module
+
+
+def _empty_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """An nn.Linear without the (slow, pointless) random init; values are set by the caller."""
+    return nn.Linear(in_features, out_features, bias=bias, device="meta").to_empty(device="cpu")
+
+
+def _has_bias(linear: nn.Module) -> bool:
+    if isinstance(linear, DynamicInt8Linear):
+        return int8_has_bias(linear)
+    return getattr(linear, "bias", None) is not None
+
+
+CUSTOM_TYPES: dict[str, type[nn.Module]] = {
+    "LowRankLinear": LowRankLinear,
+    "Fp16Linear": Fp16Linear,
+    "Packed4Linear": Packed4Linear,
+    "HalfEmbedding": HalfEmbedding,
+    "QuantEmbedding": QuantEmbedding,
+}
+
+# Modules whose storage is not their own parameters/buffers: serialized by adapter functions,
+# and nothing below them is visited.
+OPAQUE_TYPES: tuple[type[nn.Module], ...] = (DynamicInt8Linear,)
+
+
+def module_spec(mod: nn.Module) -> dict[str, Any] | None:
+    """JSON description of a rebuildable weight-bearing module, or None for anything else."""
+    if isinstance(mod, DynamicInt8Linear):
+        return {
+            "type": "DynamicInt8Linear",
+            "in_features": mod.in_features,
+            "out_features": mod.out_features,
+            "bias": int8_has_bias(mod),
+        }
+    for name, cls in CUSTOM_TYPES.items():
+        if type(mod) is cls:
+            return {"type": name, **mod.spec()}  # type: ignore[operator]
+    if type(mod) is nn.Linear:
+        return {
+            "type": "Linear",
+            "in_features": mod.in_features,
+            "out_features": mod.out_features,
+            "bias": mod.bias is not None,
+        }
+    if type(mod) is nn.Embedding:
+        return {
+            "type": "Embedding",
+            "num_embeddings": mod.num_embeddings,
+            "embedding_dim": mod.embedding_dim,
+            "padding_idx": mod.padding_idx,
+        }
+    return None
+
+
+def build_module(spec: dict[str, Any]) -> nn.Module:
+    """An empty module of the described type and shape (values are loaded afterwards)."""
+    kind = spec.get("type")
+    args = {k: v for k, v in spec.items() if k != "type"}
+    if kind == "Linear":
+        return _empty_linear(args["in_features"], args["out_features"], bias=args["bias"])
+    if kind == "Embedding":
+        return nn.Embedding(
+            args["num_embeddings"],
+            args["embedding_dim"],
+            padding_idx=args["padding_idx"],
+            device="meta",
+        ).to_empty(device="cpu")
+    if kind == "DynamicInt8Linear":
+        out_f, in_f = args["out_features"], args["in_features"]
+        with quiet_quantized_deprecation():
+            mod = DynamicInt8Linear(in_f, out_f, dtype=torch.qint8)
+            qw = torch._make_per_channel_quantized_tensor(
+                torch.zeros(out_f, in_f, dtype=torch.int8),
+                torch.ones(out_f, dtype=torch.float64),
+                torch.zeros(out_f, dtype=torch.int64),
+                0,
+            )
+            mod.set_weight_bias(qw, torch.zeros(out_f) if args["bias"] else None)
+        return mod
+    if kind in CUSTOM_TYPES:
+        return CUSTOM_TYPES[kind](**args)
+    raise ValueError(f"unknown module type {kind!r} in structure.json")
+
+
+def logical_params(mod: nn.Module) -> int | None:
+    """Logical weight count of a compressed module (what it stands for), None for plain ones."""
+    if isinstance(mod, DynamicInt8Linear):
+        return mod.in_features * mod.out_features + (mod.out_features if int8_has_bias(mod) else 0)
+    fn = getattr(mod, "logical_params", None)
+    return int(fn()) if callable(fn) else None
