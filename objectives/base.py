@@ -8,7 +8,7 @@ module of ``objectives/``; the study, the CLI and the tests find it in the regis
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -124,17 +124,3 @@ def get(table: dict[str, Metric], name: str, kind: str) -> Metric:
             f"available: {', '.join(sorted(table))}"
         )
     return table[name]
-
-
-@dataclass
-class Objectives:
-    """The four values a trial is scored on, plus everything recorded beside them."""
-
-    size_bytes: float
-    latency_ms: float
-    accuracy: float
-    bias: float
-    attrs: dict[str, object] = field(default_factory=dict)
-
-    def values(self) -> list[float]:
-        return [self.size_bytes, self.latency_ms, self.accuracy, self.bias]

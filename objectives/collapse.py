@@ -6,6 +6,12 @@ A model is flagged when any rule fires:
 
 * few classes: it predicts at most ``min(min_classes - 1, K - 1)`` distinct classes (K = number
   of classes; with the default ``min_classes=3``: at most 2 of 12, 2 of 3, 1 of 2);
+* few classes for a many-class task (K >= 4): it predicts fewer than ``min_class_coverage``
+  (0.5) of the classes; a sound model may never predict one rare class, but not half of them;
+* mostly one class: one class gets >= ``mostly_share`` (0.5) of all predictions and at least
+  ``dominance_ratio`` (3) times its share of the true labels (seen on the default study: a pruned
+  model sent 73% of its predictions to one of 10 balanced classes, accuracy 0.14, and scored a
+  third of the reference's bias gap);
 * near-constant overall: one class gets >= ``overall_dominant_share`` (0.95) of all predictions
   while that class is < ``true_share_max`` (0.8) of the true labels;
 * near-constant in a group: in a group of >= ``min_group_size`` rows, one class gets
@@ -55,13 +61,17 @@ def collapse_report(
     true_share_max: float = 0.8,
     min_group_size: int = 20,
     ci: float = 0.95,
+    min_class_coverage: float = 0.5,
+    mostly_share: float = 0.5,
+    dominance_ratio: float = 3.0,
 ) -> dict[str, object]:
     """Whether the model has collapsed, with the reasons and the numbers behind them."""
     if len(record) == 0:
         raise UserError("collapse_report needs at least one row, got an empty record")
     for name, v in (("dominant_share", dominant_share),
                     ("overall_dominant_share", overall_dominant_share),
-                    ("true_share_max", true_share_max), ("ci", ci)):
+                    ("true_share_max", true_share_max), ("ci", ci),
+                    ("min_class_coverage", min_class_coverage), ("mostly_share", mostly_share)):
         if not 0.0 < v < 1.0:
             raise UserError(f"collapse_report: {name} must be in (0, 1), got {v!r}")
     (t, p), classes = class_index(record.y_true, record.y_pred, n_classes=record.n_classes)
@@ -73,7 +83,20 @@ def collapse_report(
     if n_pred <= limit:
         reasons.append(f"predicts {n_pred} distinct class(es) of {k} (rule: <= {limit})")
 
+    if k >= 4 and n_pred > limit and n_pred < math.ceil(min_class_coverage * k):
+        reasons.append(
+            f"predicts {n_pred} distinct classes of {k} (rule: fewer than "
+            f"{math.ceil(min_class_coverage * k)})"
+        )
+
     top, pred_share, true_share = _dominant(t, p, k)
+    if (pred_share >= mostly_share and pred_share >= dominance_ratio * true_share
+            and pred_share < overall_dominant_share):
+        reasons.append(
+            f"class {classes[top]!r} gets {pred_share:.0%} of predictions but is "
+            f"{true_share:.0%} of labels (rule: >= {mostly_share:.0%} and >= "
+            f"{dominance_ratio:g}x its share)"
+        )
     if pred_share >= overall_dominant_share and true_share < true_share_max:
         reasons.append(
             f"class {classes[top]!r} gets {pred_share:.0%} of predictions but is "

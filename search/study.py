@@ -296,9 +296,9 @@ class Session:
 
     def score(self, model: torch.nn.Module, record: EvalRecord, *, paired: bool) -> Scores:
         """Size, latency, accuracy and every recorded bias metric (with intervals) of one model."""
-        from nas_fair.checkpoint import param_count, stored_bytes
         from nas_fair.objectives.collapse import collapse_report
         from nas_fair.objectives.latency import measure_latency
+        from nas_fair.objectives.size import model_size
         from nas_fair.objectives.stats import bootstrap, score_bias
 
         s = self.cfg.search
@@ -317,11 +317,11 @@ class Session:
         bias = score_bias(self.recorded, record, ref_record, n=s.bootstrap, seed=self.cfg.seed)
         collapse = collapse_report(record)
         times["metrics_s"] = time.perf_counter() - t
-        size = stored_bytes(model)
+        size = model_size(model)
         primary = bias[self.cfg.objectives.bias]
         attrs: dict[str, Any] = {
-            "size_bytes": int(size),
-            "params": int(param_count(model)),
+            "size_bytes": size["bytes"],
+            "params": size["params"],
             "latency": _jsonable(lat),
             "accuracy_ci": [acc_lo, acc_hi],
             "bias": _jsonable(bias),
@@ -329,7 +329,7 @@ class Session:
             "collapse": _jsonable(collapse),
             "timings": times,
         }
-        return Scores(size / 1e6, float(lat["median_ms"]), float(acc),
+        return Scores(size["bytes"] / 1e6, float(lat["median_ms"]), float(acc),
                       bias_objective(self.cfg, float(primary["value"])), attrs)
 
     def score_reference(self) -> Scores:

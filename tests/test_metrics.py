@@ -364,3 +364,19 @@ def test_wilson_interval_hand():
     lo, hi = wilson_interval(50, 100)
     # Wilson 95% for 50/100: 0.5 -+ 0.0962 (textbook value 0.4038 .. 0.5962)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+
+
+def test_collapse_many_class_rules() -> None:
+    """10 balanced classes; a model sending 73% of predictions to one class is collapsed even
+    though its accuracy interval clears the majority baseline (seen on the default study)."""
+    from nas_fair.objectives.base import EvalRecord
+    from nas_fair.objectives.collapse import collapse_report
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 250)
+    mostly = np.where(rng.random(len(y)) < 0.73, 6, rng.choice([1, 2], size=len(y)))
+    rep = collapse_report(EvalRecord(y, mostly, n_classes=10))
+    assert rep["collapsed"] and "fewer than 5" in rep["reason"] and ">= 3x" in rep["reason"]
+    # half right, errors spread over all classes: a weak but sound model
+    decent = np.where(rng.random(len(y)) < 0.5, y, rng.integers(0, 10, len(y)))
+    assert not collapse_report(EvalRecord(y, decent, n_classes=10))["collapsed"]

@@ -139,6 +139,19 @@ def test_pareto_command(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
     capsys.readouterr()
     assert run_cli("pareto", "--config", str(toml), "--run-dir", str(run_dir)) == 0
     assert "Pareto front of study 'tiny'" in capsys.readouterr().out
+    assert run_cli("report", "--config", str(toml), "--run-dir", str(run_dir)) == 0
+    page = (run_dir / "report.html").read_text()
+    assert "<script src=" not in page  # plotly.js is embedded: the page opens offline
+    assert page.count("Plotly.newPlot") == 3
+
+
+def test_hypervolume_matches_hand_computation() -> None:
+    from nas_fair.search.report import hypervolume
+
+    pts = np.array([[1.0, 0.5], [0.5, 1.0], [3.0, 0.1]])  # the last lies outside the box
+    # union of [1,2]x[0.5,2] and [0.5,2]x[1,2]: 1*1.5 + 0.5*1 = 2.0
+    assert hypervolume(pts, np.array([2.0, 2.0])) == pytest.approx(2.0)
+    assert hypervolume(pts[2:], np.array([2.0, 2.0])) == 0.0
 
 
 def test_replay_reproduces_recorded_metrics(tmp_path: Path, tiny_checkpoint: Path) -> None:
