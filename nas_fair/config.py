@@ -106,6 +106,15 @@ class ObjectivesConfig:
     record: list[str] = field(default_factory=list)  # extra bias metrics; empty = all applicable
     max_bias_increase: float | None = None
     min_accuracy: float | None = None
+    # Trials keeping less than this share of the reference's accuracy metric are infeasible: a
+    # badly degraded model gets everyone wrong about equally, and its small gap means nothing.
+    min_accuracy_ratio: float = 0.5
+
+    def validate(self) -> None:
+        if not 0.0 <= self.min_accuracy_ratio < 1.0:
+            raise UserError(
+                f"[objectives] min_accuracy_ratio must be in [0, 1), got {self.min_accuracy_ratio}"
+            )
 
 
 @dataclass
@@ -128,6 +137,7 @@ class StudyConfig:
         self.model.validate()
         self.data.validate()
         self.search.validate()
+        self.objectives.validate()
 
     @property
     def families(self) -> list[str] | None:

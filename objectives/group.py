@@ -164,34 +164,33 @@ def _check_groups(name: str, groups: np.ndarray, lo: int = 1, hi: int | None = N
         raise UserError(f"{name} needs {want} groups in sensitive_features, got {n}")
 
 
+def _fairlearn_or_fast(fl_fn, fast, y_true, y_pred, groups) -> float:  # noqa: ANN001
+    """fairlearn's own function where it applies (binary labels), the multi-class encoder else."""
+    b = _binary01(y_true, y_pred)
+    if b is not None:
+        return float(fl_fn(*b, sensitive_features=groups))
+    return _value(fast, y_true, y_pred, groups)
+
+
 # ----------------------------------------------------------------------------- registered metrics
 
 
 @bias_metric("demographic_parity_difference", absolute=True)
 def demographic_parity_difference(y_true, y_pred, *, sensitive_features) -> float:  # noqa: ANN001
     """Largest gap between groups in the share of predictions of a class (max over classes)."""
-    b = _binary01(y_true, y_pred)
-    if b is not None:
-        return float(flm.demographic_parity_difference(*b, sensitive_features=sensitive_features))
-    return _value(_dp, y_true, y_pred, sensitive_features)
+    return _fairlearn_or_fast(flm.demographic_parity_difference, _dp, y_true, y_pred, sensitive_features)
 
 
 @bias_metric("equalized_odds_difference", absolute=True)
 def equalized_odds_difference(y_true, y_pred, *, sensitive_features) -> float:  # noqa: ANN001
     """Largest TPR or FPR gap between groups (one-vs-rest per class, worst class)."""
-    b = _binary01(y_true, y_pred)
-    if b is not None:
-        return float(flm.equalized_odds_difference(*b, sensitive_features=sensitive_features))
-    return _value(_eo, y_true, y_pred, sensitive_features)
+    return _fairlearn_or_fast(flm.equalized_odds_difference, _eo, y_true, y_pred, sensitive_features)
 
 
 @bias_metric("equal_opportunity_difference", absolute=True)
 def equal_opportunity_difference(y_true, y_pred, *, sensitive_features) -> float:  # noqa: ANN001
     """TPR gap between groups: positive class if binary, worst class one-vs-rest otherwise."""
-    b = _binary01(y_true, y_pred)
-    if b is not None:
-        return float(flm.equal_opportunity_difference(*b, sensitive_features=sensitive_features))
-    return _value(_eopp, y_true, y_pred, sensitive_features)
+    return _fairlearn_or_fast(flm.equal_opportunity_difference, _eopp, y_true, y_pred, sensitive_features)
 
 
 @bias_metric("tpr_gap_rms", absolute=True)

@@ -336,9 +336,11 @@ class Session:
         return self.score(self.reference, self.ref_record, paired=False)
 
     def constraints(self, scores: Scores, reference: dict[str, Any]) -> dict[str, float]:
-        """Optuna constraints (<= 0 is feasible): not collapsed, and the user's limits."""
+        """Optuna constraints (<= 0 is feasible): not collapsed, not degraded, the user's limits."""
         cons = {"collapsed": 1.0 if scores.attrs["collapse"]["collapsed"] else -1.0}
         o = self.cfg.objectives
+        if o.min_accuracy_ratio > 0:
+            cons["accuracy_floor"] = o.min_accuracy_ratio * reference["accuracy"] - scores.accuracy
         if o.max_bias_increase is not None:
             hi = scores.attrs["bias_ci"][1]
             hi = scores.bias if hi is None else bias_objective(self.cfg, hi)

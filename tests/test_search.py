@@ -297,3 +297,26 @@ def test_metric_needing_groups_fails_at_start(tmp_path: Path, tiny_checkpoint: P
                "--run-dir", str(tmp_path / "r"))
     assert "group" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_degraded_and_collapsed_trials_are_infeasible() -> None:
+    """A model keeping < half the reference's accuracy metric cannot win on bias."""
+    from types import SimpleNamespace
+
+    from nas_fair.config import parse_study
+    from nas_fair.search.study import Scores, Session
+
+    cfg = parse_study('name = "x"\n')
+    fake = SimpleNamespace(cfg=cfg)
+    ref = {"accuracy": 0.62, "bias": 0.26}
+
+    def cons(acc: float, collapsed: bool = False) -> dict[str, float]:
+        s = Scores(10.0, 50.0, acc, 0.05, {"collapse": {"collapsed": collapsed},
+                                           "bias_ci": [0.03, 0.08]})
+        return Session.constraints(fake, s, ref)
+
+    assert all(v <= 0 for v in cons(0.45).values())
+    assert cons(0.13)["accuracy_floor"] > 0  # trial 2 of the default study: macro-F1 0.13
+    assert cons(0.45, collapsed=True)["collapsed"] > 0
+    cfg.objectives.min_accuracy_ratio = 0.0
+    assert "accuracy_floor" not in cons(0.13)
