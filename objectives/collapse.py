@@ -17,8 +17,11 @@ A model is flagged when any rule fires:
 * near-constant in a group: in a group of >= ``min_group_size`` rows, one class gets
   >= ``dominant_share`` (0.9) of the group's predictions while it is < ``true_share_max`` of
   that group's true labels;
-* no better than the majority-class baseline: the lower end of the accuracy's Wilson interval
-  (level ``ci``) is <= the share of the commonest true class.
+* no better than a constant predictor: the lower end of the balanced accuracy's normal interval
+  (level ``ci``; per-class recall variances) is <= 1/K, which is exactly what any constant
+  predictor scores. Balanced accuracy, not accuracy against the majority share: on imbalanced
+  labels (WinoBias as built here: 76% one class) a model with balanced accuracy 0.75 can have an
+  accuracy below the majority share and is still far from constant.
 """
 
 from __future__ import annotations
@@ -124,10 +127,18 @@ def collapse_report(
     acc = correct / len(t)
     lo, hi = wilson_interval(correct, len(t), ci)
     baseline = float(np.bincount(t, minlength=k).max() / len(t))
-    if lo <= baseline:
+    n_k = np.bincount(t, minlength=k)
+    hit_k = np.bincount(t[t == p], minlength=k)
+    present = n_k > 0
+    recall = hit_k[present] / n_k[present]
+    balanced = float(recall.mean())
+    se = math.sqrt(float(np.sum(recall * (1 - recall) / n_k[present]))) / present.sum()
+    balanced_low = balanced - NormalDist().inv_cdf(0.5 + ci / 2.0) * se
+    chance = 1.0 / int(present.sum())
+    if balanced_low <= chance:
         reasons.append(
-            f"accuracy {acc:.3f} ({ci:.0%} interval {lo:.3f}-{hi:.3f}) does not beat the "
-            f"majority-class baseline {baseline:.3f}"
+            f"balanced accuracy {balanced:.3f} ({ci:.0%} interval lower end {balanced_low:.3f}) "
+            f"does not beat the constant-predictor baseline 1/K = {chance:.3f}"
         )
 
     return {
@@ -141,5 +152,7 @@ def collapse_report(
         "accuracy_low": lo,
         "accuracy_high": hi,
         "majority_baseline": baseline,
+        "balanced_accuracy": balanced,
+        "balanced_accuracy_low": balanced_low,
         "flagged_groups": flagged_groups,
     }

@@ -380,3 +380,16 @@ def test_collapse_many_class_rules() -> None:
     # half right, errors spread over all classes: a weak but sound model
     decent = np.where(rng.random(len(y)) < 0.5, y, rng.integers(0, 10, len(y)))
     assert not collapse_report(EvalRecord(y, decent, n_classes=10))["collapsed"]
+
+
+def test_collapse_imbalanced_labels_judged_by_balanced_accuracy() -> None:
+    """76% of labels in one class (WinoBias as built): a model right 75% of the time on each
+    class has accuracy below the majority share but is nowhere near a constant predictor."""
+    rng = np.random.default_rng(0)
+    y = (rng.random(1500) < 0.76).astype(int)
+    right = rng.random(1500) < np.where(y == 1, 0.70, 0.80)  # recall 0.70 and 0.80
+    p = np.where(right, y, 1 - y)
+    r = collapse_report(EvalRecord(y, p))
+    assert r["accuracy"] < r["majority_baseline"]
+    assert not r["collapsed"], r["reason"]
+    assert r["balanced_accuracy"] == pytest.approx(0.75, abs=0.03)
