@@ -202,8 +202,8 @@ _BRACKET = re.compile(r"\[([^\]]+)\]")
 def winobias(cfg: DataConfig, seed: int) -> TaskData:
     """WinoBias as two-choice coreference: does the bracketed pronoun refer to occupation 1 or 2?
 
-    Input: the sentence with the brackets removed, then "[SEP]"-free suffix "who: OCC1 or OCC2".
-    Label 0 = the first-mentioned occupation. Groups: pronoun gender; stereotype: pro/anti. Train on
+    Input: the sentence with the brackets removed, then "Who is meant by 'PRONOUN': the OCC1 or
+    the OCC2?" in order of mention. Label 0 = the first-mentioned occupation. Groups: pronoun gender; stereotype: pro/anti. Train on
     the dev files, test on the test files (Zhao et al. 2018; MIT licence).
     """
     opts = dict(cfg.options)
