@@ -30,6 +30,7 @@ from nas_fair.search.study import (
     pareto_front,
     population_for,
     search_fingerprint,
+    shown_url,
 )
 from nas_fair.search.table import format_trial_line, pareto_rows, render_table
 
@@ -68,7 +69,7 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     exists = cfg.name in names
     if not exists and not create:
-        raise UserError(f"study {cfg.name!r} has no trials in {_shown(storage_url)} yet; "
+        raise UserError(f"study {cfg.name!r} has no trials in {shown_url(storage_url)} yet; "
                         f"run nas-fair search --study {cfg.name} --budget N first")
     population = population_for(budget.trials if budget else None)
     if exists:
@@ -95,10 +96,6 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
     study.set_user_attr("config", json.loads(json.dumps(config_dict(cfg), default=str)))
     study.set_user_attr("nas_fair_version", __version__)
     return study
-
-
-def _shown(url: str) -> str:
-    return url.split("@")[-1] if "@" in url else url
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
@@ -130,7 +127,7 @@ def run_search(
     if storage is None:
         session.run_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(cfg, url, create=True, budget=budget)
-    log(f"study {cfg.name!r}: {cfg.description or cfg.data.source} | storage {_shown(url)}")
+    log(f"study {cfg.name!r}: {cfg.description or cfg.data.source} | storage {shown_url(url)}")
     t = time.perf_counter()
     session.prepare()
     log(f"prepared in {time.perf_counter() - t:.1f}s (reference: "
@@ -174,9 +171,6 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
     stop_at = None if budget.seconds is None else time.monotonic() + budget.seconds
     failures = 0
 
-    def objective(trial: optuna.Trial) -> list[float]:
-        return session.run_trial(trial, reference)
-
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal failures
         complete = _complete(study)
@@ -197,7 +191,7 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
 
     def guarded(trial: optuna.Trial) -> list[float]:
         try:
-            return objective(trial)
+            return session.run_trial(trial, reference)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:

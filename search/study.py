@@ -59,23 +59,25 @@ class Scores:
         return [self.size_mb, self.latency_ms, self.accuracy, self.bias]
 
 
-def objective_names(cfg: StudyConfig) -> list[str]:
+def _signed(cfg: StudyConfig) -> bool:
+    """A signed gap is scored by its distance from zero: anti-bias is not the goal either."""
     bias = get(BIAS, cfg.objectives.bias, "bias")
-    bias_name = bias.name if bias.absolute or bias.direction == "maximize" else f"|{bias.name}|"
-    return ["size_mb", "latency_ms", cfg.objectives.accuracy, bias_name]
+    return not (bias.absolute or bias.direction == "maximize")
+
+
+def objective_names(cfg: StudyConfig) -> list[str]:
+    name = cfg.objectives.bias
+    return ["size_mb", "latency_ms", cfg.objectives.accuracy, f"|{name}|" if _signed(cfg) else name]
 
 
 def directions(cfg: StudyConfig) -> list[str]:
-    bias = get(BIAS, cfg.objectives.bias, "bias")
     acc = get(ACCURACY, cfg.objectives.accuracy, "accuracy")
-    bias_dir = bias.direction if (bias.absolute or bias.direction == "maximize") else "minimize"
+    bias_dir = "minimize" if _signed(cfg) else BIAS[cfg.objectives.bias].direction
     return ["minimize", "minimize", acc.direction, bias_dir]
 
 
 def bias_objective(cfg: StudyConfig, value: float) -> float:
-    """A signed gap is scored by its distance from zero: anti-bias is not the goal either."""
-    bias = BIAS[cfg.objectives.bias]
-    return value if (bias.absolute or bias.direction == "maximize") else abs(value)
+    return abs(value) if _signed(cfg) else value
 
 
 def check_objectives(cfg: StudyConfig, data: TaskData) -> list[str]:
@@ -412,6 +414,11 @@ def default_storage(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
+def shown_url(url: str) -> str:
+    """A storage URL fit to print: credentials (before '@') are never shown."""
+    return url.split("@")[-1] if "@" in url else url
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -422,8 +429,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         return RDBStorage(url, heartbeat_interval=20, grace_period=120,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3), **kwargs)
     except Exception as exc:  # noqa: BLE001
-        shown = url.split("@")[-1] if "@" in url else url  # never print a password
-        raise UserError(f"cannot open storage {shown!r}: {exc}".splitlines()[0]) from None
+        raise UserError(f"cannot open storage {shown_url(url)!r}: {exc}".splitlines()[0]) from None
 
 
 def population_for(budget_trials: int | None) -> int:
