@@ -8,7 +8,9 @@ __all__ = ["__version__", "load"]
 
 
 def load(directory):  # noqa: ANN001, ANN201 - thin re-export, typed in nas_fair.checkpoint
-    """Load an exported compressed model (safetensors + JSON only, nothing unpickled)."""
+    """Load a model folder written by ``nas-fair export`` (safetensors + JSON only, nothing
+    unpickled), in eval mode; its tokenizer is ``AutoTokenizer.from_pretrained(directory)``.
+    A missing or damaged file raises ``nas_fair.errors.UserError``: one line naming the file."""
     from nas_fair.checkpoint import load_compressed
 
     return load_compressed(directory)

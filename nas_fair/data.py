@@ -98,6 +98,11 @@ def load_task(study: StudyConfig) -> TaskData:
     for name in ("train", "test"):
         if len(getattr(data, name)) == 0:
             raise UserError(f"the {name} split is empty; give it at least one row")
+    present = sorted({int(v) for v in data.train.labels})
+    if len(data.label_names) < 2 or len(present) < 2:
+        shown = data.label_names[present[0]] if present else "?"
+        raise UserError(f"the train split has one label only ({shown!r}); a classifier needs at "
+                        "least 2 classes")
     if cfg.counterfactual and data.test_counterfactual is None:
         from nas_fair.objectives.counterfactual import gender_swap, load_winobias_swaps
 
@@ -325,6 +330,9 @@ def _load_files(study: StudyConfig) -> TaskData:
     cfg = study.data
     if not cfg.train:
         raise UserError('[data] source = "file" needs train = "path/to/train.csv"')
+    if cfg.options:
+        raise UserError(f'[data.options] are settings of a built-in source; source = "file" takes '
+                        f"none, got {', '.join(sorted(map(str, cfg.options)))}")
     tables = {"train": _read_file(cfg.train, study, "train")}
     if cfg.test:
         tables["test"] = _read_file(cfg.test, study, "test")
@@ -342,12 +350,25 @@ def _load_files(study: StudyConfig) -> TaskData:
         texts = ds[cfg.text_column]
         labels = ds[cfg.label_column]
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
+            if not isinstance(t, str):
+                what = "empty" if _missing(t) else f"not text ({type(t).__name__} {t!r})"
+                raise UserError(f"[data] {split} row {i}: text column {cfg.text_column!r} is {what}")
+            if not t.strip():
                 raise UserError(f"[data] {split} row {i}: text column {cfg.text_column!r} is empty")
         for i, lab in enumerate(labels):
-            if lab is None or (isinstance(lab, float) and np.isnan(lab)):
+            if _missing(lab):
                 raise UserError(f"[data] {split} row {i}: label column {cfg.label_column!r} is empty")
-        groups = [str(g) for g in ds[cfg.group_column]] if cfg.group_column else None
+            if not isinstance(lab, (str, int, float)):
+                raise UserError(f"[data] {split} row {i}: label column {cfg.label_column!r} must "
+                                f"hold a class name or number, got {type(lab).__name__} {lab!r}")
+        groups = None
+        if cfg.group_column:
+            groups = ds[cfg.group_column]
+            for i, g in enumerate(groups):
+                if _missing(g) or not str(g).strip():
+                    raise UserError(f"[data] {split} row {i}: group column "
+                                    f"{cfg.group_column!r} is empty")
+            groups = [str(g) for g in groups]
         raw[split] = (list(texts), list(labels), groups)
     label_names = sorted({str(v) for v in raw["train"][1]}, key=_natural)
     index = {name: i for i, name in enumerate(label_names)}
@@ -375,6 +396,11 @@ def _load_files(study: StudyConfig) -> TaskData:
         splits["validation"], train = _subset(train, order[:n_val]), _subset(train, order[n_val:])
     return TaskData(label_names, train, splits["validation"], splits["test"],
                     description=f"user data from {cfg.train}")
+
+
+def _missing(value: Any) -> bool:
+    """An empty cell as the file readers give it: None, or a float nan."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def _natural(s: str) -> tuple[int, Any]:

@@ -1,6 +1,8 @@
 """A self-contained HTML report of a study. Computed as plain data first, then drawn (plotly).
 
-The page embeds plotly.js, so it opens offline: no script is fetched from the network.
+The page embeds plotly.js and links nothing, so it opens offline: no script, style or image is
+fetched from the network. The scatter matrix and the hypervolume plot are SVG (every point is
+an element, readable without WebGL); the parallel coordinates need WebGL, as plotly draws them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ import optuna
 from optuna.trial import TrialState
 
 from nas_fair.search.study import pareto_front
+from nas_fair.search.table import status_note, trial_constraints, violated
+
+# Each trial is drawn in one of these groups; the table sorts them in this order too.
+GROUPS = {
+    "front": {"label": "Pareto front (feasible)", "color": "#1f77b4", "symbol": "circle"},
+    "dominated": {"label": "dominated (feasible)", "color": "#c7c7c7", "symbol": "circle"},
+    "infeasible": {"label": "infeasible or collapsed", "color": "#ff7f0e", "symbol": "x"},
+}
+REFERENCE_STYLE = {"label": "reference (uncompressed)", "color": "#d62728", "symbol": "star"}
 
 
 def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
@@ -42,21 +53,32 @@ HV_REFERENCE_POINT = 2.0  # every normalized objective: twice the reference mode
 
 def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[str, Any]:
     reference = study.user_attrs["reference"]
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values is not None]
     front = {t.number for t in pareto_front(complete, dirs)}
     trials = []
     for t in complete:
-        trials.append({
+        cons = trial_constraints(t)
+        bad = violated(cons)
+        collapsed = bool((t.user_attrs.get("collapse") or {}).get("collapsed", False))
+        feasible = not bad
+        row = {
             "number": t.number,
             "values": list(t.values),
             "params": t.params,
-            "feasible": all(c <= 0 for c in t.user_attrs.get("constraints", [0])),
-            "collapsed": bool((t.user_attrs.get("collapse") or {}).get("collapsed", False)),
+            "constraints": cons,
+            "violated": bad,
+            "feasible": feasible,
+            "collapsed": collapsed,
             "on_front": t.number in front,
+            "group": "front" if t.number in front else ("dominated" if feasible
+                                                        else "infeasible"),
             "bias_ci": t.user_attrs.get("bias_ci"),
-        })
+        }
+        row["note"] = status_note(row)
+        trials.append(row)
     hv = []
-    if complete:
+    if trials:
         vals = np.array([t["values"] for t in trials], dtype=float)
         norm = normalized(vals, reference["values"], dirs)
         ref_pt = np.full(len(dirs), HV_REFERENCE_POINT)
@@ -65,84 +87,185 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
             pts = norm[:k][feasible[:k]]
             hv.append(hypervolume(pts, ref_pt) if len(pts) else 0.0)
     return {"study": study.study_name, "names": names, "directions": dirs,
-            "reference": reference["values"], "trials": trials, "hypervolume": hv,
-            "hv_reference_point": HV_REFERENCE_POINT}
+            "reference": reference["values"], "reference_bias_ci": reference.get("bias_ci"),
+            "trials": trials, "hypervolume": hv, "hv_reference_point": HV_REFERENCE_POINT}
+
+
+def table_order(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Feasible first: the front (smallest first), the dominated, then the infeasible."""
+    rank = {g: i for i, g in enumerate(GROUPS)}
+    return sorted(trials, key=lambda t: (rank[t["group"]], t["values"][0], t["number"]))
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _hover(data: dict[str, Any], label: str, values: list[float], note: str) -> str:
+    ref = data["reference"]
+    lines = [label]
+    for n, v, r in zip(data["names"], values, ref):
+        lines.append(f"{n}: {_fmt(v)}" + (f" ({v / r:.2f}x)" if r else ""))
+    if note:
+        lines.append(note)
+    return "<br>".join(html.escape(x) for x in lines)
+
+
+def _matrix(data: dict[str, Any]):  # noqa: ANN202
+    """The four objectives pairwise (lower triangle), one legend entry per group."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = data["names"]
+    k = len(names)
+    specs = [[{} if c <= r else None for c in range(k - 1)] for r in range(k - 1)]
+    fig = make_subplots(rows=k - 1, cols=k - 1, specs=specs, shared_xaxes=True,
+                        shared_yaxes=True, horizontal_spacing=0.03, vertical_spacing=0.03)
+    groups = [(g, style, [t for t in data["trials"] if t["group"] == g])
+              for g, style in GROUPS.items()]
+    ref_row = {"values": data["reference"], "number": None}
+    groups.append(("reference", REFERENCE_STYLE, [ref_row]))
+    for r in range(1, k):  # y objective
+        for c in range(r):  # x objective
+            for g, style, rows in groups:
+                if not rows:
+                    continue
+                first = (r, c) == (1, 0)
+                fig.add_trace(go.Scatter(
+                    x=[t["values"][c] for t in rows], y=[t["values"][r] for t in rows],
+                    mode="markers", name=style["label"], legendgroup=g, showlegend=first,
+                    marker=dict(color=style["color"], symbol=style["symbol"],
+                                size=14 if g == "reference" else 9,
+                                line=dict(width=0.5, color="#333")),
+                    hovertext=[_hover(data, "reference" if t["number"] is None
+                                      else f"trial {t['number']}", t["values"],
+                                      t.get("note", "")) for t in rows],
+                    hoverinfo="text",
+                ), row=r, col=c + 1)
+    arrows = {"minimize": "lower is better", "maximize": "higher is better"}
+    for c in range(k - 1):
+        fig.update_xaxes(title_text=f"{names[c]} ({arrows[data['directions'][c]]})",
+                         row=k - 1, col=c + 1)
+    for r in range(1, k):
+        fig.update_yaxes(title_text=f"{names[r]}<br>({arrows[data['directions'][r]]})",
+                         row=r, col=1)
+    fig.update_layout(title="Objectives: Pareto front (blue), dominated (grey), "
+                            "infeasible or collapsed (orange x), reference (red star)",
+                      height=780, legend=dict(orientation="h", y=1.06, x=0))
+    return fig
+
+
+def _parcoords(data: dict[str, Any]):  # noqa: ANN202
+    import plotly.graph_objects as go
+
+    trials = data["trials"]
+    param_names = sorted({k for t in trials for k in t["params"]})
+    if not trials or not param_names:
+        return None
+    dims = []
+    for p in param_names:
+        vals = [t["params"].get(p) for t in trials]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            dims.append(dict(label=p, values=vals))
+        else:
+            cats = sorted({str(v) for v in vals})
+            dims.append(dict(label=p, values=[cats.index(str(v)) for v in vals],
+                             tickvals=list(range(len(cats))), ticktext=cats))
+    for j, n in enumerate(data["names"]):
+        dims.append(dict(label=n, values=[t["values"][j] for t in trials]))
+    code = {"infeasible": 0.0, "dominated": 0.5, "front": 1.0}
+    fig = go.Figure(go.Parcoords(
+        dimensions=dims, labelangle=-30, labelside="top",
+        line=dict(color=[code[t["group"]] for t in trials], cmin=0, cmax=1,
+                  colorscale=[[0, GROUPS["infeasible"]["color"]],
+                              [0.5, GROUPS["dominated"]["color"]],
+                              [1, GROUPS["front"]["color"]]]),
+    ))
+    fig.update_layout(title=dict(text="Search parameters and objectives: Pareto front (blue), "
+                                      "dominated (grey), infeasible (orange)", y=0.98,
+                                 yanchor="top"),
+                      height=600, margin=dict(t=230, l=60, r=60))
+    return fig
+
+
+def _hv_figure(data: dict[str, Any]):  # noqa: ANN202
+    import plotly.graph_objects as go
+
+    hv = data["hypervolume"]
+    fig = go.Figure(go.Scatter(x=list(range(1, len(hv) + 1)), y=hv, mode="lines+markers",
+                               name="hypervolume"))
+    fig.update_layout(title=f"Hypervolume of the feasible front over trials (objectives as ratios "
+                            f"to the reference, reference point {data['hv_reference_point']})",
+                      xaxis_title="completed trials", yaxis_title="hypervolume", height=400)
+    return fig
 
 
 def draw(data: dict[str, Any]) -> str:
-    import plotly.graph_objects as go
-
-    names = data["names"]
-    trials = data["trials"]
-    figs = []
-    colors = ["#1f77b4" if t["on_front"] else "#c7c7c7" for t in trials] + ["#d62728"]
-    symbols = ["circle" if t["feasible"] else "x" for t in trials] + ["star"]
-    text = [f"trial {t['number']}" for t in trials] + ["reference"]
-    dims = [dict(label=n, values=[t["values"][j] for t in trials] + [data["reference"][j]])
-            for j, n in enumerate(names)]
-    splom = go.Figure(go.Splom(dimensions=dims, text=text, diagonal_visible=False,
-                               marker=dict(color=colors, symbol=symbols, size=8,
-                                           line=dict(width=0.5, color="#333"))))
-    splom.update_layout(title="Objectives: Pareto front (blue), dominated (grey), "
-                              "reference (red star), infeasible (x)", height=750)
-    figs.append(splom)
-    param_names = sorted({k for t in trials for k in t["params"]})
-    if trials and param_names:
-        pdims = []
-        for p in param_names:
-            vals = [t["params"].get(p) for t in trials]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-                pdims.append(dict(label=p, values=vals))
-            else:
-                cats = sorted({str(v) for v in vals})
-                pdims.append(dict(label=p, values=[cats.index(str(v)) for v in vals],
-                                  tickvals=list(range(len(cats))), ticktext=cats))
-        for j, n in enumerate(names):
-            pdims.append(dict(label=n, values=[t["values"][j] for t in trials]))
-        par = go.Figure(go.Parcoords(
-            dimensions=pdims,
-            line=dict(color=[1 if t["on_front"] else 0 for t in trials],
-                      colorscale=[[0, "#c7c7c7"], [1, "#1f77b4"]]),
-        ))
-        par.update_layout(title="Search parameters and objectives (Pareto trials in blue)",
-                          height=500)
-        figs.append(par)
-    hv = go.Figure(go.Scatter(x=list(range(1, len(data["hypervolume"]) + 1)),
-                              y=data["hypervolume"], mode="lines+markers"))
-    hv.update_layout(title=f"Hypervolume of the feasible front over trials (objectives as ratios "
-                           f"to the reference, reference point {data['hv_reference_point']})",
-                     xaxis_title="completed trials", yaxis_title="hypervolume", height=400)
-    figs.append(hv)
-    parts = [f.to_html(include_plotlyjs=(i == 0), full_html=False) for i, f in enumerate(figs)]
+    figs = [_matrix(data), _parcoords(data), _hv_figure(data)]
+    figs = [f for f in figs if f is not None]
+    config = {"displaylogo": False}  # the logo is a link to plotly.com
+    parts = [f.to_html(include_plotlyjs=(i == 0), full_html=False, config=config)
+             for i, f in enumerate(figs)]
     return _page(data, parts)
+
+
+def _summary(data: dict[str, Any]) -> str:
+    trials = data["trials"]
+    count = {g: sum(t["group"] == g for t in trials) for g in GROUPS}
+    collapsed = sum(t["collapsed"] for t in trials)
+    return (f"{len(trials)} completed trials: {count['front']} on the feasible Pareto front, "
+            f"{count['dominated']} dominated, {count['infeasible']} infeasible "
+            f"({collapsed} collapsed). Infeasible trials never count for the front or the "
+            "hypervolume; the table lists feasible trials first.")
 
 
 def _page(data: dict[str, Any], parts: list[str]) -> str:
     names = data["names"]
-    head = "".join(f"<th onclick='sortBy({i})'>{html.escape(h)}</th>"
-                   for i, h in enumerate(["trial", *names, "front", "feasible", "params"]))
-    rows = [
-        "<tr><td>ref</td>" + "".join(f"<td>{v:.4g}</td>" for v in data["reference"])
-        + "<td></td><td></td><td>reference</td></tr>"
-    ]
-    for t in data["trials"]:
-        cells = "".join(f"<td>{v:.4g}</td>" for v in t["values"])
+    ref = data["reference"]
+    cols = ["trial", *names, f"{names[-1]} 95% CI", "status", "params"]
+    head = "".join(f"<th onclick='sortBy({i})'>{html.escape(h)}</th>" for i, h in enumerate(cols))
+
+    def ci_cell(ci: list[float | None] | None) -> str:
+        if not ci or ci[0] is None:
+            return "<td></td>"
+        return f"<td data-v='{ci[1]}'>[{_fmt(ci[0])}, {_fmt(ci[1])}]</td>"
+
+    def value_cells(values: list[float]) -> str:
+        return "".join(f"<td data-v='{v}'>{_fmt(v)}"
+                       + (f" <span class='r'>({v / r:.2f}x)</span>" if r else "") + "</td>"
+                       for v, r in zip(values, ref))
+
+    ref_row = (f"<tr class='ref'><td>ref</td>{value_cells(ref)}"
+               f"{ci_cell(data.get('reference_bias_ci'))}<td>reference (uncompressed)</td>"
+               "<td></td></tr>")
+    rank = {g: i for i, g in enumerate(GROUPS)}
+    rows = []
+    for t in table_order(data["trials"]):
+        status = {"front": "Pareto front", "dominated": "dominated"}.get(t["group"], t["note"])
         params = html.escape(json.dumps(t["params"]))
-        rows.append(f"<tr><td>{t['number']}</td>{cells}<td>{'yes' if t['on_front'] else ''}</td>"
-                    f"<td>{'yes' if t['feasible'] else 'no'}</td><td>{params}</td></tr>")
+        rows.append(f"<tr class='{t['group']}'><td data-v='{t['number']}'>{t['number']}</td>"
+                    f"{value_cells(t['values'])}{ci_cell(t['bias_ci'])}"
+                    f"<td data-v='{rank[t['group']]}'>{html.escape(status)}</td>"
+                    f"<td class='p'>{params}</td></tr>")
     title = html.escape(f"nas-fair report: {data['study']}")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}}th{{cursor:pointer}}</style>
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}}th{{cursor:pointer}}
+tr.ref{{background:#fde0dc}}tr.front{{background:#e3eefa}}tr.infeasible{{background:#fff0e0;
+color:#8a5a2b}}.r{{color:#777}}td.p{{font-family:monospace;font-size:11px}}</style>
 </head><body><h1>{title}</h1>
+<p id="summary">{html.escape(_summary(data))}</p>
 {''.join(parts)}
-<h2>Trials (click a header to sort)</h2>
-<table id="trials"><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>
+<h2>Trials (click a header to sort; feasible first)</h2>
+<table id="trials"><thead><tr>{head}</tr></thead><tbody class="refrow">{ref_row}</tbody>
+<tbody class="rows">{''.join(rows)}</tbody></table>
 <script>
-function sortBy(col){{const tb=document.querySelector('#trials tbody');
-const rows=[...tb.rows];const asc=tb.dataset.col==String(col)&&tb.dataset.dir!='asc';
-rows.sort((a,b)=>{{const x=a.cells[col].innerText,y=b.cells[col].innerText;
-const fx=parseFloat(x),fy=parseFloat(y);const c=(isNaN(fx)||isNaN(fy))?x.localeCompare(y):fx-fy;
+function sortBy(col){{const tb=document.querySelector('#trials tbody.rows');
+const rows=[...tb.rows];const asc=!(tb.dataset.col==String(col)&&tb.dataset.dir=='asc');
+const key=r=>{{const c=r.cells[col];const v=c.dataset.v;
+return v===undefined||v===''?c.textContent:parseFloat(v)}};
+rows.sort((a,b)=>{{const x=key(a),y=key(b);
+const c=(typeof x==='number'&&typeof y==='number')?x-y:String(x).localeCompare(String(y));
 return asc?c:-c}});rows.forEach(r=>tb.appendChild(r));tb.dataset.col=col;
 tb.dataset.dir=asc?'asc':'desc'}}
 </script></body></html>"""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from tqdm.auto import tqdm
 from nas_fair import __version__
 from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError
+from nas_fair.search.export import drop_stale_artifacts
 from nas_fair.search.study import (
     Session,
     config_dict,
@@ -29,6 +33,8 @@ from nas_fair.search.study import (
     objective_names,
     pareto_front,
     population_for,
+    predictions_digest,
+    preparation_lock,
     search_fingerprint,
     shown_url,
 )
@@ -80,6 +86,15 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
                 f"study {cfg.name!r} in this storage was created from a different definition; "
                 "restore the TOML, or give the changed study another name"
             )
+        version = study.user_attrs.get("nas_fair_version")
+        if create and version is not None and version != __version__:
+            # The reference and its caches are keyed by version: mixed workers would rebuild
+            # them under each other and score trials against different references.
+            raise UserError(
+                f"study {cfg.name!r} was created by nas-fair {version}, this is {__version__}: "
+                f"every worker of a study runs the same version (pip install nas-fair=={version})"
+                ", or give the study another name"
+            )
         population = int(study.user_attrs.get("population_size", population))
         n_done = len(study.get_trials(deepcopy=False))
         study.sampler = make_sampler(cfg, population, cfg.seed + n_done + seed_offset)
@@ -102,6 +117,68 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
+def available_cores() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def worker_threads(cfg: StudyConfig, jobs: int) -> int:
+    """Torch threads per worker: ``[search] threads`` if set, else the cores split evenly."""
+    return cfg.search.threads or max(1, available_cores() // jobs)
+
+
+def ensure_writable_dir(path: Path, what: str) -> None:
+    """Fail before any work when ``path`` cannot become a writable folder (nothing created)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{what} {str(path)!r} cannot be created: {str(probe)!r} is not a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {str(path)!r} is not writable ({str(probe)!r} is read-only)")
+
+
+def make_run_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what} {str(path)!r} cannot be created: {exc.strerror or exc}") from None
+
+
+def seed_offset_for(shared: bool) -> int:
+    """Workers on one study must not draw the same samples: each gets its own seed offset.
+
+    A study run by one process keeps the plain seed (reproducible); with several workers
+    the interleaving of trials is timing-dependent anyway.
+    """
+    if not shared:
+        return 0
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_003 + 1
+
+
+def shared_reference(study: optuna.Study, session: Session) -> dict[str, Any]:
+    """The reference's scores, stored once on the study: the first worker scores, others read.
+
+    Called under the run folder's preparation lock; re-reading after the write keeps every
+    worker on the stored copy even where run folders (and so locks) were not shared.
+    """
+    reference = study.user_attrs.get("reference")
+    if reference is None:
+        ref = session.score_reference()
+        reference = {"values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
+                     "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs,
+                     "predictions_sha256": predictions_digest(session.ref_pred)}
+        if study.user_attrs.get("reference") is None:
+            study.set_user_attr("reference", reference)
+        reference = study.user_attrs.get("reference") or reference
+    return reference
+
+
 def run_search(
     cfg: StudyConfig,
     budget: Budget,
@@ -111,38 +188,56 @@ def run_search(
     device: str | None = None,
     quiet: bool = False,
     as_json: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Run (or resume) the study until the budget is met; returns the Pareto table as data."""
+    """Run (or resume) the study until the budget is met; returns the Pareto table as data.
+
+    ``jobs`` > 1 runs that many worker processes on this machine against the same storage,
+    each with its share of the cores; preparation happens once, here, before they start.
+    """
     out = sys.stderr if as_json else sys.stdout
 
     def log(msg: str) -> None:
         if not quiet:
             tqdm.write(msg, file=out)
 
+    if not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"--jobs must be a whole number >= 1, got {jobs!r}")
+    threads = worker_threads(cfg, jobs)
     if cfg.search.threads:
         torch.set_num_threads(cfg.search.threads)
     session = Session(cfg, run_dir_for(cfg, run_dir), device=device, quiet=quiet, log=log)
+    what = "--run-dir" if run_dir else "the run folder"
+    ensure_writable_dir(session.run_dir, what)
     # Everything above validated input without writing; from here on the run folder is used.
     url = storage or default_storage(session.run_dir.resolve())
     if storage is None:
-        session.run_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(cfg, url, create=True, budget=budget)
+        make_run_dir(session.run_dir, what)
+    study = open_study(cfg, url, create=True, budget=budget,
+                       seed_offset=seed_offset_for(storage is not None))
     log(f"study {cfg.name!r}: {cfg.description or cfg.data.source} | storage {shown_url(url)}")
+    make_run_dir(session.run_dir, what)
     t = time.perf_counter()
-    session.prepare()
-    log(f"prepared in {time.perf_counter() - t:.1f}s (reference: "
-        f"{'fine-tuned' if session.reference_info.get('finetuned') else 'as loaded'}, "
-        f"cached in {session.run_dir})")
-    reference = study.user_attrs.get("reference")
-    if reference is None:
-        ref = session.score_reference()
-        reference = {"values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
-                     "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs}
-        study.set_user_attr("reference", reference)
+    with preparation_lock(session.run_dir, log):
+        session.prepare()  # with every core: fine-tuning the reference is the big one-off cost
+        info = session.reference_info
+        how = ("loaded from the cache" if info.get("cached")
+               else "fine-tuned" if info.get("finetuned") else "as loaded")
+        log(f"prepared in {time.perf_counter() - t:.1f}s (reference: {how}, "
+            f"cached in {session.run_dir})")
+        if jobs > 1:
+            torch.set_num_threads(threads)  # the reference is timed as the workers time trials
+        reference = shared_reference(study, session)
     if reference["collapse"]["collapsed"]:
         log("warning: the reference model itself looks collapsed ("
             f"{reference['collapse']['reason'].split(';')[0]}); fine-tune it longer "
             "([model] epochs) before trusting any bias figure")
+    ref_threads = (reference.get("latency") or {}).get("threads")
+    trial_threads = threads if jobs > 1 else torch.get_num_threads()
+    if ref_threads is not None and ref_threads != trial_threads:
+        log(f"warning: the reference's latency was measured with {ref_threads} threads, trials "
+            f"here run with {trial_threads}: latency ratios are not like for like (set "
+            "[search] threads to fix the count for every run)")
     retried = fail_dead_local_trials(study)
     if retried:
         log(f"trials {', '.join(map(str, retried))} were left running by a stopped process: "
@@ -153,6 +248,26 @@ def run_search(
     remaining = None if budget.trials is None else max(0, budget.trials - done)
     if remaining == 0:
         log(f"budget met: {done} completed trials (ask for a larger --budget to continue)")
+    elif jobs > 1 and (remaining is None or remaining > 1):
+        from nas_fair.search.workers import WorkerSpec, run_workers
+
+        n = jobs if remaining is None else min(jobs, remaining)
+        cores = available_cores()
+        if n * threads > cores:
+            log(f"warning: {n} workers x {threads} threads on {cores} cores: they will compete "
+                "for cores (and slow each other's latency measurements)")
+        log(f"starting {n} workers with {threads} torch thread{'s' * (threads != 1)} each")
+        spec = WorkerSpec(cfg=cfg, budget=budget, storage=url, run_dir=str(session.run_dir),
+                          device=device, quiet=quiet, as_json=as_json, threads=threads)
+        del session  # the workers load their own copy; free this one's memory
+        codes = run_workers(spec, n)
+        bad = [(i, c) for i, c in enumerate(codes, 1) if c != 0]
+        if bad:
+            done = len(_complete(study))
+            raise UserError(
+                f"{len(bad)} of {n} workers stopped with an error (worker {bad[0][0]}: exit code "
+                f"{bad[0][1]}); {done} trials are complete: run the same command to go on"
+            )
     else:
         _optimize(study, session, reference, budget, remaining, dirs, names, quiet, log)
     result = pareto_rows(study, dirs, names)
@@ -163,25 +278,68 @@ def run_search(
     return result
 
 
+def run_worker(spec: Any, index: int) -> None:
+    """One ``--jobs`` worker (a spawned process): load the prepared study, run trials."""
+    cfg = spec.cfg
+    out = sys.stderr if spec.as_json else sys.stdout
+
+    def log(msg: str) -> None:
+        if not spec.quiet:
+            print(msg, file=out, flush=True)
+
+    torch.set_num_threads(spec.threads)
+    session = Session(cfg, Path(spec.run_dir), device=spec.device, quiet=True, log=log)
+    study = open_study(cfg, spec.storage, create=False, budget=spec.budget,
+                       seed_offset=seed_offset_for(True))
+    session.prepare()  # cached by the parent: loads only
+    with preparation_lock(session.run_dir, log):
+        reference = shared_reference(study, session)
+    remaining = None
+    if spec.budget.trials is not None:
+        remaining = max(0, spec.budget.trials - len(_complete(study)))
+        if remaining == 0:
+            return
+    _optimize(study, session, reference, spec.budget, remaining, directions(cfg),
+              objective_names(cfg), True, log, label=f"worker {index}: ")
+
+
+def _over_budget(study: optuna.Study, number: int, budget: Budget) -> bool:
+    """Whether trial ``number`` would exceed the budget of completed trials.
+
+    Trials are ranked by number among those that are complete, running or queued: at most
+    ``budget.trials`` of them can be ahead of a trial that runs, so several workers (or
+    machines) never complete more than the budget, and a trial that fails frees its place.
+    """
+    if budget.trials is None:
+        return False
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
+                                                    TrialState.WAITING))
+    return sum(t.number < number for t in live) >= budget.trials
+
+
 def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], budget: Budget,
               remaining: int | None, dirs: list[str], names: list[str], quiet: bool,
-              log: Any) -> None:
+              log: Any, label: str = "") -> None:
     bar = tqdm(total=remaining, desc="trials", unit="trial", disable=quiet, file=sys.stderr,
                dynamic_ncols=True)
     stop_at = None if budget.seconds is None else time.monotonic() + budget.seconds
     failures = 0
+    last_error = "?"
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-        nonlocal failures
+        nonlocal failures, last_error
         complete = _complete(study)
         if trial.state == TrialState.COMPLETE:
             failures = 0
             bar.update(1)
             front = {t.number for t in pareto_front(complete, dirs)}
-            log(format_trial_line(trial, reference, names, trial.number in front))
+            drop_stale_artifacts(session.run_dir, complete, keep=front)
+            log(label + format_trial_line(trial, reference, names, trial.number in front))
         elif trial.state == TrialState.FAIL:
             failures += 1
-            log(f"trial {trial.number} failed: {trial.user_attrs.get('error', 'see log above')}")
+            last_error = trial.user_attrs.get("error", "see log above")
+            drop_stale_artifacts(session.run_dir, [trial], keep=set())
+            log(f"{label}trial {trial.number} failed: {last_error}")
             if failures >= 3:
                 study.stop()
         if budget.trials is not None and len(complete) >= budget.trials:
@@ -190,6 +348,12 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             study.stop()
 
     def guarded(trial: optuna.Trial) -> list[float]:
+        if _over_budget(study, trial.number, budget):
+            # Other workers hold the remaining places: never complete, stop this worker.
+            trial.set_user_attr("skipped", f"budget of {budget.trials} trials already taken")
+            study.stop()
+            raise optuna.TrialPruned("over budget")
+        trial.set_user_attr("threads", torch.get_num_threads())
         try:
             return session.run_trial(trial, reference)
         except (KeyboardInterrupt, SystemExit):
@@ -204,5 +368,4 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
     finally:
         bar.close()
     if failures >= 3:
-        raise UserError(f"stopped after 3 failed trials in a row; last error: "
-                        f"{study.trials[-1].user_attrs.get('error', '?')}")
+        raise UserError(f"stopped after 3 failed trials in a row; last error: {last_error}")

@@ -8,14 +8,17 @@ distillation, quantize) -> evaluate once on the held-out split -> size, latency,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from nas_fair.modeling import (
 )
 from nas_fair.objectives import ACCURACY, BIAS, EvalRecord, get
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
+from nas_fair.spaces.distillation import recovery_logs
 
 OBJECTIVE_KEYS = ("size_mb", "latency_ms", "accuracy", "bias")
 
@@ -57,6 +61,16 @@ class Scores:
 
     def values(self) -> list[float]:
         return [self.size_mb, self.latency_ms, self.accuracy, self.bias]
+
+
+def predictions_digest(y_pred: np.ndarray) -> str:
+    """sha256 of test-split predictions as int64: equal digests mean identical predictions."""
+    return hashlib.sha256(np.ascontiguousarray(y_pred, dtype=np.int64).tobytes()).hexdigest()
+
+
+def artifact_path(study: str, number: int) -> Path:
+    """A trial's saved model, relative to the run folder (per study: run folders can be shared)."""
+    return Path("artifacts") / study / f"trial-{number}"
 
 
 def _signed(cfg: StudyConfig) -> bool:
@@ -78,6 +92,26 @@ def directions(cfg: StudyConfig) -> list[str]:
 
 def bias_objective(cfg: StudyConfig, value: float) -> float:
     return abs(value) if _signed(cfg) else value
+
+
+def limit_constraints(cfg: StudyConfig, accuracy: float, bias: float,
+                      bias_ci: list[float | None] | None, reference: dict[str, Any], *,
+                      max_bias_increase: float | None, min_accuracy: float | None,
+                      ) -> dict[str, float]:
+    """The user's limits as constraint values (<= 0 passes): one rule for the search's
+    feasibility and for ``nas-fair pareto``'s filters. The bias limit is on the CI upper end."""
+    cons: dict[str, float] = {}
+    if max_bias_increase is not None:
+        # The objective's value at the interval's worst end (for a signed metric, the end
+        # farther from zero).
+        ends = [bias_objective(cfg, v) for v in (bias_ci or []) if v is not None]
+        hi = max(ends) if ends else bias
+        # values[3], not reference["bias"]: the stored reference's "bias" key holds every
+        # recorded bias metric (Scores.attrs overrides the objective value of that name).
+        cons["max_bias_increase"] = hi - reference["values"][3] - max_bias_increase
+    if min_accuracy is not None:
+        cons["min_accuracy"] = min_accuracy - accuracy
+    return cons
 
 
 def check_objectives(cfg: StudyConfig, data: TaskData) -> list[str]:
@@ -125,7 +159,32 @@ def search_fingerprint(cfg: StudyConfig) -> str:
     d.pop("description", None)
     for k in ("device", "threads", "eval_batch_size"):
         d["search"].pop(k, None)
+    # Limits only decide feasibility, which each trial stores with its named constraints;
+    # changing them on resume (CLI flags) must not lock pareto/report/export out of the study.
+    for k in ("max_bias_increase", "min_accuracy"):
+        d["objectives"].pop(k, None)
     return _hash(d)
+
+
+def check_lengths(model_path: Path, cfg: StudyConfig) -> None:
+    """Token lengths beyond the model's position table fail at start, not in the first batch."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - loading the model reports this problem properly
+        return
+    positions = getattr(mc, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return
+    kind = str(getattr(mc, "model_type", ""))
+    if "roberta" in kind or kind == "camembert":  # positions start after the padding index
+        positions -= int(getattr(mc, "pad_token_id", 1) or 0) + 1
+    for where, value in (("[model] max_length", cfg.model.max_length),
+                         ("[search] seq_len", cfg.search.seq_len)):
+        if value > positions:
+            raise UserError(f"{where} must be at most {positions} (the model's positions), "
+                            f"got {value}")
 
 
 class Session:
@@ -149,6 +208,7 @@ class Session:
             cfg.model.path, cfg.source.parent if cfg.source else None
         )
         self.tokenizer = load_tokenizer(self.model_path, cfg.model)
+        check_lengths(self.model_path, cfg)
         t = time.perf_counter()
         self.data = load_task(cfg).with_mask_token(getattr(self.tokenizer, "mask_token", None))
         self.timings["load_data_s"] = time.perf_counter() - t
@@ -166,6 +226,12 @@ class Session:
 
     def prepare(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Workers sharing the run folder (--jobs, or machines on one storage) compute the
+        # reference and caches once: the first takes the lock, the others wait and then load.
+        with preparation_lock(self.run_dir, self.log):
+            self._prepare()
+
+    def _prepare(self) -> None:
         self.cache_dir = self.run_dir / "cache"
         self.cache_dir.mkdir(exist_ok=True)
         t = time.perf_counter()
@@ -189,8 +255,19 @@ class Session:
             recovery_steps=self.cfg.search.recovery_steps,
             cache_dir=self.cache_dir,
             tokenizer=self.tokenizer,
-            extras={"recovery_lr": self.cfg.search.recovery_lr},
+            extras={"recovery_lr": self.cfg.search.recovery_lr,
+                    "recovery_early_stop": self.cfg.search.recovery_early_stop,
+                    "recovery_tolerance": self.cfg.search.recovery_tolerance,
+                    "eval_batch_size": self.cfg.search.eval_batch_size},
         )
+        val = self.data.validation
+        if "val_ids" in self.tensors and val is not None and len(val):
+            from nas_fair.spaces.postprocess import ValidationData
+
+            # Post-processing (group thresholds) is fitted here, never on the test split.
+            self.ctx.extras["validation"] = ValidationData(
+                self.tensors["val_ids"], self.tensors["val_mask"], torch.from_numpy(val.labels),
+                groups=None if val.groups is None else [str(g) for g in val.groups])
         ref_logits = self.tensors["test_logits"]
         self.ref_pred = predictions(ref_logits)
         # The reference compared with itself: compression metrics are 0 by definition.
@@ -209,11 +286,19 @@ class Session:
         stamp = ref_dir / "nas_fair_reference.json"
         fp = self.fingerprint()
         if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                ref_dir, trust_remote_code=self.cfg.model.trust_remote_code
-            )
-            self.reference_info = json.loads(stamp.read_text())
-            return model.eval()
+            try:
+                # safetensors only: a cached folder is never unpickled, whoever wrote into it.
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    ref_dir, trust_remote_code=self.cfg.model.trust_remote_code,
+                    use_safetensors=True,
+                )
+            except Exception as exc:  # noqa: BLE001 - a broken cache is rebuilt, not fatal
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                self.log(f"warning: the cached reference in {ref_dir} is unreadable ({reason}); "
+                         "building it again")
+            else:
+                self.reference_info = {**json.loads(stamp.read_text()), "cached": True}
+                return model.eval()
         model, trained = load_for_task(self.model_path, self.cfg.model, self.data.label_names)
         mode = self.cfg.model.finetune
         do_ft = mode == "always" or (mode == "auto" and not trained)
@@ -271,16 +356,23 @@ class Session:
     # ------------------------------------------------------------------ evaluation
 
     def _cf_pred(self, logits: torch.Tensor, model: torch.nn.Module) -> np.ndarray | None:
-        """Predictions on gender-swapped inputs; rows without gendered words keep their own."""
+        """Predictions on gender-swapped inputs; rows without gendered words keep their own.
+
+        With group-aware post-processing a swapped row is predicted as the swapped gender's
+        (with two gender groups; see ``postprocess.counterfactual_groups``)."""
+        from nas_fair.spaces.postprocess import counterfactual_groups, predict
+
         if "cf_rows" not in self.tensors:
             return None
-        pred = predictions(logits).copy()
+        groups = self.data.test.groups
+        pred = predict(model, logits, groups).copy()
         rows = self.tensors["cf_rows"]
         if len(rows):
             cf_logits = predict_logits(model, self.tensors["cf_ids"], self.tensors["cf_mask"],
                                        batch_size=self.cfg.search.eval_batch_size,
                                        device=self.device)
-            pred[rows.numpy()] = predictions(cf_logits)
+            cf_groups = None if groups is None else counterfactual_groups(groups)[rows.numpy()]
+            pred[rows.numpy()] = predict(model, cf_logits, cf_groups)
         return pred
 
     def _record(self, y_pred: np.ndarray, y_cf: np.ndarray | None,
@@ -292,9 +384,14 @@ class Session:
         )
 
     def evaluate(self, model: torch.nn.Module) -> EvalRecord:
+        """Test-split predictions, through the model's group-aware post-processing if it has
+        any (which is why the test groups are passed: they must be known at prediction time)."""
+        from nas_fair.spaces.postprocess import predict
+
         logits = predict_logits(model, self.tensors["test_ids"], self.tensors["test_mask"],
                                 batch_size=self.cfg.search.eval_batch_size, device=self.device)
-        return self._record(predictions(logits), self._cf_pred(logits, model), self.ref_pred)
+        y_pred = predict(model, logits, self.data.test.groups)
+        return self._record(y_pred, self._cf_pred(logits, model), self.ref_pred)
 
     def score(self, model: torch.nn.Module, record: EvalRecord, *, paired: bool) -> Scores:
         """Size, latency, accuracy and every recorded bias metric (with intervals) of one model."""
@@ -343,12 +440,10 @@ class Session:
         o = self.cfg.objectives
         if o.min_accuracy_ratio > 0:
             cons["accuracy_floor"] = o.min_accuracy_ratio * reference["accuracy"] - scores.accuracy
-        if o.max_bias_increase is not None:
-            hi = scores.attrs["bias_ci"][1]
-            hi = scores.bias if hi is None else bias_objective(self.cfg, hi)
-            cons["max_bias_increase"] = hi - reference["bias"] - o.max_bias_increase
-        if o.min_accuracy is not None:
-            cons["min_accuracy"] = o.min_accuracy - scores.accuracy
+        cons.update(limit_constraints(self.cfg, scores.accuracy, scores.bias,
+                                      scores.attrs["bias_ci"], reference,
+                                      max_bias_increase=o.max_bias_increase,
+                                      min_accuracy=o.min_accuracy))
         return cons
 
     # ------------------------------------------------------------------ trials
@@ -356,7 +451,7 @@ class Session:
     def run_trial(self, trial: optuna.Trial, reference: dict[str, Any]) -> list[float]:
         configs = {fam.name: fam.suggest(trial) for fam in self.space}
         # Recorded once every parameter is stored, so a retry replays the whole recipe.
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial.set_user_attr("worker", worker_identity())
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         model = compress(self.reference, configs, self.ctx, timings=times)
@@ -366,8 +461,10 @@ class Session:
         scores = self.score(model, record, paired=True)
         t = time.perf_counter()
         cost = {
-            "compress_s": sum(v for k, v in times.items() if k != "distillation"),
+            "compress_s": sum(v for k, v in times.items()
+                              if k not in ("distillation", "mitigation")),
             "recover_s": times.get("distillation", 0.0),
+            "mitigation_s": times.get("mitigation", 0.0),
             "evaluate_s": evaluate_s + scores.attrs["timings"]["metrics_s"],
             "latency_s": scores.attrs["timings"]["latency_s"],
         }
@@ -378,10 +475,34 @@ class Session:
         for key, value in constraints.items():
             trial.set_constraint(key, value)  # read by NSGA-II / TPE for feasibility
         trial.set_user_attr("constraints", list(constraints.values()))
+        pp = getattr(model, "nas_fair_postprocess", None)
+        if pp is not None:  # the fitted group offsets and what they did on validation
+            trial.set_user_attr("postprocess", _jsonable(pp.to_dict()))
+        self._save_artifact(trial, model, record)
         cost["bookkeeping_s"] = time.perf_counter() - t
         cost["total_s"] = time.perf_counter() - t0
+        cost["recovery_steps_run"] = sum(r["steps_run"] for r in recovery_logs(model))
         trial.set_user_attr("cost", {k: round(v, 3) for k, v in cost.items()})
         return scores.values()
+
+    def _save_artifact(self, trial: optuna.Trial, model: torch.nn.Module,
+                       record: EvalRecord) -> None:
+        """Keep the trial's model (safetensors + JSON) so that export copies it instead of
+        recompressing; the search deletes it once the trial leaves the Pareto front. The
+        predictions' digest and the thread count let export prove a copy or replay is the same
+        model."""
+        from nas_fair.checkpoint import save_compressed
+
+        rel = artifact_path(self.cfg.name, trial.number)
+        target = self.run_dir / rel
+        if target.exists():  # left by a deleted study of the same name in this run folder
+            shutil.rmtree(target)
+        save_compressed(model, target, metadata={"study": self.cfg.name, "trial": trial.number,
+                                                 "params": trial.params})
+        trial.set_user_attr("artifact", rel.as_posix())
+        trial.set_user_attr("predictions_sha256", predictions_digest(record.y_pred))
+        trial.set_user_attr("runtime", {"threads": torch.get_num_threads(),
+                                        "torch": torch.__version__})
 
     def replay(self, params: dict[str, Any]) -> torch.nn.Module:
         """The compressed model of a trial, rebuilt from its parameters (deterministic)."""
@@ -414,22 +535,109 @@ def default_storage(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
+_SECRET_IN_URL = re.compile(r"(?P<head>://[^:/@?#]*):(?P<pw>[^@/?#]*)@")
+_SECRET_IN_QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)(?P<pw>[^&#]*)", re.I)
+
+
 def shown_url(url: str) -> str:
-    """A storage URL fit to print: credentials (before '@') are never shown."""
-    return url.split("@")[-1] if "@" in url else url
+    """A storage URL fit to print or store: the password is replaced by ``***``."""
+    url = _SECRET_IN_URL.sub(lambda m: f"{m['head']}:***@", url)
+    return _SECRET_IN_QUERY.sub(lambda m: f"{m['head']}***", url)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password(s) a URL carries, raw and percent-decoded, to scrub them from messages."""
+    from urllib.parse import unquote
+
+    found = [m["pw"] for m in _SECRET_IN_URL.finditer(url)]
+    found += [m["pw"] for m in _SECRET_IN_QUERY.finditer(url)]
+    return [s for pw in found for s in {pw, unquote(pw)} if s]
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with every credential of ``url`` blanked (driver errors may quote them)."""
+    for secret in sorted(_url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text.replace(url, shown_url(url))
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage with heartbeats (dead remote workers' trials are retried).
+
+    SQLite: WAL journal and a 60 s busy timeout, so local workers (``--jobs``) wait for each
+    other's short write transactions instead of failing with "database is locked". Several
+    workers creating the schema at once (PostgreSQL) is retried: one creates, the others load.
+    """
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
+    sqlite = url.startswith("sqlite")
+    if sqlite:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    elif url.startswith("postgres"):
+        # An unreachable host fails in seconds, not after the OS's TCP timeout; a connection
+        # dropped during an hour-long trial is replaced instead of failing the trial.
+        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10},
+                                   "pool_pre_ping": True}
+    for attempt in range(5):
+        try:
+            storage = RDBStorage(
+                _with_driver(url), heartbeat_interval=20, grace_period=120,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                **kwargs,
+            )
+            break
+        except Exception as exc:  # noqa: BLE001 - every failure here is one line for the user
+            if _schema_race(exc) and attempt < 4:
+                time.sleep(0.2 + 0.5 * attempt)
+                continue
+            raise UserError(_storage_error(url, exc)) from None
+    if sqlite:
+        _sqlite_wal(storage)
+    return storage
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` means whichever driver is installed (SQLAlchemy 2.0 assumes psycopg2,
+    2.1 psycopg 3): pick the one present, so either ``pip install`` works."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    for module, driver in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://{rest}"
+    raise UserError(f"cannot open storage {shown_url(url)!r}: no PostgreSQL driver is installed; "
+                    "pip install psycopg2-binary (or nas-fair[postgres])")
+
+
+def _schema_race(exc: BaseException) -> bool:
+    """Another worker was creating the same tables at the same moment."""
     try:
-        return RDBStorage(url, heartbeat_interval=20, grace_period=120,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3), **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"cannot open storage {shown_url(url)!r}: {exc}".splitlines()[0]) from None
+        from sqlalchemy.exc import IntegrityError, ProgrammingError
+    except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
+        return False
+    return isinstance(exc, (IntegrityError, ProgrammingError))
+
+
+def _storage_error(url: str, exc: BaseException) -> str:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    hint = ""
+    if isinstance(exc, ImportError) and url.startswith("postgres"):
+        hint = "; install the driver: pip install psycopg2-binary (or nas-fair[postgres])"
+    elif "://" not in url:
+        hint = "; give an Optuna storage URL, e.g. sqlite:///path/study.db or postgresql://user@host/db"
+    return scrub(f"cannot open storage {shown_url(url)!r}: {reason}{hint}", url)
+
+
+def _sqlite_wal(storage: Any) -> None:
+    """Readers no longer block the writer (persistent in the file; best effort if busy)."""
+    try:
+        with storage.engine.connect() as con:
+            con.exec_driver_sql("PRAGMA journal_mode=WAL")
+    except Exception:  # noqa: BLE001 - a busy database keeps its journal mode; still correct
+        pass
 
 
 def population_for(budget_trials: int | None) -> int:
@@ -448,19 +656,41 @@ def make_sampler(cfg: StudyConfig, population: int, seed: int) -> optuna.sampler
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def worker_identity() -> dict[str, Any]:
+    """Who runs a trial: host and pid, plus the kernel boot and pid namespace where known.
+
+    Two containers may share a host name (and their pids mean nothing to each other): a
+    trial is judged dead by its pid only where boot id and pid namespace match this process.
+    """
+    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ident["node"] = f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        pass
+    return ident
+
+
 def fail_dead_local_trials(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a killed process on this host: fail them and queue a retry.
+    """Trials left RUNNING by a killed process on this machine: fail them and queue a retry.
 
     Remote workers are covered by Optuna's heartbeat (grace period); a local process can be
-    checked directly, so a resume right after a crash needs no waiting.
+    checked directly, so a resume right after a crash needs no waiting. Several workers may
+    find the same dead trial: only the one whose FAIL lands queues the retry.
     """
-    host = socket.gethostname()
+    me = worker_identity()
     retried = []
     for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         w = tr.user_attrs.get("worker") or {}
-        if w.get("host") != host or _alive(int(w.get("pid", -1))):
+        if w.get("host") != me["host"] or w.get("node") != me.get("node"):
             continue
-        study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
+        if _alive(int(w.get("pid", -1))):
+            continue
+        try:
+            if not study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first (and queued the retry)
         study.enqueue_trial(tr.params, user_attrs={"retry_of": tr.number}, skip_if_exists=False)
         retried.append(tr.number)
     return retried
@@ -478,6 +708,65 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---------------------------------------------------------------------- shared run folder
+
+LOCK_FILE = ".prepare.lock"
+_held: set[str] = set()  # lock files this process holds: taking one again is a no-op
+
+
+@contextlib.contextmanager
+def preparation_lock(run_dir: Path, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<run_dir>/.prepare.lock`` around work done once per run folder.
+
+    Workers of one study (``--jobs``, or machines sharing the run folder) take it around the
+    reference fine-tuning, the caches and the reference's scores: one computes, the others
+    print that they wait, then load. Reentrant within a process; the kernel drops it when the
+    holder dies, so a killed worker never leaves it stuck. No-op where ``fcntl`` is missing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: single-worker use only
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    key = str(path.resolve())
+    if key in _held:  # flock on a second descriptor would wait for ourselves
+        yield
+        return
+    fh = open(path, "a+")  # noqa: SIM115 - held across the yield
+    try:
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited >= 2.0:  # a short wait (another worker loading the cache) is silent
+                    fh.seek(0)
+                    holder = fh.read().strip() or "another worker"
+                    (log or (lambda m: print(m, file=sys.stderr)))(
+                        f"waiting for {holder} to prepare the reference model and caches "
+                        f"in {run_dir}"
+                    )
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+                    break
+                time.sleep(0.1)
+                waited += 0.1
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"worker {socket.gethostname()}:{os.getpid()}\n")
+        fh.flush()
+        _held.add(key)
+        try:
+            yield
+        finally:
+            _held.discard(key)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        fh.close()
 
 
 def pareto_front(trials: list[FrozenTrial], dirs: list[str], *,

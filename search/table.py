@@ -1,56 +1,188 @@
-"""Pareto tables: computed as data first, then drawn (text here, plotly in the report)."""
+"""Pareto tables: computed as data first, then drawn (text here, plotly in the report).
+
+The table lists the feasible Pareto front first, then the infeasible trials that no other trial
+dominates (they would be on the front without the constraints), each marked with the
+constraints it violates, so that a "better" model excluded for collapse or a quality floor is
+visible rather than silently missing.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from nas_fair.search.study import OBJECTIVE_KEYS, pareto_front
+from nas_fair.config import StudyConfig
+from nas_fair.errors import UserError, one_of
+from nas_fair.search.study import OBJECTIVE_KEYS, limit_constraints, pareto_front
+
+# --sort accepts these short names as well as the study's own objective names.
+SORT_KEYS = ("size", "latency", "accuracy", "bias")
 
 
 def _ratio(value: float, ref: float) -> float | None:
     return None if not ref else value / ref
 
 
+def trial_constraints(trial: FrozenTrial) -> dict[str, float]:
+    """Constraint values by name (<= 0 is satisfied).
+
+    ``trial.set_constraint(name, value)`` stores them as named system attributes, which
+    ``FrozenTrial.constraints`` reads back; trials from before that keep only the unnamed list in
+    the ``constraints`` user attribute.
+    """
+    named = dict(getattr(trial, "constraints", None) or {})
+    if named:
+        return {k: float(v) for k, v in named.items()}
+    values = trial.user_attrs.get("constraints") or []
+    return {f"constraint_{i}": float(v) for i, v in enumerate(values)}
+
+
+def violated(constraints: dict[str, float]) -> list[str]:
+    return [k for k, v in constraints.items() if v > 0]
+
+
+def status_note(row: dict[str, Any]) -> str:
+    """'' for a feasible trial, else 'collapsed' and/or 'infeasible: <constraints>'."""
+    names = list(row.get("violated") or [])
+    parts = []
+    if row.get("collapsed") or "collapsed" in names:
+        parts.append("collapsed")
+        names = [n for n in names if n != "collapsed"]
+    if names:
+        parts.append("infeasible: " + ", ".join(names))
+    elif not parts and not row.get("feasible", True):
+        parts.append("infeasible")
+    return "; ".join(parts)
+
+
 def trial_row(values: list[float], attrs: dict[str, Any], reference: dict[str, Any],
-              names: list[str]) -> dict[str, Any]:
+              names: list[str], constraints: dict[str, float] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for key, name, value, ref in zip(OBJECTIVE_KEYS, names, values, reference["values"]):
         row[key] = {"name": name, "value": value, "ratio": _ratio(value, ref)}
     row["bias"]["ci"] = attrs.get("bias_ci")
     row["accuracy"]["ci"] = attrs.get("accuracy_ci")
     row["collapsed"] = bool((attrs.get("collapse") or {}).get("collapsed", False))
-    row["feasible"] = all(c <= 0 for c in attrs.get("constraints", [-1]))
+    if constraints is None:
+        constraints = {f"constraint_{i}": float(v)
+                       for i, v in enumerate(attrs.get("constraints") or [])}
+    row["constraints"] = constraints
+    row["violated"] = violated(constraints)
+    row["feasible"] = not row["violated"]
     row["params_count"] = attrs.get("params")
     return row
 
 
-def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[str, Any]:
+def sort_choices(names: list[str]) -> dict[str, int]:
+    """Every accepted --sort value and the objective it means (a signed bias also bare)."""
+    choices = {k: j for j, k in enumerate(SORT_KEYS)}
+    for j, name in enumerate(names):
+        choices.setdefault(name, j)
+        choices.setdefault(name.strip("|"), j)
+    return choices
+
+
+def sort_index(value: str, names: list[str]) -> int:
+    choices = sort_choices(names)
+    if value not in choices:
+        raise one_of("--sort", value, choices)
+    return choices[value]
+
+
+def check_limits(max_bias_increase: float | None, min_accuracy: float | None) -> None:
+    """The filters' rules, checked before the study is opened."""
+    if max_bias_increase is not None and not (math.isfinite(max_bias_increase)
+                                              and max_bias_increase >= 0):
+        raise UserError(f"--max-bias-increase must be a finite number >= 0, "
+                        f"got {max_bias_increase}")
+    if min_accuracy is not None and not (math.isfinite(min_accuracy) and 0 <= min_accuracy <= 1):
+        raise UserError(f"--min-accuracy must be a number in [0, 1], got {min_accuracy}")
+
+
+def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
+                sort: str = "size", cfg: StudyConfig | None = None,
+                max_bias_increase: float | None = None,
+                min_accuracy: float | None = None) -> dict[str, Any]:
+    """The table as data: the feasible front, then the non-dominated infeasible trials.
+
+    The filters keep trials that pass them (the same rule as the search's constraints,
+    ``limit_constraints``) and the front is computed among those, as a search run with these
+    limits would have it. Each group is sorted best first by the objective ``sort`` names.
+    """
+    check_limits(max_bias_increase, min_accuracy)
+    key = sort_index(sort, names)
+    filters = {k: v for k, v in (("max_bias_increase", max_bias_increase),
+                                 ("min_accuracy", min_accuracy)) if v is not None}
+    if filters and cfg is None:
+        raise ValueError("filters need the study's configuration (the bias metric's sign)")
     reference = study.user_attrs["reference"]
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    front = pareto_front(trials, dirs)
-    ref_row = trial_row(reference["values"], reference, reference, names)
-    rows = []
-    for t in sorted(front, key=lambda t: t.values[0]):
-        row = trial_row(list(t.values), t.user_attrs, reference, names)
-        row["trial"] = t.number
-        row["recipe"] = t.params
-        rows.append(row)
+    trials = [t for t in trials if t.values is not None]
+    kept = trials
+    if filters:
+        assert cfg is not None
+
+        def passes(t: FrozenTrial) -> bool:
+            cons = limit_constraints(cfg, t.values[2], t.values[3], t.user_attrs.get("bias_ci"),
+                                     reference, max_bias_increase=max_bias_increase,
+                                     min_accuracy=min_accuracy)
+            return all(v <= 0 for v in cons.values())
+
+        kept = [t for t in trials if passes(t)]
+    feasible = pareto_front(kept, dirs)
+    feasible_numbers = {t.number for t in feasible}
+    infeasible = [t for t in pareto_front(kept, dirs, feasible_only=False)
+                  if t.number not in feasible_numbers
+                  and violated(trial_constraints(t))]
+    sign = 1.0 if dirs[key] == "minimize" else -1.0
+
+    def rows(group: list[FrozenTrial], on_front: bool) -> list[dict[str, Any]]:
+        out = []
+        for t in sorted(group, key=lambda t: (sign * t.values[key], t.number)):
+            row = trial_row(list(t.values), t.user_attrs, reference, names, trial_constraints(t))
+            row["trial"] = t.number
+            row["on_front"] = on_front
+            row["note"] = status_note(row)
+            row["recipe"] = t.params
+            out.append(row)
+        return out
+
+    ref_row = trial_row(reference["values"], reference, reference, names, {})
     costs = [t.user_attrs.get("cost", {}) for t in trials]
-    keys = ("compress_s", "recover_s", "evaluate_s", "latency_s", "bookkeeping_s", "total_s")
-    mean_cost = {k: sum(c.get(k, 0.0) for c in costs) / len(costs) for k in keys} if costs else {}
+    cost_keys = ("compress_s", "recover_s", "evaluate_s", "latency_s", "bookkeeping_s", "total_s")
+    mean_cost = ({k: sum(c.get(k, 0.0) for c in costs) / len(costs) for k in cost_keys}
+                 if costs else {})
     return {"study": study.study_name, "objectives": names, "directions": dirs,
-            "completed_trials": len(trials), "reference": ref_row, "pareto": rows,
+            "sort": names[key], "filters": filters,
+            "completed_trials": len(trials), "passing_filters": len(kept),
+            "reference": ref_row,
+            # feasible front first, then the infeasible trials no trial dominates
+            "pareto": rows(feasible, True) + rows(infeasible, False),
+            "feasible_on_front": len(feasible), "infeasible_not_dominated": len(infeasible),
             "mean_trial_cost_s": mean_cost}
 
 
+def _num(v: float, digits: int) -> str:
+    """``digits`` decimals, but 3 significant digits where those would show too few (tiny
+    models: 0.0365 MB, not 0.0)."""
+    return f"{v:.{digits}f}" if v == 0 or abs(v) >= 10 ** (1 - digits) else f"{v:.3g}"
+
+
 def _cell(obj: dict[str, Any], digits: int) -> str:
-    v = obj["value"]
     r = obj["ratio"]
-    text = f"{v:.{digits}f}"
+    text = _num(obj["value"], digits)
     return text if r is None else f"{text} ({r:.2f}x)"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _filter_text(filters: dict[str, float]) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in filters.items())
 
 
 def render_table(result: dict[str, Any]) -> str:
@@ -66,15 +198,34 @@ def render_table(result: dict[str, Any]) -> str:
 
     lines.append(fmt("ref", result["reference"], "reference (uncompressed)"))
     for row in result["pareto"]:
-        note = "collapsed" if row["collapsed"] else ("" if row["feasible"] else "infeasible")
-        lines.append(fmt(str(row["trial"]), row, note))
+        lines.append(fmt(str(row["trial"]), row, row.get("note", status_note(row))))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    n_feasible = result.get("feasible_on_front", len(result["pareto"]))
+    n_infeasible = result.get("infeasible_not_dominated", 0)
+    filters = result.get("filters") or {}
     out = [f"Pareto front of study {result['study']!r} "
-           f"({len(result['pareto'])} of {result['completed_trials']} completed trials; "
-           "ratios are to the reference)"]
+           f"({n_feasible} feasible of {result['completed_trials']} completed trials, "
+           f"best {result.get('sort', names[0])} first; ratios are to the reference)"]
     out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     out.append("  ".join("-" * w for w in widths))
-    out.extend("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    body = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    out.append(body[0])
+    out.extend(body[1:1 + n_feasible])
+    if n_infeasible:
+        out.append("  ".join("-" * w for w in widths))
+        out.extend(body[1 + n_feasible:])
+    if filters and not result.get("passing_filters"):
+        out.append(f"no trial passes {_filter_text(filters)} "
+                   f"(0 of {result['completed_trials']} completed trials)")
+    else:
+        count = f"{_plural(n_feasible, 'feasible trial')} on the front"
+        if n_infeasible:
+            count += (f", then {_plural(n_infeasible, 'infeasible trial')} that no trial "
+                      "dominates (excluded by the constraints in the note)")
+        if filters:
+            count += (f"; {_filter_text(filters)} kept {result['passing_filters']} of "
+                      f"{result['completed_trials']} completed trials")
+        out.append(count)
     cost = result.get("mean_trial_cost_s") or {}
     if cost:
         parts = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in cost.items() if k != "total_s")
@@ -84,15 +235,13 @@ def render_table(result: dict[str, Any]) -> str:
 
 def format_trial_line(trial: FrozenTrial, reference: dict[str, Any], names: list[str],
                       on_front: bool) -> str:
-    row = trial_row(list(trial.values), trial.user_attrs, reference, names)
+    row = trial_row(list(trial.values), trial.user_attrs, reference, names,
+                    trial_constraints(trial))
     cost = trial.user_attrs.get("cost", {})
-    flags = []
-    if on_front:
-        flags.append("on front")
-    if row["collapsed"]:
-        flags.append("collapsed")
-    elif not row["feasible"]:
-        flags.append("infeasible")
+    flags = ["on front"] if on_front else []
+    note = status_note(row)
+    if note:
+        flags.append(note)
     return (
         f"trial {trial.number:>3}  {names[0]} {_cell(row['size_mb'], 1)}  "
         f"{names[1]} {_cell(row['latency_ms'], 1)}  {names[2]} {_cell(row['accuracy'], 3)}  "

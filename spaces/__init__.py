@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import pkgutil
 import time
@@ -19,6 +20,7 @@ from nas_fair.spaces.base import (
     Family,
     FamilyConfig,
     RecoveryData,
+    RecoveryOptions,
     ordered,
     register,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "Family",
     "FamilyConfig",
     "RecoveryData",
+    "RecoveryOptions",
     "build_space",
     "compress",
     "configs_from_params",
@@ -77,15 +80,36 @@ def compress(
 ) -> nn.Module:
     """A compressed private copy of ``reference``: families applied in their fixed stage order.
 
+    First every family's ``recovery_options`` hook is collected into a per-trial copy of ``ctx``
+    (``ctx.recovery``; ``ctx`` itself is not changed), then each family's ``apply`` runs in stage
+    order, then each family's ``finalize`` (post-processing of the finished model).
     ``timings``, when given, receives the seconds each family took (the per-trial cost breakdown).
     """
     model = copy.deepcopy(reference)
     model.eval()
-    for cls in ordered(list(configs)):
+    families = [(cls(), configs[cls.name]) for cls in ordered(list(configs))]
+    spent = {fam.name: 0.0 for fam, _ in families}
+    trial_ctx = ctx if ctx.recovery is None else dataclasses.replace(ctx, recovery=None)
+    options: RecoveryOptions | None = None
+    for fam, config in families:
         torch.manual_seed(ctx.seed)
         start = time.perf_counter()
-        model = cls().apply(model, configs[cls.name], ctx)
-        if timings is not None:
-            timings[cls.name] = time.perf_counter() - start
+        update = fam.recovery_options(config, trial_ctx)
+        if update:
+            options = (options or RecoveryOptions()).merged(update)
+            trial_ctx = dataclasses.replace(ctx, recovery=options)
+        spent[fam.name] += time.perf_counter() - start
+    for fam, config in families:
+        torch.manual_seed(ctx.seed)
+        start = time.perf_counter()
+        model = fam.apply(model, config, trial_ctx)
+        spent[fam.name] += time.perf_counter() - start
+    model.eval()
+    for fam, config in families:
+        start = time.perf_counter()
+        model = fam.finalize(model, config, trial_ctx)
+        spent[fam.name] += time.perf_counter() - start
+    if timings is not None:
+        timings.update(spent)
     model.eval()
     return model

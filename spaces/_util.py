@@ -181,6 +181,41 @@ def trim_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[t
     return input_ids[:, :length], attention_mask[:, :length]
 
 
+def row_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the position of its last real token + 1 (right padding), at least 1."""
+    used = attention_mask.bool()
+    positions = torch.arange(1, used.shape[1] + 1, device=used.device)
+    return (used * positions).amax(dim=1).clamp_min(1) if used.numel() else used.sum(1) + 1
+
+
+def length_bucketed_batches(
+    lengths: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    chunk_batches: int = 50,
+) -> list[torch.Tensor]:
+    """One epoch of full batches (row indices) whose rows have similar lengths.
+
+    Shuffle, cut into chunks of ``chunk_batches`` batches, sort each chunk by length, cut it into
+    batches, shuffle the batch order: batches stay random draws of the data (each row at most
+    once per epoch, the remainder dropped) but trimming to the longest row wastes little
+    padding. ``chunk_batches <= 1`` gives plain random batches. Deterministic for a generator.
+    """
+    n = int(lengths.numel())
+    bs = max(1, min(batch_size, n))
+    per_epoch = max(1, n // bs)
+    perm = torch.randperm(n, generator=generator)[: per_epoch * bs]
+    if chunk_batches <= 1:
+        return list(perm.split(bs))
+    batches: list[torch.Tensor] = []
+    for part in perm.split(chunk_batches * bs):
+        order = torch.sort(lengths[part], descending=True, stable=True).indices
+        batches.extend(part[order].split(bs))
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
 def tensor_digest(*tensors: torch.Tensor, extra: str = "") -> str:
     """Content hash of tensors (names of cache files for reference-only computations)."""
     h = hashlib.blake2b(digest_size=16)

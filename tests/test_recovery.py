@@ -1,0 +1,210 @@
+"""Recovery (distillation) made cheaper per step: length-bucketed batches and early stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_search
+import torch
+from test_search import write_study
+from torch import nn
+
+from nas_fair.config import parse_study
+from nas_fair.errors import UserError
+from nas_fair.spaces import CompressionContext, RecoveryData
+from nas_fair.spaces._util import length_bucketed_batches, row_lengths
+from nas_fair.spaces.distillation import Batch, EarlyStop, recover, recovery_log
+
+from conftest import tiny_model
+
+tiny_checkpoint = test_search.tiny_checkpoint  # the fixture, shared with test_search
+
+
+def varied_context(model: nn.Module, n: int = 96, length: int = 24, seed: int = 0,
+                   batch_size: int = 8, noise: float = 3.0) -> CompressionContext:
+    """Right-padded rows of lengths 3..length; the teacher is the model plus ``noise``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 128, (n, length), generator=g)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    teacher = logits + noise * torch.randn(logits.shape, generator=g)
+    data = RecoveryData(ids, mask, teacher.argmax(-1), teacher.float())
+    return CompressionContext(reference=model, train=data, seed=seed, batch_size=batch_size)
+
+
+def test_row_lengths() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    assert row_lengths(mask).tolist() == [3, 1, 1, 4]
+
+
+def test_bucketed_batches_are_an_epoch_of_full_disjoint_batches() -> None:
+    lengths = torch.randint(1, 65, (1000,), generator=torch.Generator().manual_seed(0))
+    batches = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(1),
+                                      chunk_batches=5)
+    assert len(batches) == 1000 // 32 and all(len(b) == 32 for b in batches)
+    rows = torch.cat(batches)
+    assert len(set(rows.tolist())) == len(rows)  # each row at most once per epoch
+    again = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(1),
+                                    chunk_batches=5)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    other = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(2),
+                                    chunk_batches=5)
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other))
+
+
+def test_bucketing_cuts_padding_but_batches_stay_shuffled() -> None:
+    lengths = torch.randint(8, 65, (3200,), generator=torch.Generator().manual_seed(0))
+
+    def mean_width(chunk: int) -> float:
+        bs = length_bucketed_batches(lengths, 32, torch.Generator().manual_seed(0),
+                                     chunk_batches=chunk)
+        return sum(int(lengths[b].max()) for b in bs) / len(bs)
+
+    plain, bucketed = mean_width(0), mean_width(50)
+    assert plain > 60  # the max of 32 uniform draws from 8..64
+    assert bucketed < 0.65 * plain  # close to the mean length (36), not to the max
+    # The batch order is shuffled: widths are not sorted along the epoch.
+    widths = [int(lengths[b].max()) for b in length_bucketed_batches(
+        lengths, 32, torch.Generator().manual_seed(0), chunk_batches=50)]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+
+
+def test_early_stop_rule_on_synthetic_losses() -> None:
+    steps = 400
+    falling = torch.tensor([10 * 0.997**i for i in range(steps)])  # 21% per 80-step window
+
+    def first_stop(losses: torch.Tensor, tolerance: float = 0.02) -> int | None:
+        stop = EarlyStop(steps, tolerance=tolerance, patience=2, min_fraction=0.5)
+        assert (stop.window, stop.stride, stop.min_steps) == (80, 20, 200)
+        return next((k for k in range(1, steps + 1) if stop.update(losses, k)), None)
+
+    assert first_stop(falling) is None
+    assert first_stop(falling, tolerance=0.25) == 200  # 21% counts as flat against 25%
+    # Flat from the start: stops at the minimum share of the budget.
+    assert first_stop(torch.ones(steps)) == 200
+    # Flat from step 160: at 300 the earlier window holds only 20 falling steps (a 0.7% fall),
+    # so checks 300 and 320 are flat and 320 stops; at 280 the fall was still 3%.
+    late = torch.cat([falling[:160], torch.full((240,), float(falling[159]))])
+    assert first_stop(late) == 320
+    # Noise around a flat level does not hide the plateau; around a falling trend it does not
+    # fake one (batch losses vary by ~17% around their trend on the default study).
+    g = torch.Generator().manual_seed(0)
+    noise = 1 + 0.17 * torch.randn(steps, generator=g)
+    assert first_stop(torch.ones(steps) * noise) is not None
+    assert first_stop(falling * noise) is None
+    with pytest.raises(UserError, match="tolerance must be a number >= 0"):
+        EarlyStop(steps, tolerance=-1.0, patience=3, min_fraction=0.5)
+    with pytest.raises(UserError, match="patience must be an integer >= 1, got 0"):
+        EarlyStop(steps, tolerance=0.01, patience=0, min_fraction=0.5)
+
+
+def test_recover_is_bit_identical_for_a_seed_and_trims_each_batch() -> None:
+    widths: list[tuple[int, int, int]] = []
+
+    def watch(model: nn.Module, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        widths.append((batch.input_ids.shape[1], int(batch.attention_mask[:, -1].sum()),
+                       batch.input_ids.shape[0]))
+        return logits.new_zeros(())
+
+    ref = tiny_model("bert")
+    ctx = varied_context(ref)
+    a = recover(tiny_model("bert"), ctx, steps=30, extra_loss=watch)
+    b = recover(tiny_model("bert"), ctx, steps=30)
+    c = recover(tiny_model("bert"), varied_context(ref, seed=1), steps=30)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    # Every batch is full and cut to its longest row (the last column holds a real token).
+    assert len(widths) == 30 and all(n == 8 and last > 0 for _, last, n in widths)
+    assert sum(w for w, _, _ in widths) / len(widths) < 20  # random batches of 8 average ~22
+    log = recovery_log(a)
+    assert log is not None and log["steps_run"] == 30 and len(log["losses"]) == 30
+
+
+def test_early_stop_truncates_the_same_run_and_reads_the_study_settings() -> None:
+    ref = tiny_model("bert")
+    # A student that starts at its teacher: only dropout noise, so the loss flattens early.
+    ctx = varied_context(ref, noise=0.0)
+    ctx.extras["recovery_lr"] = 3e-3
+    stopped = recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05)
+    log = recovery_log(stopped)
+    assert log is not None and log["stopped_early"] and 60 <= log["steps_run"] < 120
+    k = log["steps_run"]
+    # The same budget without early stopping passes through exactly that model at step k.
+    snapshot: dict[str, torch.Tensor] = {}
+    calls = 0
+
+    def grab(model: nn.Module, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        if calls == k:  # before step k + 1: the weights after k steps
+            snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        calls += 1
+        return logits.new_zeros(())
+
+    full = recover(tiny_model("bert"), ctx, steps=120, early_stop=False, extra_loss=grab)
+    full_log = recovery_log(full)
+    assert full_log is not None and full_log["steps_run"] == 120
+    assert full_log["losses"][:k] == log["losses"]
+    for name, p in stopped.named_parameters():
+        assert torch.equal(p, snapshot[name]), name
+    # The study's switch (ctx.extras) turns it off; an explicit argument wins over it.
+    ctx.extras["recovery_early_stop"] = False
+    off = recovery_log(recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05))
+    assert off is not None and off["steps_run"] == 120 and not off["stopped_early"]
+    on = recovery_log(recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05,
+                              early_stop=True))
+    assert on is not None and on["steps_run"] == k
+    # A tolerance of 0 only stops on a rising loss: here it runs longer than at 0.05.
+    ctx.extras.update(recovery_early_stop=True, recovery_tolerance=0.0)
+    strict = recovery_log(recover(tiny_model("bert"), ctx, steps=120))
+    assert strict is not None and strict["steps_run"] > k
+
+
+STUDY = """
+name = "t"
+[data]
+train = "x.csv"
+[search]
+{extra}
+"""
+
+
+def test_study_toml_controls_early_stopping() -> None:
+    cfg = parse_study(STUDY.format(extra=""))
+    assert cfg.search.recovery_early_stop is True and cfg.search.recovery_tolerance == 0.02
+    cfg = parse_study(STUDY.format(extra="recovery_early_stop = false\nrecovery_tolerance = 0.002"))
+    assert cfg.search.recovery_early_stop is False and cfg.search.recovery_tolerance == 0.002
+    with pytest.raises(UserError, match=r"^\[search\] recovery_tolerance must be in \[0, 1\), "
+                                        r"got 1.5$"):
+        parse_study(STUDY.format(extra="recovery_tolerance = 1.5"))
+    with pytest.raises(UserError, match="recovery_early_stop must be bool"):
+        parse_study(STUDY.format(extra='recovery_early_stop = "yes"'))
+    with pytest.raises(UserError, match="did you mean 'recovery_early_stop'"):
+        parse_study(STUDY.format(extra="recovery_early_stopping = true"))
+
+
+def test_trial_records_recovery_steps_run(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import optuna
+
+    from nas_fair.config import load_study
+    from nas_fair.search.study import Session, directions
+
+    toml = write_study(tmp_path, tiny_checkpoint, steps=40,
+                       extra='[space]\nfamilies = ["pruning", "distillation"]\n'
+                             "[space.distillation]\ntemperature = [2.0]\nalpha = [0.9, 0.9]")
+    cfg = load_study(toml)
+    session = Session(cfg, tmp_path / "run", quiet=True)
+    session.prepare()
+    assert session.ctx.extras["recovery_early_stop"] is True
+    ref = session.score_reference()
+    reference = {"values": ref.values(), "accuracy": ref.accuracy, "bias": ref.bias}
+    study = optuna.create_study(directions=directions(cfg))
+    study.optimize(lambda t: session.run_trial(t, reference), n_trials=1)
+    cost = study.trials[0].user_attrs["cost"]
+    # 40 steps is too short a budget to stop early (4 windows of 10 steps at the least).
+    assert cost["recovery_steps_run"] == 40
+    assert cost["recover_s"] > 0
