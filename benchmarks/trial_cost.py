@@ -1,0 +1,150 @@
+"""Where a trial's time goes: compress / recover / evaluate / latency / bookkeeping, trials per hour.
+
+Reads the ``cost`` user attribute that every trial of a study stores (``--from-storage``, the
+default when the study has trials), or runs ``--trials K`` trials itself with the current code
+in a scratch storage (the study's own storage is never touched), reusing the run folder's
+fine-tuned reference and caches.
+
+    python benchmarks/trial_cost.py                          # the bios study's stored trials
+    python benchmarks/trial_cost.py --trials 4 [--steps 450] [--no-early-stop]
+    python benchmarks/trial_cost.py --config my.toml --run-dir /tmp/run --trials 2
+
+Writes benchmarks/results/trial_cost.json (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, add_study_args, load_cfg, run_dir, table, write_json
+
+PHASES = ("compress_s", "recover_s", "mitigation_s", "evaluate_s", "latency_s", "bookkeeping_s")
+
+
+def stored_trials(storage: str, name: str) -> list[Any]:
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "cost" in t.user_attrs]
+
+
+def run_trials(cfg: Any, folder: Path, k: int, threads: int) -> tuple[list[Any], str]:
+    """K trials of the study run by ``nas-fair search``'s own driver into a scratch storage."""
+    import torch
+
+    from nas_fair.search.run import Budget, run_search
+
+    torch.set_num_threads(threads)
+    cfg.search.threads = threads
+    scratch = Path(tempfile.mkdtemp(prefix="trial_cost-")) / "study.db"
+    url = f"sqlite:///{scratch}"
+    # Another name: the trials' saved models go to artifacts/<name>/ of the run folder, and must
+    # not overwrite the real study's. The reference and caches are keyed without the name.
+    real = cfg.name
+    cfg.name = f"{real}-trial-cost"
+    try:
+        run_search(cfg, Budget(trials=k), storage=url, run_dir=str(folder), quiet=True)
+        return stored_trials(url, cfg.name), url
+    finally:
+        shutil.rmtree(folder / "artifacts" / cfg.name, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only if this run created it and left it empty
+            (folder / "artifacts").rmdir()
+        cfg.name = real
+
+
+def summarize(trials: list[Any]) -> dict[str, Any]:
+    rows = []
+    for t in trials:
+        c = t.user_attrs["cost"]
+        wall = None
+        if t.datetime_start and t.datetime_complete:
+            wall = (t.datetime_complete - t.datetime_start).total_seconds()
+        # Trials from before early stopping ran their whole budget.
+        steps = c.get("recovery_steps_run", t.params.get("distillation.steps"))
+        recover = c.get("recover_s", 0.0) + c.get("mitigation_s", 0.0)
+        rows.append({
+            "trial": t.number, **{p: c.get(p, 0.0) for p in PHASES},
+            "total_s": c.get("total_s"), "wall_s": wall,
+            "recovery_steps_run": steps,
+            "recovery_steps_budget": t.params.get("distillation.steps"),
+            "s_per_recovery_step": recover / steps if steps else None,
+        })
+    keys = (*PHASES, "total_s", "wall_s", "recovery_steps_run", "s_per_recovery_step")
+    summary: dict[str, Any] = {}
+    for key in keys:
+        vals = [r[key] for r in rows if r[key] is not None]
+        if vals:
+            summary[key] = {"mean": statistics.fmean(vals), "median": statistics.median(vals),
+                            "min": min(vals), "max": max(vals)}
+    wall = summary.get("wall_s", summary.get("total_s"))
+    if wall:
+        summary["trials_per_hour"] = 3600.0 / wall["mean"]
+    return {"trials": rows, "summary": summary}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_study_args(ap)
+    ap.add_argument("--storage", help="read trials from this Optuna storage URL "
+                                      "(default: the run folder's study.db)")
+    ap.add_argument("--trials", type=int, default=0,
+                    help="run this many trials now instead of reading stored ones")
+    ap.add_argument("--steps", type=int, help="recovery step budget for --trials")
+    ap.add_argument("--no-early-stop", action="store_true", help="--trials without early stop")
+    ap.add_argument("--out", default=str(RESULTS / "trial_cost.json"))
+    args = ap.parse_args()
+
+    cfg = load_cfg(args)
+    folder = run_dir(args, cfg)
+    settings: dict[str, Any] = {"study": cfg.name, "threads": args.threads}
+    if args.trials > 0:
+        if args.steps is not None:
+            cfg.search.recovery_steps = args.steps
+        if args.no_early_stop:
+            cfg.search.recovery_early_stop = False
+        cfg.validate()
+        t = time.perf_counter()
+        trials, url = run_trials(cfg, folder, args.trials, args.threads)
+        settings.update(source="run now", storage=url, run_s=time.perf_counter() - t,
+                        recovery_steps=cfg.search.recovery_steps,
+                        early_stop=cfg.search.recovery_early_stop,
+                        tolerance=cfg.search.recovery_tolerance)
+    else:
+        url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+        if not args.storage and not (folder / "study.db").is_file():
+            sys.exit(f"no study.db in {folder}: pass --storage URL or --trials K")
+        trials = stored_trials(url, cfg.name)
+        settings.update(source="stored trials", storage=url)
+    if not trials:
+        sys.exit("no completed trials with a recorded cost")
+    result = summarize(trials)
+    header = ["trial", "compress", "recover", "mitig.", "evaluate", "latency", "bookkeep",
+              "total", "wall", "steps", "s/step"]
+    rows = [[r["trial"], *(r[p] for p in PHASES), r["total_s"], r["wall_s"],
+             r["recovery_steps_run"], r["s_per_recovery_step"]] for r in result["trials"]]
+    s = result["summary"]
+    rows.append(["mean", *(s.get(p, {}).get("mean") for p in PHASES),
+                 s.get("total_s", {}).get("mean"), s.get("wall_s", {}).get("mean"),
+                 s.get("recovery_steps_run", {}).get("mean"),
+                 s.get("s_per_recovery_step", {}).get("mean")])
+    print(f"{cfg.name}: {len(trials)} trials ({settings['source']}), seconds per phase")
+    print(table(rows, header))
+    if "trials_per_hour" in s:
+        where = f", {args.threads} torch threads" if args.trials > 0 else ""
+        print(f"trials per hour: {s['trials_per_hour']:.1f} (from the mean wall-clock time per "
+              f"trial{where})")
+    write_json(Path(args.out), {**settings, **result})
+
+
+if __name__ == "__main__":
+    main()
