@@ -38,6 +38,22 @@ RECIPES: dict[str, dict[str, object]] = {
         "pruning.heads": 0.25, "pruning.ffn": 0.5, "pruning.layers": 2,
         "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
         "quantization.embedding_bits": 8},
+    "prune ffn .25 + distil + int8": {
+        "pruning.heads": 0.0, "pruning.ffn": 0.25, "pruning.layers": 0,
+        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
+        "quantization.embedding_bits": 8},
+    "prune ffn .25, 1 layer + distil + int8": {
+        "pruning.heads": 0.0, "pruning.ffn": 0.25, "pruning.layers": 1,
+        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
+        "quantization.embedding_bits": 8},
+    "prune ffn .5, 1 layer + distil + int8": {
+        "pruning.heads": 0.0, "pruning.ffn": 0.5, "pruning.layers": 1,
+        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
+        "quantization.embedding_bits": 8},
+    "prune heads .25, ffn .25, 1 layer + distil + int8": {
+        "pruning.heads": 0.25, "pruning.ffn": 0.25, "pruning.layers": 1,
+        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
+        "quantization.embedding_bits": 8},
 }
 STRUCTURAL = ("pruning.", "lowrank.", "sharing.")
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -103,3 +105,21 @@ def postgres_server():
         yield server
     finally:
         server.stop()
+
+
+class RandomTrial:
+    """Just enough of optuna's Trial to draw a family's parameters from its table (seeded)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return self.rng.choice(list(choices))
+
+    def suggest_float(self, name: str, low: float, high: float, step: float | None = None) -> float:
+        if step:
+            return round(low + step * self.rng.randint(0, round((high - low) / step)), 10)
+        return self.rng.uniform(low, high)
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int:
+        return self.rng.randrange(low, high + 1, step)

@@ -39,7 +39,7 @@ from nas_fair.spaces._modules import (
     QuantEmbedding,
 )
 
-from conftest import random_batch, tiny_context, tiny_model
+from conftest import RandomTrial, random_batch, tiny_context, tiny_model
 
 FLOAT_RTOL = 1e-4
 INT8_RTOL = 0.05
@@ -68,24 +68,6 @@ FIXED: dict[str, dict[str, dict[str, Any]]] = {
 RANDOM_SEEDS = (1, 2, 3)
 CASES = [*FIXED, *(f"random{s}" for s in RANDOM_SEEDS)]
 DISTIL_OPTIONS = {"distillation": {"steps": [0, 2]}}
-
-
-class RandomTrial:
-    """Just enough of optuna's Trial to draw a family's parameters from its own table."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-
-    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-        return self.rng.choice(list(choices))
-
-    def suggest_float(self, name: str, low: float, high: float, step: float | None = None) -> float:
-        if step:
-            return round(low + step * self.rng.randint(0, round((high - low) / step)), 10)
-        return self.rng.uniform(low, high)
-
-    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int:
-        return self.rng.randrange(low, high + 1, step)
 
 
 def configs(case: str) -> dict[str, Any]:

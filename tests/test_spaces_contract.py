@@ -30,7 +30,7 @@ from nas_fair.spaces._modules import (
 from nas_fair.spaces._util import encoder_layers, layer_parts, num_heads
 from nas_fair.spaces.base import Categorical, FloatRange, IntRange
 
-from conftest import random_batch, tiny_context, tiny_model
+from conftest import RandomTrial, random_batch, tiny_context, tiny_model
 
 KINDS = ("bert", "roberta", "distilbert")
 FAMILIES = sorted(REGISTRY)
@@ -46,24 +46,6 @@ STRONG: dict[str, dict[str, Any]] = {
 }
 # Small recovery budgets so that random combinations stay fast.
 OPTIONS = {"distillation": {"steps": [0, 3]}}
-
-
-class RandomTrial:
-    """Just enough of optuna's Trial to draw a family's parameters from its table."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-
-    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-        return self.rng.choice(list(choices))
-
-    def suggest_float(self, name: str, low: float, high: float, step: float | None = None) -> float:
-        if step:
-            return round(low + step * self.rng.randint(0, round((high - low) / step)), 10)
-        return self.rng.uniform(low, high)
-
-    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int:
-        return self.rng.randrange(low, high + 1, step)
 
 
 _MODELS: dict[str, nn.Module] = {}
