@@ -16,11 +16,9 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from test_search import CUES, run_cli, write_study
+from test_search import run_cli, write_checkpoint, write_csv, write_study
 
 from nas_fair.errors import UserError
-
-from conftest import WORDS, tiny_config
 
 # One study per family, each forced on through [space] overrides (budget 1 each). The reference is
 # fine-tuned once: all studies share one run folder, whose cache is keyed by model and data.
@@ -155,37 +153,6 @@ print(json.dumps(out))
 """
 
 
-def write_noisy_csv(path: Path, n: int = 240, seed: int = 1) -> Path:
-    """The cue word names the label 80% of the time for men, 60% for women: imperfect accuracy
-    and a real group gap, so matching the recorded metrics is not matching a constant."""
-    rng = np.random.default_rng(seed)
-    rows = ["text,label,gender"]
-    for i in range(n):
-        label = i % 3
-        gender = "f" if rng.random() < 0.4 else "m"
-        right = rng.random() < (0.6 if gender == "f" else 0.8)
-        cue = CUES[label] if right else CUES[int(rng.integers(3))]
-        pron = "she" if gender == "f" else "he"
-        filler = " ".join(rng.choice(["the", "good", "new", "old", "my", "is"], size=3))
-        rows.append(f'"{pron} works as a {cue} {filler}",{label},{gender}')
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-def write_checkpoint(d: Path) -> Path:
-    """A tiny untrained BERT with a WordPiece tokenizer, as test_search's fixture builds it."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(tiny_config("bert", 2, len(vocab)))
-    model.save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    return d / "model"
-
-
 def study_toml(tmp: Path, ckpt: Path, csv: Path, name: str, extra: str = "") -> Path:
     """test_search's tiny study on the noisy data, with a validation split large enough for the
     post-processing fit and no accuracy floor (the trials should stay feasible)."""
@@ -213,7 +180,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     artifact, then rebuilt after deleting it), both folders checked in ONE fresh process."""
     tmp = tmp_path_factory.mktemp("export")
     ckpt = write_checkpoint(tmp)
-    csv = write_noisy_csv(tmp / "noisy.csv")
+    # The cue names the label 80% of the time for men, 60% for women: imperfect accuracy and a
+    # real group gap, so matching the recorded metrics is not matching a constant.
+    csv = write_csv(tmp / "noisy.csv", n=240, seed=1, cue_right={"f": 0.6, "m": 0.8})
     run_dir = tmp / "run"
     info: dict[str, Any] = {"tmp": tmp, "run_dir": run_dir, "ckpt": ckpt, "csv": csv}
     fams: dict[str, Any] = {}

@@ -20,10 +20,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pytest
-from test_search import CUES, run_cli, tiny_checkpoint, write_study  # noqa: F401
+from test_search import run_cli, tiny_checkpoint, write_csv, write_study  # noqa: F401
 
 from nas_fair.config import parse_study
 from nas_fair.errors import UserError
@@ -40,20 +39,6 @@ SORTS = {"size": 0, "latency": 1, "accuracy": 2, "bias": 3, "macro_f1": 2, "tpr_
 # --------------------------------------------------------------------------- a real tiny study
 
 
-def write_noisy_csv(path: Path, n: int = 240, seed: int = 1) -> Path:
-    """Like test_search.write_csv, but 20% of the cue words are random: compressed models then
-    differ in accuracy and bias, and some may fall below the study's accuracy floor."""
-    rng = np.random.default_rng(seed)
-    rows = ["text,label,gender"]
-    for i in range(n):
-        label = i % 3
-        gender = "f" if rng.random() < 0.4 else "m"
-        pron = "she" if gender == "f" else "he"
-        cue = CUES[label] if rng.random() < 0.8 else CUES[int(rng.integers(3))]
-        filler = " ".join(rng.choice(["the", "good", "new", "old", "my", "is"], size=3))
-        rows.append(f'"{pron} works as a {cue} {filler}",{label},{gender}')
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +47,9 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> di
     max_bias_increase, so every trial carries three named constraints. Which trials end up
     feasible depends on the compression code; exact cases are in ``_made_study``."""
     tmp = tmp_path_factory.mktemp("study")
-    csv = write_noisy_csv(tmp / "noisy.csv")
+    # 20% of the cue words are random: compressed models differ in accuracy and bias, and some
+    # may fall below the study's accuracy floor.
+    csv = write_csv(tmp / "noisy.csv", n=240, seed=1, cue_right={"f": 0.8, "m": 0.8})
     toml = write_study(tmp, tiny_checkpoint, data=str(csv), steps=3,
                        extra="min_accuracy_ratio = 0.88\nmax_bias_increase = 0.5")
     run_dir = tmp / "run"

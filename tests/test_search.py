@@ -20,15 +20,22 @@ from conftest import WORDS, tiny_config
 CUES = ["cook", "sheriff", "clerk"]
 
 
-def write_csv(path: Path, n: int = 150, seed: int = 0) -> Path:
+def write_csv(path: Path, n: int = 150, seed: int = 0, *,
+              cue_right: dict[str, float] | None = None) -> Path:
+    """Sentences whose cue word names the label. ``cue_right`` (per gender) is the chance the
+    cue is the right one (else a random cue): noisy data gives imperfect accuracy, and unequal
+    chances a real group gap."""
     rng = np.random.default_rng(seed)
     rows = ["text,label,gender"]
     for i in range(n):
         label = i % 3
         gender = "f" if rng.random() < 0.4 else "m"
+        cue = CUES[label]
+        if cue_right is not None and not rng.random() < cue_right[gender]:
+            cue = CUES[int(rng.integers(3))]
         pron = "she" if gender == "f" else "he"
         filler = " ".join(rng.choice(["the", "good", "new", "old", "my", "is"], size=3))
-        rows.append(f'"{pron} works as a {CUES[label]} {filler}",{label},{gender}')
+        rows.append(f'"{pron} works as a {cue} {filler}",{label},{gender}')
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -36,10 +43,13 @@ def write_csv(path: Path, n: int = 150, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny, untrained BERT saved as a Hugging Face checkpoint folder with its tokenizer."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def write_checkpoint(d: Path) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
-    d = tmp_path_factory.mktemp("ckpt")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
     torch.manual_seed(0)
