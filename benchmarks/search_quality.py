@@ -1,8 +1,10 @@
 """Does NSGA-II earn its keep? Hypervolume after N trials: NSGA-II vs random search vs TPE.
 
 Each sampler runs the same number of trials on the same prepared study for several seeds
-(NSGA-II exactly as ``nas-fair search`` configures it: ``make_sampler`` with
-``population_for(N)``; TPE is Optuna's multivariate TPE; random is Optuna's RandomSampler).
+(``nsga2+anchors`` is NSGA-II exactly as ``nas-fair search`` configures it: the families'
+anchor trials queued first, ``make_sampler`` with the population it sizes; ``nsga2`` is the same
+without anchors, ``random+anchors`` random search after the same anchors; TPE is Optuna's
+multivariate TPE; random is Optuna's RandomSampler).
 Hypervolume is computed as ``nas-fair report`` does: the four objectives as ratios to the
 reference model (``normalized``), reference point ``HV_REFERENCE_POINT`` on each, and only
 feasible trials (not collapsed, above the accuracy floor) count.
@@ -80,11 +82,18 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
     import optuna
 
     from nas_fair.search.study import directions, make_sampler, population_for
+    from nas_fair.spaces import anchor_trials
 
     cfg = session.cfg
-    cfg.search.sampler = sampler
+    # "<sampler>+anchors": the families' anchor trials first, as `nas-fair search` queues them
+    # (population sized as it sizes it); the anchors are the same trials for every run.
+    cfg.search.sampler, _, extra = sampler.partition("+")
+    anchors = anchor_trials(session.space) if extra == "anchors" else []
+    population = max(population_for(n), 2 * len(anchors))
     study = optuna.create_study(directions=directions(cfg),
-                                sampler=make_sampler(cfg, population_for(n), seed))
+                                sampler=make_sampler(cfg, population, seed))
+    for params in anchors:
+        study.enqueue_trial(params)
     hits = 0
 
     def objective(trial: optuna.Trial) -> list[float]:
@@ -132,7 +141,9 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_args(ap)
-    ap.add_argument("--samplers", default="nsga2,random,tpe")
+    ap.add_argument("--samplers", default="nsga2+anchors,nsga2,random+anchors,random,tpe",
+                    help="comma-separated; '+anchors' queues the families' anchor trials first "
+                         "(nas-fair's default: nsga2+anchors)")
     ap.add_argument("--trials", type=int, default=16, help="trials per run (default 16)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per sampler (default 3)")
     # At 40 steps three random bios trials out of three collapsed (no feasible front at all);
@@ -184,7 +195,7 @@ def main() -> None:
         r = run_one(session, ref, sampler, seed, args.trials, cache)
         runs.append(r)
         spent = time.perf_counter() - started
-        print(f"{sampler:>7} seed {seed}: hypervolume {r['hypervolume']:.4f} "
+        print(f"{sampler:>14} seed {seed}: hypervolume {r['hypervolume']:.4f} "
               f"({r['feasible']}/{r['completed']} feasible, {r['cache_hits']} cached, "
               f"{r['wall_s']:.0f}s; about {spent / (i + 1) * (len(todo) - i - 1) / 60:.0f} min "
               "left)", flush=True)

@@ -84,6 +84,9 @@ class SearchConfig:
     # The learning-rate schedule still spans recovery_steps.
     recovery_early_stop: bool = True
     recovery_tolerance: float = 0.02
+    # A new study first runs one trial per family anchor (int8 everywhere, FFN pruning 25%, ...:
+    # see Family.anchor), inside NSGA-II's first generation and inside the budget.
+    anchors: bool = True
     latency_repeats: int = 10
     bootstrap: int = 1000
     device: str = "cpu"

@@ -92,13 +92,29 @@ def _ratio_enc(record: EvalRecord) -> Coded:
     return _coded(record.y_pred, record.y_pred_ref, record.groups, _ratio)
 
 
-def flip_rates_by_group(record: EvalRecord) -> dict[object, float]:
-    """Per-group flip rate against the reference, for reports (group value -> rate)."""
+def disparity_by_group(record: EvalRecord) -> dict[str, dict[str, float]]:
+    """Who paid for compression, per group (the report's compression-disparity view).
+
+    For each group: its row count ``n`` and the shares of its rows whose prediction changed
+    (``flipped``), went from right to wrong (``newly_wrong``) and from wrong to right
+    (``newly_right``) against the reference. Flips between two wrong classes count only in
+    ``flipped``. Group names are strings (JSON keys).
+    """
     if record.y_pred_ref is None:
-        raise UserError("flip_rates_by_group needs the reference model's predictions (y_pred_ref)")
+        raise UserError("disparity_by_group needs the reference model's predictions (y_pred_ref)")
     if record.groups is None:
-        raise UserError("flip_rates_by_group needs a group column; set [data] group_column")
-    coded = _coded(record.y_pred, record.y_pred_ref, record.groups, _group_rates)
-    _, names = group_index(record.groups)
-    rates = coded.reduce(coded.counts().astype(float))
-    return {n.item() if hasattr(n, "item") else n: float(v) for n, v in zip(names, rates)}
+        raise UserError("disparity_by_group needs a group column; set [data] group_column")
+    y, p, r = (np.asarray(a) for a in (record.y_true, record.y_pred, record.y_pred_ref))
+    g, names = group_index(record.groups)
+    ref_right, now_right = r == y, p == y
+    out = {}
+    for k, name in enumerate(names):
+        rows = g == k
+        n = int(rows.sum())
+        out[str(name.item() if hasattr(name, "item") else name)] = {
+            "n": n,
+            "flipped": float((p[rows] != r[rows]).mean()) if n else float("nan"),
+            "newly_wrong": float((ref_right & ~now_right)[rows].mean()) if n else float("nan"),
+            "newly_right": float((~ref_right & now_right)[rows].mean()) if n else float("nan"),
+        }
+    return out

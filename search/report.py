@@ -74,6 +74,7 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
             "group": "front" if t.number in front else ("dominated" if feasible
                                                         else "infeasible"),
             "bias_ci": t.user_attrs.get("bias_ci"),
+            "disparity": t.user_attrs.get("disparity"),
         }
         row["note"] = status_note(row)
         trials.append(row)
@@ -200,8 +201,51 @@ def _hv_figure(data: dict[str, Any]):  # noqa: ANN202
     return fig
 
 
+# At most this many front models in the disparity view (the smallest first), so bars stay legible.
+DISPARITY_MODELS = 12
+GROUP_COLORS = ("#9467bd", "#2ca02c", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+
+
+def disparity_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The feasible front's models with a per-group record, smallest first (the view's bars)."""
+    rows = [t for t in data["trials"] if t["group"] == "front" and t.get("disparity")]
+    return sorted(rows, key=lambda t: (t["values"][0], t["number"]))[:DISPARITY_MODELS]
+
+
+def _disparity_figure(data: dict[str, Any]):  # noqa: ANN202
+    """Hooker et al.'s question, per group: whose test examples did compression change?"""
+    import plotly.graph_objects as go
+
+    rows = disparity_rows(data)
+    if not rows:
+        return None
+    x = [f"trial {t['number']}" for t in rows]
+    groups = sorted({g for t in rows for g in t["disparity"]})
+    fig = go.Figure()
+    for i, g in enumerate(groups):
+        color = GROUP_COLORS[i % len(GROUP_COLORS)]
+        cells = [t["disparity"].get(g) or {} for t in rows]
+        hover = [f"group {g} (n={c.get('n', 0)})<br>changed: {100 * c.get('flipped', 0):.1f}%"
+                 f"<br>right to wrong: {100 * c.get('newly_wrong', 0):.1f}%"
+                 f"<br>wrong to right: {100 * c.get('newly_right', 0):.1f}%" for c in cells]
+        fig.add_trace(go.Bar(x=x, y=[100 * c.get("newly_wrong", 0) for c in cells],
+                             name=f"{g}: right to wrong", offsetgroup=g, marker_color=color,
+                             hovertext=hover, hoverinfo="text"))
+        fig.add_trace(go.Bar(x=x, y=[-100 * c.get("newly_right", 0) for c in cells],
+                             name=f"{g}: wrong to right", offsetgroup=g, marker_color=color,
+                             marker_pattern_shape="/", opacity=0.6, hovertext=hover,
+                             hoverinfo="text"))
+    fig.update_layout(
+        title="Who paid for compression (Hooker et al.): % of each group's test examples that "
+              "went right to wrong (up) or wrong to right (down) against the reference; "
+              "feasible Pareto models, smallest first",
+        barmode="group", height=450, yaxis_title="% of the group's examples",
+        title_font_size=13)
+    return fig
+
+
 def draw(data: dict[str, Any]) -> str:
-    figs = [_matrix(data), _parcoords(data), _hv_figure(data)]
+    figs = [_matrix(data), _parcoords(data), _hv_figure(data), _disparity_figure(data)]
     figs = [f for f in figs if f is not None]
     config = {"displaylogo": False}  # the logo is a link to plotly.com
     parts = [f.to_html(include_plotlyjs=(i == 0), full_html=False, config=config)

@@ -9,6 +9,7 @@ import socket
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from nas_fair.search.study import (
     shown_url,
 )
 from nas_fair.search.table import format_trial_line, pareto_rows, render_table
+from nas_fair.spaces import anchor_trials
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,9 @@ def run_dir_for(cfg: StudyConfig, override: str | None) -> Path:
 
 
 def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budget | None,
-               seed_offset: int = 0) -> optuna.Study:
+               seed_offset: int = 0, anchors: list[dict[str, Any]] | None = None) -> optuna.Study:
+    """Load the study, or create it; ``anchors`` (params of trials to run first) are recorded
+    on a new study only, for :func:`enqueue_anchors`, and half its first generation at most."""
     storage = make_storage(storage_url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     exists = cfg.name in names
@@ -99,8 +103,11 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
         n_done = len(study.get_trials(deepcopy=False))
         study.sampler = make_sampler(cfg, population, cfg.seed + n_done + seed_offset)
         return study
+    anchors = anchors or []
     if cfg.search.population_size:
         population = cfg.search.population_size
+    else:
+        population = max(population, 2 * len(anchors))
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, directions=directions(cfg),
         sampler=make_sampler(cfg, population, cfg.seed + seed_offset), load_if_exists=True,
@@ -110,7 +117,20 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
     study.set_user_attr("fingerprint", search_fingerprint(cfg))
     study.set_user_attr("config", json.loads(json.dumps(config_dict(cfg), default=str)))
     study.set_user_attr("nas_fair_version", __version__)
+    study.set_user_attr("anchors", anchors)
     return study
+
+
+def enqueue_anchors(study: optuna.Study, log: Callable[[str], None]) -> None:
+    """Queue a new study's anchor trials once; call under the preparation lock, so that of
+    several workers creating one study together exactly one queues them."""
+    anchors = study.user_attrs.get("anchors")
+    if not anchors or study.user_attrs.get("anchors_queued"):
+        return
+    for params in anchors:
+        study.enqueue_trial(params, user_attrs={"anchor": True})
+    study.set_user_attr("anchors_queued", True)
+    log(f"queued {len(anchors)} anchor trials (one per family's hand setting) to run first")
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
@@ -214,7 +234,8 @@ def run_search(
     if storage is None:
         make_run_dir(session.run_dir, what)
     study = open_study(cfg, url, create=True, budget=budget,
-                       seed_offset=seed_offset_for(storage is not None))
+                       seed_offset=seed_offset_for(storage is not None),
+                       anchors=anchor_trials(session.space) if cfg.search.anchors else None)
     log(f"study {cfg.name!r}: {cfg.description or cfg.data.source} | storage {shown_url(url)}")
     make_run_dir(session.run_dir, what)
     t = time.perf_counter()
@@ -228,6 +249,7 @@ def run_search(
         if jobs > 1:
             torch.set_num_threads(threads)  # the reference is timed as the workers time trials
         reference = shared_reference(study, session)
+        enqueue_anchors(study, log)
     if reference["collapse"]["collapsed"]:
         log("warning: the reference model itself looks collapsed ("
             f"{reference['collapse']['reason'].split(';')[0]}); fine-tune it longer "

@@ -428,6 +428,10 @@ class Session:
             "collapse": _jsonable(collapse),
             "timings": times,
         }
+        if paired and record.groups is not None and record.y_pred_ref is not None:
+            from nas_fair.objectives.compression import disparity_by_group
+
+            attrs["disparity"] = _jsonable(disparity_by_group(record))
         return Scores(size["bytes"] / 1e6, float(lat["median_ms"]), float(acc),
                       bias_objective(self.cfg, float(primary["value"])), attrs)
 

@@ -36,6 +36,7 @@ __all__ = [
     "FamilyConfig",
     "RecoveryData",
     "RecoveryOptions",
+    "anchor_trials",
     "build_space",
     "compress",
     "configs_from_params",
@@ -58,6 +59,27 @@ def build_space(families: list[str] | None, options: Mapping[str, Mapping[str, A
 
 def off_configs(space: list[Family]) -> dict[str, FamilyConfig]:
     return {fam.name: fam.off() for fam in space}
+
+
+def anchor_trials(space: list[Family]) -> list[dict[str, Any]]:
+    """Flat Optuna params of one trial per family anchor (see ``Family.anchor``): that family at
+    its anchor, every other at its off setting. A value outside the study's (narrowed) range is
+    left to the sampler; an anchor outside it is dropped."""
+    trials = []
+    for fam in space:
+        if fam.anchor is None or not all(
+            key in fam.space and fam.space[key].contains(value) for key, value in fam.anchor.items()
+        ):
+            continue
+        params: dict[str, Any] = {}
+        for other in space:
+            values = other.off().to_dict()
+            if other is fam:
+                values.update(fam.anchor)
+            params.update({f"{other.name}.{key}": values[key] for key, spec in other.space.items()
+                           if key in values and spec.contains(values[key])})
+        trials.append(params)
+    return trials
 
 
 def configs_from_params(params: Mapping[str, Any]) -> dict[str, FamilyConfig]:
@@ -99,10 +121,14 @@ def compress(
             options = (options or RecoveryOptions()).merged(update)
             trial_ctx = dataclasses.replace(ctx, recovery=options)
         spent[fam.name] += time.perf_counter() - start
+    changed = False
     for fam, config in families:
         torch.manual_seed(ctx.seed)
         start = time.perf_counter()
+        if trial_ctx.student_changed != changed:
+            trial_ctx = dataclasses.replace(trial_ctx, student_changed=changed)
         model = fam.apply(model, config, trial_ctx)
+        changed = changed or config != type(fam).off()
         spent[fam.name] += time.perf_counter() - start
     model.eval()
     for fam, config in families:

@@ -101,6 +101,11 @@ class Distillation(Family):
         # Other families' recovery options (e.g. bias mitigation "during" recovery): replacement
         # data, per-example weights, extra loss terms. Marked used so they run only once.
         opts = ctx.recovery
+        if not ctx.student_changed and opts is None:
+            # Every earlier family was off: the student is the teacher, and distilling it
+            # toward its own logits would spend the trial's largest cost to change nothing.
+            return log_recovery(model, {"steps_budget": config.steps, "steps_run": 0,
+                                        "skipped": "the student equals the reference"})
         if opts is not None:
             opts.used = True
         return recover(
@@ -304,9 +309,7 @@ def recover(
         for p in frozen:
             p.requires_grad_(True)
         model.eval()
-    # One entry per call: a trial may recover more than once (e.g. a debiasing pass after).
-    calls = getattr(model, "nas_fair_recovery", None)
-    model.nas_fair_recovery = [*(calls if isinstance(calls, list) else []), {
+    return log_recovery(model, {
         "steps_budget": steps,
         "steps_run": run,
         "stopped_early": run < steps,
@@ -314,7 +317,13 @@ def recover(
         "tolerance": tolerance if early_stop else None,
         "losses": [round(v, 5) for v in losses[:run].tolist()],
         "checks": [] if stopper is None else stopper.history,
-    }]
+    })
+
+
+def log_recovery(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    """Append one recovery call's log: a trial may recover more than once (a debiasing pass)."""
+    calls = getattr(model, "nas_fair_recovery", None)
+    model.nas_fair_recovery = [*(calls if isinstance(calls, list) else []), entry]
     return model
 
 

@@ -78,6 +78,7 @@ class LowRank(Family):
         "activation_aware": Categorical((False, True)),
     }
     composes_with = frozenset({"pruning", "sharing", "distillation", "quantization"})
+    anchor: ClassVar = {"attention_rank": 0.75, "ffn_rank": 0.75, "activation_aware": True}
 
     def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
         assert isinstance(config, LowRankConfig)

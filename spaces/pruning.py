@@ -85,6 +85,7 @@ class Pruning(Family):
         "layers": IntRange(0, 3),
     }
     composes_with = frozenset({"lowrank", "sharing", "distillation", "quantization"})
+    anchor: ClassVar = {"heads": 0.25, "ffn": 0.25, "layers": 0}
 
     def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
         assert isinstance(config, PruningConfig)

@@ -92,6 +92,8 @@ class Quantization(Family):
         "embedding_bits": Categorical(BITS),
     }
     composes_with = frozenset({"pruning", "lowrank", "sharing", "distillation"})
+    # Dynamic int8 everywhere: the one-call compression most users try first.
+    anchor: ClassVar = {"attention_bits": 8, "ffn_bits": 8, "embedding_bits": 8}
 
     def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
         assert isinstance(config, QuantizationConfig)

@@ -47,6 +47,7 @@ class Sharing(Family):
     config_class = SharingConfig
     params: ClassVar = {"group_size": Categorical((1, 2, 3))}
     composes_with = frozenset({"pruning", "lowrank", "distillation", "quantization"})
+    anchor: ClassVar = {"group_size": 2}
 
     def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
         assert isinstance(config, SharingConfig)

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from nas_fair.errors import UserError
 from nas_fair.objectives import ACCURACY, BIAS, EvalRecord
 from nas_fair.objectives.collapse import collapse_report, wilson_interval
-from nas_fair.objectives.compression import flip_rates_by_group
+from nas_fair.objectives.compression import disparity_by_group
 from nas_fair.objectives.counterfactual import gender_swap, load_winobias_swaps
 from nas_fair.objectives.group import fast_value, tpr_gap_signed_value
 
@@ -314,8 +314,24 @@ def test_compression_flips_hand():
     p3 = [1, 1, 2, 1, 0, 2]  # a: 1/3, b: 2/3
     assert val("compression_flip_ratio", y, p3, ref=ref, g=g) == pytest.approx(2.0)
     rec = EvalRecord(np.array(y), np.array(p3), np.array(g), y_pred_ref=np.array(ref))
-    rates = flip_rates_by_group(rec)
-    assert rates == pytest.approx({"a": 1 / 3, "b": 2 / 3})
+    by_group = disparity_by_group(rec)
+    assert {k: v["flipped"] for k, v in by_group.items()} == pytest.approx({"a": 1 / 3, "b": 2 / 3})
+
+
+def test_disparity_by_group_hand():
+    y = np.array([0, 1, 2, 0, 1, 2, 1])
+    ref = np.array([0, 1, 0, 0, 2, 2, 0])  # right: rows 0, 1, 3, 5
+    p = np.array([1, 1, 2, 0, 0, 1, 2])
+    g = np.array(["a", "a", "a", "b", "b", "b", "b"])
+    # a: row 0 right -> wrong, row 2 wrong -> right; b: row 4 wrong -> wrong (flip only),
+    # row 5 right -> wrong, row 6 wrong -> wrong (flip only)
+    out = disparity_by_group(EvalRecord(y, p, g, y_pred_ref=ref))
+    assert out["a"] == pytest.approx({"n": 3, "flipped": 2 / 3, "newly_wrong": 1 / 3,
+                                      "newly_right": 1 / 3})
+    assert out["b"] == pytest.approx({"n": 4, "flipped": 3 / 4, "newly_wrong": 1 / 4,
+                                      "newly_right": 0.0})
+    with pytest.raises(UserError, match="group column"):
+        disparity_by_group(EvalRecord(y, p, None, y_pred_ref=ref))
 
 
 # ----------------------------------------------------------------------------- collapse

@@ -26,7 +26,13 @@ from test_search import run_cli, tiny_checkpoint, write_csv, write_study  # noqa
 
 from nas_fair.config import parse_study
 from nas_fair.errors import UserError
-from nas_fair.search.report import GROUPS, REFERENCE_STYLE, report_data, write_report
+from nas_fair.search.report import (
+    GROUPS,
+    REFERENCE_STYLE,
+    disparity_rows,
+    report_data,
+    write_report,
+)
 from nas_fair.search.table import pareto_rows, render_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,7 +327,7 @@ def test_report_page_is_self_contained(study, capsys) -> None:
     assert run_cli("report", *study["args"], "--out", str(out)) == 0
     page = out.read_text()
     assert page_resources(page) == []
-    assert page.count("Plotly.newPlot") == 3
+    assert page.count("Plotly.newPlot") == 4  # + the compression-disparity view
     for t in study["trials"]:  # infeasible rows are marked in the table
         bad = [k for k, v in t.constraints.items() if v > 0]
         assert (f"<tr class='{'infeasible' if bad else ''}" in page) or not bad
@@ -519,6 +525,8 @@ PROBE = r"""
       svg: p.querySelectorAll('svg.main-svg').length,
       points: p.querySelectorAll('.scatterlayer path.point').length,
       dims: p.querySelectorAll('.parcoords g.y-axis').length,
+      bars: p.querySelectorAll('.barlayer .point path').length,
+      ys: (p.data || []).filter(t => t.type === 'bar').map(t => Array.from(t.y)),
       pixels: [...p.querySelectorAll('canvas')].reduce((a, c) => a + Math.max(0, lit(c)), 0),
     })),
     rows: [...document.querySelectorAll('#trials tbody.rows tr')].map(r => r.className),
@@ -556,7 +564,7 @@ def check_page(browser: Chromium, page: Path, trials: int, params: int,
     assert width == 1400 and height > 1500
     assert console_problems(browser.events) == []
     assert fetched_urls(browser.events) == []
-    matrix, parcoords, hv = probe["plots"]
+    matrix, parcoords, hv = probe["plots"][:3]
     # scatter matrix: 6 SVG panels (4 objectives pairwise), every trial and the reference drawn
     assert matrix["types"] == ["scatter"] and matrix["points"] == 6 * (trials + 1)
     assert parcoords["types"] == ["parcoords"] and parcoords["dims"] == params + 4
@@ -582,9 +590,21 @@ def test_report_in_headless_chromium(study, tmp_path: Path) -> None:
     known = tmp_path / "known.html"
     write_report(_made_study(), DIRS, NAMES, known)
     with Chromium(exe, tmp_path / "profile") as browser:
-        check_page(browser, real, len(study["trials"]), len(study["trials"][0].params),
-                   ARTIFACTS / "report.png")
+        real_probe = check_page(browser, real, len(study["trials"]),
+                                len(study["trials"][0].params), ARTIFACTS / "report.png")
         probe = check_page(browser, known, 6, 1, ARTIFACTS / "report-known-trials.png")
+    # the compression-disparity view: per group, two bars (right to wrong up, wrong to right
+    # down) for each feasible front model, with the values the trials recorded
+    rows = disparity_rows(report_data(study["study"], DIRS, NAMES))
+    assert rows and len(real_probe["plots"]) == 4 and len(probe["plots"]) == 3
+    bars = real_probe["plots"][3]
+    groups = sorted(rows[0]["disparity"])
+    assert bars["traces"] == [[f"{g}: {what}", len(rows)] for g in groups
+                              for what in ("right to wrong", "wrong to right")]
+    expected = [[sign * 100 * t["disparity"][g][key] for t in rows] for g in groups
+                for sign, key in ((1, "newly_wrong"), (-1, "newly_right"))]
+    assert [v for ys in bars["ys"] for v in ys] == pytest.approx([v for e in expected for v in e])
+    assert bars["bars"] == 2 * len(groups) * len(rows)
     # front (0, 1), dominated (4), infeasible or collapsed (2, 3, 5): each its own trace
     traces = dict(probe["plots"][0]["traces"][:4])
     assert traces == {GROUPS["front"]["label"]: 2, GROUPS["dominated"]["label"]: 1,
@@ -629,7 +649,7 @@ def test_browser_check_detects_a_broken_page(tmp_path: Path) -> None:
     assert not any("only a warning" in p for p in problems)
     assert fetched_urls(browser.events) == ["http://plotly.example.invalid/plotly.js"]
     assert probe["plots"] == [{"types": [], "traces": [], "laidOut": False, "svg": 0,
-                               "points": 0, "dims": 0, "pixels": 0}]
+                               "points": 0, "dims": 0, "bars": 0, "ys": [], "pixels": 0}]
 
 
 def test_console_problem_parser() -> None:

@@ -135,7 +135,31 @@ def test_search_runs_and_resumes(tmp_path: Path, tiny_checkpoint: Path, capsys) 
     assert stamp.stat().st_mtime_ns == mtime  # the reference was reused, not fine-tuned again
     study = load(run_dir)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 5
-    assert study.user_attrs["population_size"] == 4
+    # the first trials are the families' anchors, queued once (not again on resume), and the
+    # first generation keeps as many random members as anchors
+    anchors = study.user_attrs["anchors"]
+    # one each for pruning, low-rank, sharing, quantization (distillation and mitigation: none)
+    assert len(anchors) == 4
+    assert study.user_attrs["population_size"] == max(4, 2 * len(anchors))
+    queued = [t for t in study.trials if t.user_attrs.get("anchor")]
+    assert [t.number for t in queued] == [0, 1, 2, 3]
+    assert [{k: t.params[k] for k in a} for t, a in zip(queued, anchors)] == anchors
+    int8 = queued[3]
+    assert int8.params["quantization.ffn_bits"] == 8 and int8.params["pruning.ffn"] == 0.0
+    # its student equals the reference until quantization: recovery is skipped, not run
+    assert int8.user_attrs["cost"]["recovery_steps_run"] == 0
+    assert queued[0].user_attrs["cost"]["recovery_steps_run"] > 0
+
+
+def test_anchors_can_be_turned_off(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint)
+    toml.write_text(toml.read_text().replace("threads = 1", "threads = 1\nanchors = false"))
+    run_dir = tmp_path / "run"
+    assert run_cli("search", "--config", str(toml), "--budget", "2", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    study = load(run_dir)
+    assert study.user_attrs["anchors"] == [] and study.user_attrs["population_size"] == 4
+    assert not any(t.user_attrs.get("anchor") for t in study.trials)
 
 
 def test_pareto_command(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
@@ -151,7 +175,7 @@ def test_pareto_command(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
     assert run_cli("report", "--config", str(toml), "--run-dir", str(run_dir)) == 0
     page = (run_dir / "report.html").read_text()
     assert "<script src=" not in page  # plotly.js is embedded: the page opens offline
-    assert page.count("Plotly.newPlot") == 3
+    assert page.count("Plotly.newPlot") == 4  # + the compression-disparity view
 
 
 def test_hypervolume_matches_hand_computation() -> None:
@@ -175,7 +199,7 @@ def test_replay_reproduces_recorded_metrics(tmp_path: Path, tiny_checkpoint: Pat
     study = load(run_dir)
     session = Session(load_study(toml), run_dir, quiet=True)
     session.prepare()
-    for t in study.trials:
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         model = session.replay(t.params)
         record = session.evaluate(model)
         assert ACCURACY["macro_f1"](record) == pytest.approx(t.values[2], abs=1e-12)
@@ -205,6 +229,8 @@ def test_killed_trial_is_failed_and_retried(tmp_path: Path, tiny_checkpoint: Pat
     from nas_fair.search.study import make_storage
 
     toml = write_study(tmp_path, tiny_checkpoint, steps=60)
+    # anchors queued ahead of the retry would fill the budget first: this test is about the retry
+    toml.write_text(toml.read_text().replace("threads = 1", "threads = 1\nanchors = false"))
     run_dir = tmp_path / "run"
     if backend == "sqlite":
         url, storage = f"sqlite:///{run_dir / 'study.db'}", []

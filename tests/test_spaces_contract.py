@@ -174,13 +174,33 @@ def test_all_off_is_identity(kind: str) -> None:
 def test_family_alone(name: str, kind: str, tmp_path) -> None:  # noqa: ANN001
     ref, ctx = model_and_ctx(kind)
     cfg = strong_config(name)
-    out = check_compressed(ref, {name: cfg}, ctx, tmp_path)
+    recipe, before = {name: cfg}, ref
+    if name == "distillation":  # recovering an unchanged model is skipped (tested below)
+        recipe = {"pruning": strong_config("pruning"), name: cfg}
+        before = compress(ref, {"pruning": strong_config("pruning")}, ctx)
+    out = check_compressed(ref, recipe, ctx, tmp_path)
     changed = (
-        not torch.equal(logits(out), logits(ref))
-        or stored_bytes(out) < stored_bytes(ref)
-        or param_count(out) < param_count(ref)
+        not torch.equal(logits(out), logits(before))
+        or stored_bytes(out) < stored_bytes(before)
+        or param_count(out) < param_count(before)
     )
     assert changed, f"{name} {cfg} changed nothing"
+
+
+def test_recovery_of_an_unchanged_student_is_skipped() -> None:
+    from nas_fair.spaces.distillation import recovery_logs
+
+    ref, ctx = model_and_ctx("bert")
+    cfg = strong_config("distillation")
+    for recipe in ({"distillation": cfg},
+                   {"pruning": REGISTRY["pruning"].off(), "distillation": cfg,
+                    "quantization": strong_config("quantization")}):
+        out = compress(ref, recipe, ctx)
+        assert [(r["steps_run"], r.get("skipped")) for r in recovery_logs(out)] == [
+            (0, "the student equals the reference")]
+    assert torch.equal(logits(compress(ref, {"distillation": cfg}, ctx)), logits(ref))
+    pruned = compress(ref, {"pruning": strong_config("pruning"), "distillation": cfg}, ctx)
+    assert [r["steps_run"] for r in recovery_logs(pruned)] == [cfg.steps]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -362,9 +382,10 @@ def test_sharing_ties_layers(kind: str) -> None:
 def test_distillation_trains_deterministically_and_seed_matters() -> None:
     ref, _ = model_and_ctx("bert")
     cfg = REGISTRY["distillation"].config_class(steps=3, temperature=4.0, alpha=0.7)
-    a = compress(ref, {"distillation": cfg}, tiny_context(ref, seed=0))
-    b = compress(ref, {"distillation": cfg}, tiny_context(ref, seed=0))
-    c = compress(ref, {"distillation": cfg}, tiny_context(ref, seed=1))
+    recipe = {"sharing": REGISTRY["sharing"].config_class(group_size=2), "distillation": cfg}
+    a = compress(ref, recipe, tiny_context(ref, seed=0))
+    b = compress(ref, recipe, tiny_context(ref, seed=0))
+    c = compress(ref, recipe, tiny_context(ref, seed=1))
     assert torch.equal(logits(a), logits(b))
     assert not torch.equal(logits(a), logits(c))
     assert not a.training
