@@ -187,6 +187,7 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     from nas_fair.spaces import postprocess
 
     runtime = trial.user_attrs.get("runtime") or {}
+    # "threads" is where studies made before "runtime" recorded the count.
     want_threads = int(runtime.get("threads") or trial.user_attrs.get("threads")
                        or session.cfg.search.threads or 0)
     if want_threads:

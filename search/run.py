@@ -375,7 +375,6 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             trial.set_user_attr("skipped", f"budget of {budget.trials} trials already taken")
             study.stop()
             raise optuna.TrialPruned("over budget")
-        trial.set_user_attr("threads", torch.get_num_threads())
         try:
             return session.run_trial(trial, reference)
         except (KeyboardInterrupt, SystemExit):

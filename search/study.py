@@ -456,6 +456,9 @@ class Session:
         configs = {fam.name: fam.suggest(trial) for fam in self.space}
         # Recorded once every parameter is stored, so a retry replays the whole recipe.
         trial.set_user_attr("worker", worker_identity())
+        # What export needs to rebuild the same model (kernels differ with the thread count).
+        trial.set_user_attr("runtime", {"threads": torch.get_num_threads(),
+                                        "torch": torch.__version__})
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         model = compress(self.reference, configs, self.ctx, timings=times)
@@ -505,8 +508,6 @@ class Session:
                                                  "params": trial.params})
         trial.set_user_attr("artifact", rel.as_posix())
         trial.set_user_attr("predictions_sha256", predictions_digest(record.y_pred))
-        trial.set_user_attr("runtime", {"threads": torch.get_num_threads(),
-                                        "torch": torch.__version__})
 
     def replay(self, params: dict[str, Any]) -> torch.nn.Module:
         """The compressed model of a trial, rebuilt from its parameters (deterministic)."""

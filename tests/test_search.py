@@ -123,6 +123,9 @@ def test_search_runs_and_resumes(tmp_path: Path, tiny_checkpoint: Path, capsys) 
         assert "tpr_gap_rms" in t.user_attrs["bias"]
     stamp = run_dir / "reference" / "nas_fair_reference.json"
     mtime = stamp.stat().st_mtime_ns
+    cached = {p: p.stat().st_mtime_ns for d in ("reference", "cache")
+              for p in (run_dir / d).rglob("*") if p.is_file()}
+    assert any(p.parent.name == "cache" for p in cached)  # e.g. pruning's importance scores
     # same budget: nothing more to do; larger budget continues to exactly that many
     assert run_cli("search", "--config", str(toml), "--budget", "3", "--run-dir", str(run_dir)) == 0
     assert "budget met" in capsys.readouterr().out
@@ -133,6 +136,8 @@ def test_search_runs_and_resumes(tmp_path: Path, tiny_checkpoint: Path, capsys) 
     result = json.loads(capsys.readouterr().out)
     assert result["completed_trials"] == 5 and result["pareto"]
     assert stamp.stat().st_mtime_ns == mtime  # the reference was reused, not fine-tuned again
+    # the resumed trials recomputed nothing an earlier run cached (logits, importance scores)
+    assert {p: p.stat().st_mtime_ns for p in cached} == cached
     study = load(run_dir)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 5
     # the first trials are the families' anchors, queued once (not again on resume), and the
