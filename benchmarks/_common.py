@@ -19,6 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path("benchmarks/results")
 
 
+def bits(n: int) -> dict[str, int]:
+    """Trial params storing attention, FFN and embedding weights in ``n`` bits."""
+    return {f"quantization.{g}_bits": n for g in ("attention", "ffn", "embedding")}
+
+
 def add_study_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--study", default="bios", help="study name (default: bios)")
     ap.add_argument("--config", help="a study TOML file instead of --study")

@@ -17,43 +17,29 @@ import os
 import time
 from pathlib import Path
 
+from _common import bits
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RECIPES: dict[str, dict[str, object]] = {
     "reference": {},
-    "int8 (attention, ffn, embeddings)": {
-        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
-        "quantization.embedding_bits": 8},
-    "fp16 storage": {
-        "quantization.attention_bits": 16, "quantization.ffn_bits": 16,
-        "quantization.embedding_bits": 16},
-    "4-bit packed": {
-        "quantization.attention_bits": 4, "quantization.ffn_bits": 4,
-        "quantization.embedding_bits": 4},
+    "int8 (attention, ffn, embeddings)": bits(8),
+    "fp16 storage": bits(16),
+    "4-bit packed": bits(4),
     "prune heads .5, ffn .5, 2 layers + distil": {
         "pruning.heads": 0.5, "pruning.ffn": 0.5, "pruning.layers": 2},
     "low-rank .5/.5 + distil": {"lowrank.attention_rank": 0.5, "lowrank.ffn_rank": 0.5},
     "share groups of 2 + distil": {"sharing.group_size": 2},
     "prune heads .25, ffn .5, 2 layers + distil + int8": {
-        "pruning.heads": 0.25, "pruning.ffn": 0.5, "pruning.layers": 2,
-        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
-        "quantization.embedding_bits": 8},
+        "pruning.heads": 0.25, "pruning.ffn": 0.5, "pruning.layers": 2, **bits(8)},
     "prune ffn .25 + distil + int8": {
-        "pruning.heads": 0.0, "pruning.ffn": 0.25, "pruning.layers": 0,
-        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
-        "quantization.embedding_bits": 8},
+        "pruning.heads": 0.0, "pruning.ffn": 0.25, "pruning.layers": 0, **bits(8)},
     "prune ffn .25, 1 layer + distil + int8": {
-        "pruning.heads": 0.0, "pruning.ffn": 0.25, "pruning.layers": 1,
-        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
-        "quantization.embedding_bits": 8},
+        "pruning.heads": 0.0, "pruning.ffn": 0.25, "pruning.layers": 1, **bits(8)},
     "prune ffn .5, 1 layer + distil + int8": {
-        "pruning.heads": 0.0, "pruning.ffn": 0.5, "pruning.layers": 1,
-        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
-        "quantization.embedding_bits": 8},
+        "pruning.heads": 0.0, "pruning.ffn": 0.5, "pruning.layers": 1, **bits(8)},
     "prune heads .25, ffn .25, 1 layer + distil + int8": {
-        "pruning.heads": 0.25, "pruning.ffn": 0.25, "pruning.layers": 1,
-        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
-        "quantization.embedding_bits": 8},
+        "pruning.heads": 0.25, "pruning.ffn": 0.25, "pruning.layers": 1, **bits(8)},
 }
 STRUCTURAL = ("pruning.", "lowrank.", "sharing.")
 

@@ -25,18 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import bits
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DISTIL = {"distillation.temperature": 2.0, "distillation.alpha": 0.9}  # + the study's steps
 RECIPES: dict[str, dict[str, Any]] = {
-    "int8": {"quantization.attention_bits": 8, "quantization.ffn_bits": 8,
-             "quantization.embedding_bits": 8},
+    "int8": bits(8),
     "low-rank .5/.5 + distil": {"lowrank.attention_rank": 0.5, "lowrank.ffn_rank": 0.5,
                                 **DISTIL},
     "prune heads .25, ffn .5, 2 layers + distil + int8": {
-        "pruning.heads": 0.25, "pruning.ffn": 0.5, "pruning.layers": 2, **DISTIL,
-        "quantization.attention_bits": 8, "quantization.ffn_bits": 8,
-        "quantization.embedding_bits": 8},
+        "pruning.heads": 0.25, "pruning.ffn": 0.5, "pruning.layers": 2, **DISTIL, **bits(8)},
 }
 TRAINING = {"mitigation.cda": True, "mitigation.oversample": "group",
             "mitigation.regularizer": "counterfactual", "mitigation.strength": 0.3}

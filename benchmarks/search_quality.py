@@ -89,7 +89,7 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
     # (population sized as it sizes it); the anchors are the same trials for every run.
     cfg.search.sampler, _, extra = sampler.partition("+")
     anchors = anchor_trials(session.space) if extra == "anchors" else []
-    population = max(population_for(n), 2 * len(anchors))
+    population = population_for(n, len(anchors))
     study = optuna.create_study(directions=directions(cfg),
                                 sampler=make_sampler(cfg, population, seed))
     for params in anchors:

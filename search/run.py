@@ -81,7 +81,7 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
     if not exists and not create:
         raise UserError(f"study {cfg.name!r} has no trials in {shown_url(storage_url)} yet; "
                         f"run nas-fair search --study {cfg.name} --budget N first")
-    population = population_for(budget.trials if budget else None)
+    trials = budget.trials if budget else None
     if exists:
         study = optuna.load_study(study_name=cfg.name, storage=storage)
         stored = study.user_attrs.get("fingerprint")
@@ -99,15 +99,12 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
                 f"every worker of a study runs the same version (pip install nas-fair=={version})"
                 ", or give the study another name"
             )
-        population = int(study.user_attrs.get("population_size", population))
+        population = int(study.user_attrs.get("population_size", population_for(trials)))
         n_done = len(study.get_trials(deepcopy=False))
         study.sampler = make_sampler(cfg, population, cfg.seed + n_done + seed_offset)
         return study
     anchors = anchors or []
-    if cfg.search.population_size:
-        population = cfg.search.population_size
-    else:
-        population = max(population, 2 * len(anchors))
+    population = cfg.search.population_size or population_for(trials, len(anchors))
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, directions=directions(cfg),
         sampler=make_sampler(cfg, population, cfg.seed + seed_offset), load_if_exists=True,

@@ -645,11 +645,11 @@ def _sqlite_wal(storage: Any) -> None:
         pass
 
 
-def population_for(budget_trials: int | None) -> int:
-    """NSGA-II's first generation is random: keep several generations inside the budget."""
-    if budget_trials is None:
-        return 16
-    return int(min(50, max(4, round(budget_trials / 4))))
+def population_for(budget_trials: int | None, anchors: int = 0) -> int:
+    """NSGA-II's first generation is random: keep several generations inside the budget. With
+    ``anchors`` queued first, at least as many random members as anchors stay in it."""
+    population = 16 if budget_trials is None else int(min(50, max(4, round(budget_trials / 4))))
+    return max(population, 2 * anchors)
 
 
 def make_sampler(cfg: StudyConfig, population: int, seed: int) -> optuna.samplers.BaseSampler:

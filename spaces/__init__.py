@@ -128,7 +128,7 @@ def compress(
         if trial_ctx.student_changed != changed:
             trial_ctx = dataclasses.replace(trial_ctx, student_changed=changed)
         model = fam.apply(model, config, trial_ctx)
-        changed = changed or config != type(fam).off()
+        changed = changed or config != fam.off()
         spent[fam.name] += time.perf_counter() - start
     model.eval()
     for fam, config in families:

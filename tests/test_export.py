@@ -20,6 +20,19 @@ from test_search import run_cli, write_checkpoint, write_csv, write_study
 
 from nas_fair.errors import UserError
 
+
+def _quantized(bits: int) -> str:
+    """Every weight group stored in ``bits`` bits, no other family."""
+    return f"""
+[space]
+families = ["quantization"]
+[space.quantization]
+attention_bits = [{bits}]
+ffn_bits = [{bits}]
+embedding_bits = [{bits}]
+"""
+
+
 # One study per family, each forced on through [space] overrides (budget 1 each). The reference is
 # fine-tuned once: all studies share one run folder, whose cache is keyed by model and data.
 FAMILIES: dict[str, str] = {
@@ -54,30 +67,9 @@ group_size = [2]
 temperature = [2.0]
 alpha = [0.7, 0.7]
 """,
-    "int8": """
-[space]
-families = ["quantization"]
-[space.quantization]
-attention_bits = [8]
-ffn_bits = [8]
-embedding_bits = [8]
-""",
-    "4bit": """
-[space]
-families = ["quantization"]
-[space.quantization]
-attention_bits = [4]
-ffn_bits = [4]
-embedding_bits = [4]
-""",
-    "fp16": """
-[space]
-families = ["quantization"]
-[space.quantization]
-attention_bits = [16]
-ffn_bits = [16]
-embedding_bits = [16]
-""",
+    "int8": _quantized(8),
+    "4bit": _quantized(4),
+    "fp16": _quantized(16),
     "mitigation": """
 [space]
 families = ["distillation", "mitigation"]
