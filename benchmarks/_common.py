@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,18 @@ def reference_dict(session: Any) -> dict[str, Any]:
     ref = session.score_reference()
     return {"values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
             "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs}
+
+
+def shown_storage(url: str) -> str:
+    """A storage URL as results record it: no machine paths (SQLite under the working folder
+    is made relative, elsewhere only its file name is kept) and no password."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        try:
+            return f"sqlite:///{path.relative_to(Path.cwd())}"
+        except ValueError:
+            return f"sqlite:///.../{path.name}"
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -14,9 +14,17 @@ early-stopping settings). Then, for each baseline, the models on the feasible Pa
 finished study (read from its storage) that are at least as good on all four objectives: size
 and latency as ratios to the reference measured in the same run (so machine load cancels),
 accuracy at least the baseline's, and bias no worse than the upper end of the baseline's 95%
-interval. ``--replay-front`` rebuilds the front models and measures them in this run instead.
+interval. The front's models are measured in this run too, beside the baselines: each is
+loaded from the model the search kept for it (a front trial's artifact; rebuilt from its
+parameters where missing, or always with ``--replay-front``), so a latency measured hours
+earlier under another load never decides a match. Latency is taken last: every model (the
+reference, the baselines, the front) timed in turn, ``--latency-rounds`` times, the median
+kept, so all are measured under the same process state (a model's latency moves by 10-20%
+with what ran before it, e.g. a recovery). ``--stored-front`` compares with the values stored
+by the search instead (size and latency as ratios to the study's own reference).
 
-    python benchmarks/hand_baselines.py [--study bios] [--storage URL] [--replay-front]
+    python benchmarks/hand_baselines.py [--study bios] [--storage URL]
+        [--replay-front | --stored-front]
 
 Writes benchmarks/results/hand_baselines.json and hand_baselines.html (the front, baselines
 marked) next to it.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -38,10 +47,12 @@ from _common import (
     reduce_search,
     reference_dict,
     run_dir,
+    shown_storage,
     table,
     write_html,
     write_json,
 )
+from tqdm.auto import tqdm
 
 RECOVERY = {"distillation.temperature": 2.0, "distillation.alpha": 0.9}
 BASELINES = {
@@ -76,15 +87,18 @@ def build(session: Any, recipe: Any, steps: int) -> Any:
 
 
 def measure(session: Any, model: Any, reference: dict[str, Any]) -> dict[str, Any]:
+    from nas_fair.search.study import predictions_digest
     from nas_fair.spaces.distillation import recovery_logs
 
-    scores = session.score(model, session.evaluate(model), paired=True)
+    record = session.evaluate(model)
+    scores = session.score(model, record, paired=True)
     cons = session.constraints(scores, reference)
     return {"values": scores.values(), "bias_ci": scores.attrs["bias_ci"],
             "accuracy_ci": scores.attrs["accuracy_ci"], "params": scores.attrs["params"],
             "feasible": all(v <= 0 for v in cons.values()),
             "collapsed": scores.attrs["collapse"]["collapsed"],
-            "recovery_steps_run": sum(r["steps_run"] for r in recovery_logs(model))}
+            "recovery_steps_run": sum(r["steps_run"] for r in recovery_logs(model)),
+            "predictions_sha256": predictions_digest(record.y_pred)}
 
 
 def bias_upper(cfg: Any, value: float, ci: list[float | None] | None) -> float:
@@ -119,6 +133,35 @@ def at_least_as_good(cfg: Any, dirs: list[str], cand: dict[str, Any], base: dict
     return cv >= bias_lower(cfg, bv, base["bias_ci"])
 
 
+def front_model(session: Any, folder: Path, trial: Any, replay: bool) -> tuple[Any, str]:
+    """A front trial's model: the one the search kept, else rebuilt from its parameters."""
+    from nas_fair.checkpoint import load_compressed
+    from nas_fair.errors import UserError
+
+    rel = trial.user_attrs.get("artifact")
+    if not replay and rel and (folder / rel).is_dir():
+        try:
+            return load_compressed(folder / rel), "saved model"
+        except UserError as exc:
+            print(f"note: trial {trial.number}'s saved model is unreadable ({exc}); rebuilding")
+    return session.replay(trial.params), "replayed"
+
+
+def latency_pass(session: Any, models: dict[str, Any], rounds: int) -> dict[str, float]:
+    """Median over ``rounds`` of each model's latency median, the models timed in turn."""
+    from nas_fair.objectives.latency import measure_latency
+
+    s = session.cfg.search
+    runs: dict[str, list[float]] = {k: [] for k in models}
+    for _ in tqdm(range(rounds), desc="latency pass", leave=False):
+        for key, model in models.items():
+            runs[key].append(measure_latency(
+                model, batch_size=s.batch_size, seq_len=s.seq_len, device=str(session.device),
+                threads=s.threads or None, repeats=s.latency_repeats,
+                vocab_size=getattr(session.reference.config, "vocab_size", None))["median_ms"])
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
 def ratios(values: list[float], reference: list[float]) -> list[float]:
     return [v / r if r else v for v, r in zip(values, reference)]
 
@@ -127,8 +170,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_args(ap)
     ap.add_argument("--storage", help="the finished study's storage (default: run folder's)")
-    ap.add_argument("--replay-front", action="store_true",
-                    help="rebuild and measure the front's models in this run (slow)")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--replay-front", action="store_true",
+                     help="rebuild the front's models from their parameters (slow) instead of "
+                          "loading the models the search kept")
+    how.add_argument("--stored-front", action="store_true",
+                     help="use the front's stored values instead of measuring it in this run")
+    ap.add_argument("--latency-rounds", type=int, default=3,
+                    help="rounds of the final latency pass over every model (default: 3)")
     ap.add_argument("--steps", type=int, help="recovery steps (default: the study's)")
     ap.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: the study's)")
     ap.add_argument("--out", default=str(RESULTS / "hand_baselines.json"))
@@ -151,15 +200,14 @@ def main() -> None:
         "values": ref["values"], "bias_ci": ref["bias_ci"], "accuracy_ci": ref["accuracy_ci"],
         "params": ref["params"], "feasible": not ref["collapse"]["collapsed"],
         "collapsed": ref["collapse"]["collapsed"], "recovery_steps_run": 0, "build_s": 0.0}}
+    models: dict[str, Any] = {"reference": session.reference}
     for name, recipe in BASELINES.items():
         t = time.perf_counter()
-        model = build(session, recipe, steps)
+        models[name] = build(session, recipe, steps)
         built = time.perf_counter() - t
-        rows[name] = {**measure(session, model, ref), "build_s": built}
+        rows[name] = {**measure(session, models[name], ref), "build_s": built}
         print(f"{name}: {', '.join(f'{n} {v:.4g}' for n, v in zip(names, rows[name]['values']))}"
               f" ({built:.0f}s)", flush=True)
-    for r in rows.values():
-        r["ratios"] = ratios(r["values"], ref["values"])
 
     url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     front: list[dict[str, Any]] = []
@@ -175,11 +223,18 @@ def main() -> None:
         for tr in pareto_front(complete, dirs):
             entry = {"number": tr.number, "params": tr.params, "values": list(tr.values),
                      "bias_ci": tr.user_attrs.get("bias_ci"), "source": "storage"}
-            if args.replay_front:
-                entry.update(measure(session, session.replay(tr.params), ref), source="replayed")
-                entry["ratios"] = ratios(entry["values"], ref["values"])
-            else:
+            if args.stored_front:
                 entry["ratios"] = ratios(entry["values"], study_ref)
+            else:
+                model, source = front_model(session, folder, tr, args.replay_front)
+                models[f"#{tr.number}"] = model
+                entry.update(measure(session, model, ref), source=source)
+                # Same model as in the search? Its test predictions must be the same.
+                entry["same_predictions"] = (entry["predictions_sha256"]
+                                             == tr.user_attrs.get("predictions_sha256"))
+                if not entry["same_predictions"]:
+                    print(f"note: trial {tr.number} predicts differently now than in the search "
+                          f"({source}; another thread count or machine?)")
             front.append(entry)
         if study.user_attrs.get("config", {}).get("search", {}).get("recovery_steps") != steps:
             note = ("the study's trials used a different recovery budget "
@@ -190,6 +245,16 @@ def main() -> None:
         note = f"no finished study read from {url}: {str(exc).splitlines()[0]}"
     if note:
         print(f"note: {note}")
+    # Latency last, every model in turn under the same process state: a model's latency moves
+    # by 10-20% with what the process ran before it (recoveries), so the figures taken while
+    # building would favour whatever was measured first.
+    timed = latency_pass(session, models, args.latency_rounds)
+    for key, ms in timed.items():
+        entry = rows.get(key) or next(f for f in front if f"#{f['number']}" == key)
+        entry["latency_while_built_ms"] = entry["values"][1]
+        entry["values"][1] = ms
+    for entry in [*rows.values(), *(f for f in front if f"#{f['number']}" in timed)]:
+        entry["ratios"] = ratios(entry["values"], rows["reference"]["values"])
 
     matches: dict[str, list[int]] = {}
     for name, base in rows.items():
@@ -207,8 +272,9 @@ def main() -> None:
                          ci_txt, "yes" if r["feasible"] else "no", found_txt])
     print(table(out_rows, header))
     if front:
-        print("\nfront of the finished study (" + ("measured now" if args.replay_front else
-                                                   "as stored; size/latency x its reference") + ")")
+        print("\nfront of the finished study (" + (
+            "as stored; size/latency x its reference" if args.stored_front else
+            "measured in this run") + ")")
         print(table([[f"#{f['number']}", f["ratios"][0], f["ratios"][1], f["values"][2],
                       f["values"][3]] for f in front],
                     ["trial", *[f"{n} (x ref)" if j < 2 else n for j, n in enumerate(names)]]))
@@ -220,8 +286,8 @@ def main() -> None:
     data = {"study": cfg.name, "threads": args.threads, "recovery_steps": steps,
             "reduced": reduced, "objectives": names, "directions": dirs,
             "reference": ref["values"], "baselines": rows, "front": front,
-            "front_source": "replayed" if args.replay_front else "storage",
-            "storage": url, "matches": matches, "note": note,
+            "front_source": sorted({f["source"] for f in front}),
+            "storage": shown_storage(url), "matches": matches, "note": note,
             "rule": "size and latency as ratios to the reference of the same run, accuracy >= "
                     "the baseline's, bias <= the upper end of the baseline's 95% CI"}
     write_json(out, data)

@@ -8,8 +8,13 @@ every recorded bias metric in the JSON. With early stopping the run is the same 
 (same seed, same batches, same schedule), so where it does not stop it is the same model and
 is not trained twice.
 
+With ``--precision fp32,bf16`` each budget is also run with recovery's forward passes under
+bfloat16 autocast, so its accuracy and bias can be set against fp32's on the same student;
+``paired`` in the JSON holds the paired bootstrap difference bf16 - fp32 of both.
+
     python benchmarks/recovery_curve.py [--steps 0,75,150,300,450,600] [--variants off,on]
-        [--prune heads=0.25,ffn=0.5,layers=3] [--test-rows 0] [--bootstrap N]
+        [--prune heads=0.25,ffn=0.5,layers=3] [--precision fp32] [--test-rows 0]
+        [--bootstrap N]
 
 Writes benchmarks/results/recovery_curve.json and recovery_curve.html next to it.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -47,26 +53,28 @@ def parse_prune(text: str) -> dict[str, Any]:
 
 
 def one_run(session: Any, student: Any, budget: int, early_stop: bool,
-            tolerance: float | None) -> dict[str, Any]:
+            tolerance: float | None, precision: str) -> dict[str, Any]:
     from nas_fair.spaces.distillation import recover, recovery_log
 
     model = copy.deepcopy(student)
     t = time.perf_counter()
     if budget > 0:
         recover(model, session.ctx, steps=budget, temperature=TEMPERATURE, alpha=ALPHA,
-                early_stop=early_stop, tolerance=tolerance)
+                early_stop=early_stop, tolerance=tolerance, precision=precision)
     recover_s = time.perf_counter() - t
     log = recovery_log(model) if budget > 0 else None
-    scores = session.score(model, session.evaluate(model), paired=True)
+    record = session.evaluate(model)
+    scores = session.score(model, record, paired=True)
     a = scores.attrs
     return {
-        "budget": budget, "early_stop": early_stop,
+        "budget": budget, "early_stop": early_stop, "precision": precision,
         "steps_run": log["steps_run"] if log else 0, "recover_s": recover_s,
         "accuracy": scores.accuracy, "accuracy_ci": a["accuracy_ci"],
         "bias": scores.bias, "bias_ci": a["bias_ci"], "size_mb": scores.size_mb,
         "latency_ms": scores.latency_ms, "collapsed": a["collapse"]["collapsed"],
         "bias_metrics": a["bias"], "losses": log["losses"] if log else [],
         "checks": log["checks"] if log else [],
+        "_record": record,
     }
 
 
@@ -75,6 +83,8 @@ def main() -> None:
     add_study_args(ap)
     ap.add_argument("--steps", default="0,75,150,300,450,600", help="step budgets")
     ap.add_argument("--variants", default="off,on", help="early stopping off, on, or both")
+    ap.add_argument("--precision", default="fp32",
+                    help="recovery precisions to run, comma-separated: fp32, bf16")
     ap.add_argument("--tolerance", type=float, help="early-stop tolerance (default: the study's)")
     ap.add_argument("--prune", default="heads=0.25,ffn=0.5,layers=3",
                     help="the fixed student's pruning (heads, ffn, layers)")
@@ -89,8 +99,11 @@ def main() -> None:
 
     budgets = [int(s) for s in args.steps.split(",") if s.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    precisions = [v.strip() for v in args.precision.split(",") if v.strip()]
     if not budgets or any(b < 0 for b in budgets) or not set(variants) <= {"off", "on"}:
         raise SystemExit("--steps must be integers >= 0 and --variants a subset of off,on")
+    if not precisions or not set(precisions) <= {"fp32", "bf16"}:
+        raise SystemExit(f"--precision must be a subset of fp32,bf16, got {args.precision!r}")
     cfg = load_cfg(args)
     reduced = reduce_search(cfg, bootstrap=args.bootstrap)
     session = open_session(cfg, run_dir(args, cfg), args.threads)
@@ -104,7 +117,9 @@ def main() -> None:
     ref = session.score_reference()
     names = objective_names(cfg)
     rows: list[dict[str, Any]] = []
-    for budget in budgets:
+    for budget, precision in itertools.product(budgets, precisions):
+        if budget == 0 and precision != precisions[0]:
+            continue  # no training: precision changes nothing
         done: dict[bool, dict[str, Any]] = {}
         for variant in sorted(variants, key=lambda v: v != "on"):  # "on" first: it may be "off"
             stop = variant == "on"
@@ -114,10 +129,12 @@ def main() -> None:
             elif budget == 0 and done:
                 row = {**next(iter(done.values())), "early_stop": stop}
             else:
-                row = one_run(session, student, budget, stop, tolerance)
+                row = one_run(session, student, budget, stop, tolerance, precision)
             done[stop] = row
             rows.append(row)
-            print(f"budget {budget:4d} early stop {variant:>3}: {row['steps_run']:4d} steps "
+            pair_with_fp32(session, row, rows)
+            print(f"budget {budget:4d} {precision} early stop {variant:>3}: "
+                  f"{row['steps_run']:4d} steps "
                   f"({row['recover_s']:.0f}s)  {names[2]} {row['accuracy']:.3f} "
                   f"[{row['accuracy_ci'][0]:.3f}, {row['accuracy_ci'][1]:.3f}]  {names[3]} "
                   f"{row['bias']:.3f} [{_f(row['bias_ci'][0])}, {_f(row['bias_ci'][1])}]",
@@ -128,16 +145,47 @@ def main() -> None:
                 "reduced": reduced, "objectives": names,
                 "reference": {"accuracy": ref.accuracy, "accuracy_ci": ref.attrs["accuracy_ci"],
                               "bias": ref.bias, "bias_ci": ref.attrs["bias_ci"]},
-                "rows": rows}
+                "rows": [{k: v for k, v in r.items() if k != "_record"} for r in rows]}
         write_json(out, data)  # after every budget: a long run keeps what it measured
-    print(table([[r["budget"], "on" if r["early_stop"] else "off", r["steps_run"],
-                  r["recover_s"], r["accuracy"], _ci(r["accuracy_ci"]), r["bias"],
-                  _ci(r["bias_ci"]), "yes" if r["collapsed"] else "no"] for r in rows],
-                ["budget", "early stop", "steps run", "recover s", names[2], "95% CI",
-                 names[3], "95% CI", "collapsed"]))
+    print(table([[r["budget"], r["precision"], "on" if r["early_stop"] else "off",
+                  r["steps_run"], r["recover_s"], r["accuracy"], _ci(r["accuracy_ci"]),
+                  r["bias"], _ci(r["bias_ci"]), "yes" if r["collapsed"] else "no"]
+                 for r in rows],
+                ["budget", "precision", "early stop", "steps run", "recover s", names[2],
+                 "95% CI", names[3], "95% CI", "collapsed"]))
+    for r in rows:
+        if "paired" in r:
+            p = r["paired"]
+            print(f"budget {r['budget']} early stop {'on' if r['early_stop'] else 'off'}, "
+                  f"bf16 - fp32 (paired): {names[2]} {p['accuracy'][0]:+.3f} "
+                  f"{_ci(p['accuracy'][1:])}, {names[3]} {p['bias'][0]:+.3f} "
+                  f"{_ci(p['bias'][1:])}, recovery {r['recover_s']:.0f} s vs "
+                  f"{p['fp32_recover_s']:.0f} s")
     print(f"reference: {names[2]} {ref.accuracy:.3f}, {names[3]} {ref.bias:.3f}")
     write_html(Path(args.out).with_suffix(".html"), figures(data),
                f"{cfg.name}: recovery curve of a fixed student ({args.prune})")
+
+
+def pair_with_fp32(session: Any, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """bf16 - fp32 of accuracy and primary bias on the same resampled rows, into row["paired"]."""
+    from nas_fair.objectives.base import ACCURACY
+    from nas_fair.objectives.stats import paired_difference
+
+    if row["precision"] != "bf16" or row["budget"] == 0:
+        return
+    fp32 = next((r for r in rows if r["precision"] == "fp32" and r["budget"] == row["budget"]
+                 and r["early_stop"] == row["early_stop"]), None)
+    if fp32 is None:
+        return
+    cfg = session.cfg
+    n, seed = cfg.search.bootstrap, cfg.seed
+    row["paired"] = {
+        "accuracy": list(paired_difference(ACCURACY[cfg.objectives.accuracy], row["_record"],
+                                           fp32["_record"], n=n, seed=seed)),
+        "bias": list(paired_difference(cfg.objectives.bias, row["_record"], fp32["_record"],
+                                       n=n, seed=seed)),
+        "fp32_recover_s": fp32["recover_s"],
+    }
 
 
 def _f(x: float | None) -> str:
@@ -154,12 +202,17 @@ def figures(data: dict[str, Any]) -> list[Any]:
 
     names = data["objectives"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=(names[2], names[3]))
-    for stop, color in ((False, "#1f77b4"), (True, "#d62728")):
-        rows = sorted((r for r in data["rows"] if r["early_stop"] == stop),
+    colors = {(False, "fp32"): "#1f77b4", (True, "fp32"): "#d62728",
+              (False, "bf16"): "#2ca02c", (True, "bf16"): "#ff7f0e"}
+    for (stop, precision), color in colors.items():
+        rows = sorted((r for r in data["rows"] if r["early_stop"] == stop and (
+            r.get("precision", "fp32") == precision or r["budget"] == 0)),
                       key=lambda r: r["steps_run"])
-        if not rows:
+        if len(rows) <= sum(r["budget"] == 0 for r in rows):
             continue
         label = "early stop on" if stop else "early stop off (full budget)"
+        if any(r.get("precision") == "bf16" for r in data["rows"]):
+            label += f", {precision}"
         hover = [f"budget {r['budget']}, ran {r['steps_run']} steps" for r in rows]
         for col, key in ((1, "accuracy"), (2, "bias")):
             lo = [r[key] - (r[f"{key}_ci"][0] if r[f"{key}_ci"][0] is not None else r[key])

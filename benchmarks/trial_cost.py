@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, add_study_args, load_cfg, run_dir, table, write_json
+from _common import RESULTS, add_study_args, load_cfg, run_dir, shown_storage, table, write_json
 
 PHASES = ("compress_s", "recover_s", "mitigation_s", "evaluate_s", "latency_s", "bookkeeping_s")
 
@@ -115,7 +115,7 @@ def main() -> None:
         cfg.validate()
         t = time.perf_counter()
         trials, url = run_trials(cfg, folder, args.trials, args.threads)
-        settings.update(source="run now", storage=url, run_s=time.perf_counter() - t,
+        settings.update(source="run now", storage=shown_storage(url), run_s=time.perf_counter() - t,
                         recovery_steps=cfg.search.recovery_steps,
                         early_stop=cfg.search.recovery_early_stop,
                         tolerance=cfg.search.recovery_tolerance)
@@ -124,7 +124,7 @@ def main() -> None:
         if not args.storage and not (folder / "study.db").is_file():
             sys.exit(f"no study.db in {folder}: pass --storage URL or --trials K")
         trials = stored_trials(url, cfg.name)
-        settings.update(source="stored trials", storage=url)
+        settings.update(source="stored trials", storage=shown_storage(url))
     if not trials:
         sys.exit("no completed trials with a recorded cost")
     result = summarize(trials)

