@@ -19,8 +19,9 @@ loaded from the model the search kept for it (a front trial's artifact; rebuilt 
 parameters where missing, or always with ``--replay-front``), so a latency measured hours
 earlier under another load never decides a match. Latency is taken last: every model (the
 reference, the baselines, the front) timed in turn, ``--latency-rounds`` times, the median
-kept, so all are measured under the same process state (a model's latency moves by 10-20%
-with what ran before it, e.g. a recovery). ``--stored-front`` compares with the values stored
+kept, so all are measured at the same time under the same conditions (on the 2-core machine a
+model's latency moved by up to 30% between measurements a minute apart once other work had
+run in between: ``latency_after_training.py``). ``--stored-front`` compares with the values stored
 by the search instead (size and latency as ratios to the study's own reference).
 
     python benchmarks/hand_baselines.py [--study bios] [--storage URL]
@@ -245,9 +246,9 @@ def main() -> None:
         note = f"no finished study read from {url}: {str(exc).splitlines()[0]}"
     if note:
         print(f"note: {note}")
-    # Latency last, every model in turn under the same process state: a model's latency moves
-    # by 10-20% with what the process ran before it (recoveries), so the figures taken while
-    # building would favour whatever was measured first.
+    # Latency last, every model in turn: a model's latency can move by up to 30% between
+    # measurements minutes apart (latency_after_training.py), so figures taken while building,
+    # each at its own time, would not compare.
     timed = latency_pass(session, models, args.latency_rounds)
     for key, ms in timed.items():
         entry = rows.get(key) or next(f for f in front if f"#{f['number']}" == key)
