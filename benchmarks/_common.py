@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -125,14 +124,16 @@ def reference_dict(session: Any) -> dict[str, Any]:
 
 def shown_storage(url: str) -> str:
     """A storage URL as results record it: no machine paths (SQLite under the working folder
-    is made relative, elsewhere only its file name is kept) and no password."""
+    is made relative, elsewhere only its file name is kept) and no password (``shown_url``)."""
+    from nas_fair.search.study import shown_url
+
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         try:
             return f"sqlite:///{path.relative_to(Path.cwd())}"
         except ValueError:
             return f"sqlite:///.../{path.name}"
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    return shown_url(url)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -150,16 +150,10 @@ def front_model(session: Any, folder: Path, trial: Any, replay: bool) -> tuple[A
 
 def latency_pass(session: Any, models: dict[str, Any], rounds: int) -> dict[str, float]:
     """Median over ``rounds`` of each model's latency median, the models timed in turn."""
-    from nas_fair.objectives.latency import measure_latency
-
-    s = session.cfg.search
     runs: dict[str, list[float]] = {k: [] for k in models}
     for _ in tqdm(range(rounds), desc="latency pass", leave=False):
         for key, model in models.items():
-            runs[key].append(measure_latency(
-                model, batch_size=s.batch_size, seq_len=s.seq_len, device=str(session.device),
-                threads=s.threads or None, repeats=s.latency_repeats,
-                vocab_size=getattr(session.reference.config, "vocab_size", None))["median_ms"])
+            runs[key].append(session.latency(model)["median_ms"])
     return {k: statistics.median(v) for k, v in runs.items()}
 
 

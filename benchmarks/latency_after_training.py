@@ -30,15 +30,9 @@ from _common import (
 
 
 def timings(session: Any, models: dict[str, Any]) -> dict[str, dict[str, float]]:
-    from nas_fair.objectives.latency import measure_latency
-
-    s = session.cfg.search
     out = {}
     for name, model in models.items():
-        lat = measure_latency(model, batch_size=s.batch_size, seq_len=s.seq_len,
-                              device=str(session.device), threads=s.threads or None,
-                              repeats=s.latency_repeats,
-                              vocab_size=getattr(session.reference.config, "vocab_size", None))
+        lat = session.latency(model)
         out[name] = {"median_ms": lat["median_ms"], "iqr_ms": lat["iqr_ms"]}
     return out
 

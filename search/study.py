@@ -402,20 +402,26 @@ class Session:
         y_pred = predict(model, logits, self.data.test.groups)
         return self._record(y_pred, self._cf_pred(logits, model), self.ref_pred)
 
+    def latency(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The study's latency protocol (batch, length, device, threads, repeats) on a model."""
+        from nas_fair.objectives.latency import measure_latency
+
+        s = self.cfg.search
+        return measure_latency(model, batch_size=s.batch_size, seq_len=s.seq_len,
+                               device=str(self.device), threads=s.threads or None,
+                               repeats=s.latency_repeats,
+                               vocab_size=getattr(self.reference.config, "vocab_size", None))
+
     def score(self, model: torch.nn.Module, record: EvalRecord, *, paired: bool) -> Scores:
         """Size, latency, accuracy and every recorded bias metric (with intervals) of one model."""
         from nas_fair.objectives.collapse import collapse_report
-        from nas_fair.objectives.latency import measure_latency
         from nas_fair.objectives.size import model_size
         from nas_fair.objectives.stats import bootstrap, score_bias
 
         s = self.cfg.search
         times: dict[str, float] = {}
         t = time.perf_counter()
-        lat = measure_latency(model, batch_size=s.batch_size, seq_len=s.seq_len,
-                              device=str(self.device), threads=s.threads or None,
-                              repeats=s.latency_repeats,
-                              vocab_size=getattr(self.reference.config, "vocab_size", None))
+        lat = self.latency(model)
         times["latency_s"] = time.perf_counter() - t
         t = time.perf_counter()
         acc_metric = ACCURACY[self.cfg.objectives.accuracy]

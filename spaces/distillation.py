@@ -15,8 +15,8 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
 * early stopping (on by default, the study's ``recovery_early_stop``) ends recovery once the
   smoothed loss has flattened, so a generous step budget costs only what the student needs;
 * optionally (``recovery_precision``) the forward passes run under bfloat16 autocast, 1.26x
-  (3-layer student) to 1.43x (6 layers) faster on a CPU with bfloat16 instructions; weights, optimizer state and the loss
-  stay fp32, so it is mixed precision, not a lower-precision model;
+  (3-layer student) to 1.43x (6 layers) faster on a CPU with bfloat16 instructions; weights,
+  optimizer state and the loss stay fp32, so it is mixed precision, not a lower-precision model;
 * the embedding block is frozen: it is ~half of a small model's parameters, its gradients are
   sparse and costly, and compression never changes it (only quantization does, later), so the
   budget goes to the layers that were actually changed.
