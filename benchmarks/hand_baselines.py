@@ -21,8 +21,11 @@ earlier under another load never decides a match. Latency is taken last: every m
 reference, the baselines, the front) timed in turn, ``--latency-rounds`` times, the median
 kept, so all are measured at the same time under the same conditions (on the 2-core machine a
 model's latency moved by up to 30% between measurements a minute apart once other work had
-run in between: ``latency_after_training.py``). ``--stored-front`` compares with the values stored
-by the search instead (size and latency as ratios to the study's own reference).
+run in between: ``latency_after_training.py``). For a baseline no front model matches, the
+front models worse on accuracy alone are listed with paired bootstrap differences of accuracy
+and bias (front - baseline, the same resampled test rows): whether the shortfall is noise.
+``--stored-front`` compares with the values stored by the search instead (size and latency as
+ratios to the study's own reference; no pairing).
 
     python benchmarks/hand_baselines.py [--study bios] [--storage URL]
         [--replay-front | --stored-front]
@@ -87,11 +90,13 @@ def build(session: Any, recipe: Any, steps: int) -> Any:
     return session.replay(params)
 
 
-def measure(session: Any, model: Any, reference: dict[str, Any]) -> dict[str, Any]:
+def measure(session: Any, model: Any, reference: dict[str, Any],
+            records: dict[str, Any], key: str) -> dict[str, Any]:
+    """Scores of one model; its evaluation record goes into ``records[key]`` (for pairing)."""
     from nas_fair.search.study import predictions_digest
     from nas_fair.spaces.distillation import recovery_logs
 
-    record = session.evaluate(model)
+    record = records[key] = session.evaluate(model)
     scores = session.score(model, record, paired=True)
     cons = session.constraints(scores, reference)
     return {"values": scores.values(), "bias_ci": scores.attrs["bias_ci"],
@@ -121,17 +126,48 @@ def bias_lower(cfg: Any, value: float, ci: list[float | None] | None) -> float:
     return ci[0]
 
 
+def worse_on(cfg: Any, dirs: list[str], cand: dict[str, Any], base: dict[str, Any]
+             ) -> list[int]:
+    """Objectives (indices) on which ``cand`` is worse than ``base``: size, latency (ratios) and
+    accuracy strictly; bias only beyond the baseline's 95% interval."""
+    c, b = cand["ratios"], base["ratios"]
+    worse = [j for j in range(3)
+             if dirs[j] == "minimize" and c[j] > b[j] or dirs[j] == "maximize" and c[j] < b[j]]
+    cv, bv = cand["values"][3], base["values"][3]
+    if (cv > bias_upper(cfg, bv, base["bias_ci"]) if dirs[3] == "minimize"
+            else cv < bias_lower(cfg, bv, base["bias_ci"])):
+        worse.append(3)
+    return worse
+
+
 def at_least_as_good(cfg: Any, dirs: list[str], cand: dict[str, Any], base: dict[str, Any]
                      ) -> bool:
-    """size, latency (ratios), accuracy: no worse; bias: within the baseline's interval or better."""
-    c, b = cand["ratios"], base["ratios"]
-    for j in range(3):
-        if dirs[j] == "minimize" and c[j] > b[j] or dirs[j] == "maximize" and c[j] < b[j]:
-            return False
-    cv, bv = cand["values"][3], base["values"][3]
-    if dirs[3] == "minimize":
-        return cv <= bias_upper(cfg, bv, base["bias_ci"])
-    return cv >= bias_lower(cfg, bv, base["bias_ci"])
+    return not worse_on(cfg, dirs, cand, base)
+
+
+def near_misses(session: Any, dirs: list[str], names: list[str], front: list[dict[str, Any]],
+                base_key: str, base: dict[str, Any], records: dict[str, Any]
+                ) -> list[dict[str, Any]]:
+    """Front models worse than a baseline on accuracy alone, with paired bootstrap differences
+    (front - baseline, same resampled test rows) of accuracy and bias: is the shortfall noise?"""
+    from nas_fair.objectives.base import ACCURACY
+    from nas_fair.objectives.stats import paired_difference
+
+    cfg = session.cfg
+    out = []
+    for f in front:
+        key = f"#{f['number']}"
+        if worse_on(cfg, dirs, f, base) != [2] or key not in records:
+            continue
+        pair = (records[key], records[base_key])
+        opts = {"n": cfg.search.bootstrap, "seed": cfg.seed}
+        out.append({
+            "number": f["number"], "missed": names[2],
+            "accuracy_diff": list(paired_difference(ACCURACY[cfg.objectives.accuracy], *pair,
+                                                    **opts)),
+            "bias_diff": list(paired_difference(cfg.objectives.bias, *pair, **opts)),
+        })
+    return out
 
 
 def front_model(session: Any, folder: Path, trial: Any, replay: bool) -> tuple[Any, str]:
@@ -196,11 +232,12 @@ def main() -> None:
         "params": ref["params"], "feasible": not ref["collapse"]["collapsed"],
         "collapsed": ref["collapse"]["collapsed"], "recovery_steps_run": 0, "build_s": 0.0}}
     models: dict[str, Any] = {"reference": session.reference}
+    records: dict[str, Any] = {"reference": session.ref_record}
     for name, recipe in BASELINES.items():
         t = time.perf_counter()
         models[name] = build(session, recipe, steps)
         built = time.perf_counter() - t
-        rows[name] = {**measure(session, models[name], ref), "build_s": built}
+        rows[name] = {**measure(session, models[name], ref, records, name), "build_s": built}
         print(f"{name}: {', '.join(f'{n} {v:.4g}' for n, v in zip(names, rows[name]['values']))}"
               f" ({built:.0f}s)", flush=True)
 
@@ -223,7 +260,8 @@ def main() -> None:
             else:
                 model, source = front_model(session, folder, tr, args.replay_front)
                 models[f"#{tr.number}"] = model
-                entry.update(measure(session, model, ref), source=source)
+                entry.update(measure(session, model, ref, records, f"#{tr.number}"),
+                             source=source)
                 # Same model as in the search? Its test predictions must be the same.
                 entry["same_predictions"] = (entry["predictions_sha256"]
                                              == tr.user_attrs.get("predictions_sha256"))
@@ -277,12 +315,21 @@ def main() -> None:
             if not found:
                 print(f"no nas-fair front model is at least as good as '{name}' on all four "
                       "objectives")
+    misses = {name: near_misses(session, dirs, names, front, name, base, records)
+              for name, base in rows.items() if not matches[name]}
+    for name, found in misses.items():
+        for m in found:
+            a, b = m["accuracy_diff"], m["bias_diff"]
+            print(f"'{name}': #{m['number']} is at least as good but on {m['missed']}; paired "
+                  f"differences (front - baseline): {names[2]} {a[0]:+.4f} [{a[1]:+.4f}, "
+                  f"{a[2]:+.4f}], {cfg.objectives.bias} {b[0]:+.4f} [{b[1]:+.4f}, {b[2]:+.4f}]")
     out = Path(args.out)
     data = {"study": cfg.name, "threads": args.threads, "recovery_steps": steps,
             "reduced": reduced, "objectives": names, "directions": dirs,
             "reference": ref["values"], "baselines": rows, "front": front,
             "front_source": sorted({f["source"] for f in front}),
-            "storage": shown_storage(url), "matches": matches, "note": note,
+            "storage": shown_storage(url), "matches": matches, "near_misses": misses,
+            "note": note,
             "rule": "size and latency as ratios to the reference of the same run, accuracy >= "
                     "the baseline's, bias <= the upper end of the baseline's 95% CI"}
     write_json(out, data)
