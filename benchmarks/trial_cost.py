@@ -3,10 +3,12 @@
 Reads the ``cost`` user attribute that every trial of a study stores (``--from-storage``, the
 default when the study has trials), or runs ``--trials K`` trials itself with the current code
 in a scratch storage (the study's own storage is never touched), reusing the run folder's
-fine-tuned reference and caches.
+fine-tuned reference and caches. ``--replay`` runs stored trials' recipes again that way and
+prints each phase now beside what was stored: the paired before/after of a code change.
 
     python benchmarks/trial_cost.py                          # the bios study's stored trials
     python benchmarks/trial_cost.py --trials 4 [--steps 450] [--no-early-stop]
+    python benchmarks/trial_cost.py --replay 1,9,19   # the stored trials' recipes, run again
     python benchmarks/trial_cost.py --config my.toml --run-dir /tmp/run --trials 2
 
 Writes benchmarks/results/trial_cost.json (``--out`` to change).
@@ -38,11 +40,13 @@ def stored_trials(storage: str, name: str) -> list[Any]:
             if "cost" in t.user_attrs]
 
 
-def run_trials(cfg: Any, folder: Path, k: int, threads: int) -> tuple[list[Any], str]:
-    """K trials of the study run by ``nas-fair search``'s own driver into a scratch storage."""
+def run_trials(cfg: Any, folder: Path, k: int, threads: int,
+               replay: list[dict[str, Any]] | None = None) -> tuple[list[Any], str]:
+    """K trials of the study run by ``nas-fair search``'s own driver into a scratch storage;
+    with ``replay`` (trials' params), those recipes first, in order."""
     import torch
 
-    from nas_fair.search.run import Budget, run_search
+    from nas_fair.search.run import Budget, open_study, run_search
 
     torch.set_num_threads(threads)
     cfg.search.threads = threads
@@ -53,6 +57,9 @@ def run_trials(cfg: Any, folder: Path, k: int, threads: int) -> tuple[list[Any],
     real = cfg.name
     cfg.name = f"{real}-trial-cost"
     try:
+        if replay:
+            # A new study's anchors are queued to run first: the replayed recipes take their place.
+            open_study(cfg, url, create=True, budget=Budget(trials=k), anchors=replay)
         run_search(cfg, Budget(trials=k), storage=url, run_dir=str(folder), quiet=True)
         return stored_trials(url, cfg.name), url
     finally:
@@ -60,6 +67,28 @@ def run_trials(cfg: Any, folder: Path, k: int, threads: int) -> tuple[list[Any],
         with contextlib.suppress(OSError):  # only if this run created it and left it empty
             (folder / "artifacts").rmdir()
         cfg.name = real
+
+
+REPLAY_PHASES = ("recover_s", "mitigation_s", "evaluate_s", "total_s")
+
+
+def replay_rows(before: dict[int, Any], now: list[Any]) -> list[dict[str, Any]]:
+    """Each replayed recipe's stored cost beside its cost now (the scratch study's i-th trial
+    is the i-th replayed one; same params checked)."""
+    rows = []
+    for t in now:
+        old = before[t.number]
+        if t.params != old.params:
+            raise RuntimeError(f"replayed trial {t.number} ran other params than trial "
+                               f"{old.number}")
+        a, b = old.user_attrs["cost"], t.user_attrs["cost"]
+        rows.append({"stored_trial": old.number,
+                     "stored": {p: a.get(p, 0.0) for p in REPLAY_PHASES},
+                     "now": {p: b.get(p, 0.0) for p in REPLAY_PHASES},
+                     "now_over_stored": b["total_s"] / a["total_s"],
+                     "steps": {"stored": a.get("recovery_steps_run"),
+                               "now": b.get("recovery_steps_run")}})
+    return rows
 
 
 def summarize(trials: list[Any]) -> dict[str, Any]:
@@ -101,12 +130,26 @@ def main() -> None:
                     help="run this many trials now instead of reading stored ones")
     ap.add_argument("--steps", type=int, help="recovery step budget for --trials")
     ap.add_argument("--no-early-stop", action="store_true", help="--trials without early stop")
+    ap.add_argument("--replay", help="comma-separated stored trial numbers: run their recipes "
+                                     "again now, beside the stored cost")
     ap.add_argument("--out", default=str(RESULTS / "trial_cost.json"))
     args = ap.parse_args()
 
     cfg = load_cfg(args)
     folder = run_dir(args, cfg)
     settings: dict[str, Any] = {"study": cfg.name, "threads": args.threads}
+    url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    before: dict[int, Any] = {}
+    if args.replay:
+        wanted = [int(v) for v in args.replay.split(",")]
+        stored = {t.number: t for t in stored_trials(url, cfg.name)}
+        missing = [n for n in wanted if n not in stored]
+        if missing:
+            sys.exit(f"--replay: no completed trial with a recorded cost numbered "
+                     f"{', '.join(map(str, missing))} in {shown_storage(url)}")
+        args.trials = len(wanted)
+        before = {i: stored[n] for i, n in enumerate(wanted)}
+        settings["replayed"] = wanted
     if args.trials > 0:
         if args.steps is not None:
             cfg.search.recovery_steps = args.steps
@@ -114,13 +157,13 @@ def main() -> None:
             cfg.search.recovery_early_stop = False
         cfg.validate()
         t = time.perf_counter()
-        trials, url = run_trials(cfg, folder, args.trials, args.threads)
+        trials, url = run_trials(cfg, folder, args.trials, args.threads,
+                                 [t.params for t in before.values()] or None)
         settings.update(source="run now", storage=shown_storage(url), run_s=time.perf_counter() - t,
                         recovery_steps=cfg.search.recovery_steps,
                         early_stop=cfg.search.recovery_early_stop,
                         tolerance=cfg.search.recovery_tolerance)
     else:
-        url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
         if not args.storage and not (folder / "study.db").is_file():
             sys.exit(f"no study.db in {folder}: pass --storage URL or --trials K")
         trials = stored_trials(url, cfg.name)
@@ -143,6 +186,13 @@ def main() -> None:
         where = f", {args.threads} torch threads" if args.trials > 0 else ""
         print(f"trials per hour: {s['trials_per_hour']:.1f} (from the mean wall-clock time per "
               f"trial{where})")
+    if before:
+        result["replay"] = replay_rows(before, trials)
+        print("replayed: stored -> now, seconds (same recipe, same reference)")
+        print(table([[r["stored_trial"], *(f"{r['stored'][p]:.1f} -> {r['now'][p]:.1f}"
+                                          for p in REPLAY_PHASES), r["now_over_stored"]]
+                     for r in result["replay"]],
+                    ["trial", *REPLAY_PHASES, "total now/stored"]))
     write_json(Path(args.out), {**settings, **result})
 
 

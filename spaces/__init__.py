@@ -63,23 +63,31 @@ def off_configs(space: list[Family]) -> dict[str, FamilyConfig]:
 
 def anchor_trials(space: list[Family]) -> list[dict[str, Any]]:
     """Flat Optuna params of one trial per family anchor (see ``Family.anchor``): that family at
-    its anchor, every other at its off setting. A value outside the study's (narrowed) range is
-    left to the sampler; an anchor outside it is dropped."""
-    trials = []
+    its anchor, every other at its off setting; then, where two or more families have a
+    ``combined_anchor``, one trial with all of those together. A value outside the study's
+    (narrowed) range is left to the sampler; an anchor outside it is dropped."""
+    singles = [{fam.name: fam.anchor} for fam in space if fam.anchor is not None]
+    combined = {fam.name: fam.combined_anchor for fam in space if fam.combined_anchor is not None}
+    trials = [_anchor_params(space, settings) for settings in singles]
+    if len(combined) >= 2:
+        trials.append(_anchor_params(space, combined))
+    return [t for t in trials if t is not None]
+
+
+def _anchor_params(space: list[Family], settings: Mapping[str, Mapping[str, Any]],
+                   ) -> dict[str, Any] | None:
+    """Every family at its off setting, those in ``settings`` moved to those values; None when
+    a value is outside the study's range."""
+    params: dict[str, Any] = {}
     for fam in space:
-        if fam.anchor is None or not all(
-            key in fam.space and fam.space[key].contains(value) for key, value in fam.anchor.items()
-        ):
-            continue
-        params: dict[str, Any] = {}
-        for other in space:
-            values = other.off().to_dict()
-            if other is fam:
-                values.update(fam.anchor)
-            params.update({f"{other.name}.{key}": values[key] for key, spec in other.space.items()
-                           if key in values and spec.contains(values[key])})
-        trials.append(params)
-    return trials
+        values = fam.off().to_dict()
+        chosen = settings.get(fam.name, {})
+        if not all(key in fam.space and fam.space[key].contains(v) for key, v in chosen.items()):
+            return None
+        values.update(chosen)
+        params.update({f"{fam.name}.{key}": values[key] for key, spec in fam.space.items()
+                       if key in values and spec.contains(values[key])})
+    return params
 
 
 def configs_from_params(params: Mapping[str, Any]) -> dict[str, FamilyConfig]:

@@ -233,6 +233,11 @@ class Family(ABC):
     # generation: a random draw over ~20 parameters almost never leaves a model mild, so
     # without anchors the front starts far from the models people actually ship.
     anchor: ClassVar[Mapping[str, Any] | None] = None
+    # This family's share of the one *combined* anchor, or None: the mild settings that
+    # compose without costing accuracy (FFN pruned 25% + int8 with distillation kept 100.7% of
+    # macro-F1 at 4.2x smaller and 2.6x faster on the default study). NSGA-II's offspring of
+    # the single-family anchors never reached such a mild combination in 20 trials.
+    combined_anchor: ClassVar[Mapping[str, Any] | None] = None
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         """``options`` is the study's ``[space.<name>]`` table: overrides of the ranges."""

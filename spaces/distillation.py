@@ -305,7 +305,11 @@ def recover(
                         1e-12
                     )
                 if extra_loss is not None:
-                    loss = loss + extra_loss(model, batch, logits)
+                    # Under the same autocast: a penalty may run its own forward pass (the
+                    # counterfactual regularizer does), which must be as cheap as the first.
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        extra = extra_loss(model, batch, logits)
+                    loss = loss + extra  # promoted to fp32, as the loss is
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

@@ -86,6 +86,7 @@ class Pruning(Family):
     }
     composes_with = frozenset({"lowrank", "sharing", "distillation", "quantization"})
     anchor: ClassVar = {"heads": 0.25, "ffn": 0.25, "layers": 0}
+    combined_anchor: ClassVar = {"heads": 0.0, "ffn": 0.25, "layers": 0}
 
     def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
         assert isinstance(config, PruningConfig)

@@ -94,6 +94,7 @@ class Quantization(Family):
     composes_with = frozenset({"pruning", "lowrank", "sharing", "distillation"})
     # Dynamic int8 everywhere: the one-call compression most users try first.
     anchor: ClassVar = {"attention_bits": 8, "ffn_bits": 8, "embedding_bits": 8}
+    combined_anchor: ClassVar = anchor
 
     def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
         assert isinstance(config, QuantizationConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,26 @@ def test_bf16_recovery_is_mixed_precision_deterministic_and_logged(
     with pytest.raises(UserError, match=r"^recovery precision must be one of fp32, bf16, auto, "
                                         r"got 'fp16' \(did you mean 'bf16'\?\)$"):
         run(precision="fp16")
+
+
+def test_extra_loss_runs_under_the_recovery_precision() -> None:
+    """A penalty's own forward pass (the counterfactual regularizer's) is as cheap as the main
+    one: under bf16 it runs inside the same autocast, and the loss it adds stays fp32."""
+    ctx = varied_context(tiny_model("bert"))
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def penalty(model: nn.Module, batch: object, logits: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return 0.1 * (out.float() - logits).pow(2).mean()
+
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen.clear()
+        model = recover(tiny_model("bert"), ctx, steps=4, early_stop=False, extra_loss=penalty,
+                        precision=precision)
+        assert seen == [(precision == "bf16", dtype)] * 4
+        log = recovery_log(model)
+        assert log is not None and all(math.isfinite(v) for v in log["losses"])
 
 
 def test_bf16_native_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

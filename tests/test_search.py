@@ -143,14 +143,18 @@ def test_search_runs_and_resumes(tmp_path: Path, tiny_checkpoint: Path, capsys) 
     # the first trials are the families' anchors, queued once (not again on resume), and the
     # first generation keeps as many random members as anchors
     anchors = study.user_attrs["anchors"]
-    # one each for pruning, low-rank, sharing, quantization (distillation and mitigation: none)
-    assert len(anchors) == 4
+    # one each for pruning, low-rank, sharing, quantization (distillation and mitigation: none),
+    # then the combined one (FFN pruned 25% and int8 together)
+    assert len(anchors) == 5
     assert study.user_attrs["population_size"] == max(4, 2 * len(anchors))
     queued = [t for t in study.trials if t.user_attrs.get("anchor")]
-    assert [t.number for t in queued] == [0, 1, 2, 3]
+    assert [t.number for t in queued] == [0, 1, 2, 3, 4]
     assert [{k: t.params[k] for k in a} for t, a in zip(queued, anchors)] == anchors
     int8 = queued[3]
     assert int8.params["quantization.ffn_bits"] == 8 and int8.params["pruning.ffn"] == 0.0
+    both = anchors[4]
+    assert (both["pruning.ffn"], both["pruning.heads"], both["quantization.ffn_bits"],
+            both["lowrank.ffn_rank"]) == (0.25, 0.0, 8, 1.0)
     # its student equals the reference until quantization: recovery is skipped, not run
     assert int8.user_attrs["cost"]["recovery_steps_run"] == 0
     assert queued[0].user_attrs["cost"]["recovery_steps_run"] > 0
