@@ -141,7 +141,11 @@ def main() -> None:
     url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     before: dict[int, Any] = {}
     if args.replay:
-        wanted = [int(v) for v in args.replay.split(",")]
+        try:
+            wanted = [int(v) for v in args.replay.split(",")]
+        except ValueError:
+            sys.exit(f"--replay takes comma-separated trial numbers (e.g. 1,9,19), got "
+                     f"{args.replay!r}")
         stored = {t.number: t for t in stored_trials(url, cfg.name)}
         missing = [n for n in wanted if n not in stored]
         if missing:

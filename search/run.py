@@ -127,7 +127,8 @@ def enqueue_anchors(study: optuna.Study, log: Callable[[str], None]) -> None:
     for params in anchors:
         study.enqueue_trial(params, user_attrs={"anchor": True})
     study.set_user_attr("anchors_queued", True)
-    log(f"queued {len(anchors)} anchor trials (one per family's hand setting) to run first")
+    log(f"queued {len(anchors)} anchor trials (the families' hand settings, alone and in "
+        "their mild combination) to run first")
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:

@@ -474,8 +474,11 @@ class Session:
         # What export needs to rebuild the same model (kernels differ with the thread count).
         trial.set_user_attr("runtime", {"threads": torch.get_num_threads(),
                                         "torch": torch.__version__})
-        times: dict[str, float] = {}
         t0 = time.perf_counter()
+        same = same_recipe(trial)
+        if same is not None:
+            return self._reuse(trial, same, t0)
+        times: dict[str, float] = {}
         model = compress(self.reference, configs, self.ctx, timings=times)
         t = time.perf_counter()
         record = self.evaluate(model)
@@ -506,6 +509,27 @@ class Session:
         cost["recovery_steps_run"] = sum(r["steps_run"] for r in recovery_logs(model))
         trial.set_user_attr("cost", {k: round(v, 3) for k, v in cost.items()})
         return scores.values()
+
+    def _reuse(self, trial: optuna.Trial, same: FrozenTrial, t0: float) -> list[float]:
+        """Score ``trial`` as ``same``, a completed trial with the same recipe: compression and
+        recovery are deterministic for a recipe and thread count, so it would build the same
+        model (NSGA-II does propose recipes it has already run). Export rebuilds it, checked
+        against the predictions' digest copied here."""
+        from nas_fair.search.table import trial_constraints  # table imports this module
+
+        for key, value in same.user_attrs.items():
+            if key not in NOT_REUSED:
+                trial.set_user_attr(key, value)
+        for key, value in trial_constraints(same).items():
+            trial.set_constraint(key, value)
+        trial.set_user_attr("same_recipe_as", same.number)
+        trial.set_user_attr("cost", {"compress_s": 0.0, "recover_s": 0.0, "mitigation_s": 0.0,
+                                     "evaluate_s": 0.0, "latency_s": 0.0,
+                                     "bookkeeping_s": round(time.perf_counter() - t0, 3),
+                                     "total_s": round(time.perf_counter() - t0, 3),
+                                     "recovery_steps_run": 0})
+        assert same.values is not None
+        return list(same.values)
 
     def _save_artifact(self, trial: optuna.Trial, model: torch.nn.Module,
                        record: EvalRecord) -> None:
@@ -658,6 +682,22 @@ def _sqlite_wal(storage: Any) -> None:
             con.exec_driver_sql("PRAGMA journal_mode=WAL")
     except Exception:  # noqa: BLE001 - a busy database keeps its journal mode; still correct
         pass
+
+
+# What a trial scored from an earlier trial's recipe does not take from it: its own identity,
+# cost and queue marks; the saved model stays the earlier trial's (export rebuilds).
+NOT_REUSED = frozenset({"worker", "runtime", "cost", "artifact", "anchor", "retry_of",
+                        "same_recipe_as"})
+
+
+def same_recipe(trial: optuna.Trial) -> FrozenTrial | None:
+    """The first completed trial of the study with ``trial``'s parameters and thread count."""
+    threads = (trial.user_attrs.get("runtime") or {}).get("threads")
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if (t.params == trial.params and t.values is not None
+                and (t.user_attrs.get("runtime") or {}).get("threads") == threads):
+            return t
+    return None
 
 
 def population_for(budget_trials: int | None, anchors: int = 0) -> int:

@@ -239,6 +239,8 @@ def format_trial_line(trial: FrozenTrial, reference: dict[str, Any], names: list
                     trial_constraints(trial))
     cost = trial.user_attrs.get("cost", {})
     flags = ["on front"] if on_front else []
+    if "same_recipe_as" in trial.user_attrs:
+        flags.append(f"same recipe as trial {trial.user_attrs['same_recipe_as']}: scores reused")
     note = status_note(row)
     if note:
         flags.append(note)

@@ -388,3 +388,51 @@ def test_degraded_and_collapsed_trials_are_infeasible() -> None:
     assert cons(0.45, collapsed=True)["collapsed"] > 0
     cfg.objectives.min_accuracy_ratio = 0.0
     assert "accuracy_floor" not in cons(0.13)
+
+
+def test_a_recipe_already_run_is_scored_from_its_trial(tmp_path: Path,
+                                                       tiny_checkpoint: Path) -> None:
+    """NSGA-II proposes recipes it has already run; recovery is deterministic for a recipe and
+    thread count, so the second is scored from the first instead of being built again."""
+    import torch
+
+    from nas_fair.config import load_study
+    from nas_fair.search.study import Session, directions, predictions_digest
+    from nas_fair.spaces import anchor_trials
+
+    cfg = load_study(write_study(tmp_path, tiny_checkpoint, steps=20))
+    session = Session(cfg, tmp_path / "run", quiet=True)
+    session.prepare()
+    ref = session.score_reference()
+    reference = {"values": ref.values(), "accuracy": ref.accuracy, "bias": ref.bias}
+    study = optuna.create_study(directions=directions(cfg))
+    pruned = anchor_trials(session.space)[0]
+    assert pruned["pruning.heads"] > 0
+    for _ in range(2):
+        study.enqueue_trial(pruned)
+    study.optimize(lambda t: session.run_trial(t, reference), n_trials=2)
+    first, second = study.trials
+    assert first.params == second.params
+    assert "same_recipe_as" not in first.user_attrs
+    assert second.user_attrs["same_recipe_as"] == 0
+    assert second.values == first.values
+    assert second.constraints == first.constraints
+    for key in ("predictions_sha256", "bias_ci", "collapse", "size_bytes"):
+        assert second.user_attrs[key] == first.user_attrs[key]
+    assert second.user_attrs["cost"]["recovery_steps_run"] == 0
+    assert first.user_attrs["cost"]["recovery_steps_run"] > 0
+    assert "artifact" in first.user_attrs and "artifact" not in second.user_attrs
+    # the reuse is sound: building the recipe again gives the predictions it was scored by
+    record = session.evaluate(session.replay(second.params))
+    assert predictions_digest(record.y_pred) == second.user_attrs["predictions_sha256"]
+    # with another thread count the kernels differ: that trial is run, not reused
+    threads = torch.get_num_threads()
+    study.enqueue_trial(pruned)
+    try:
+        torch.set_num_threads(threads + 1)
+        study.optimize(lambda t: session.run_trial(t, reference), n_trials=1)
+    finally:
+        torch.set_num_threads(threads)
+    third = study.trials[2]
+    assert third.params == first.params and "same_recipe_as" not in third.user_attrs
+    assert third.user_attrs["cost"]["recovery_steps_run"] > 0
