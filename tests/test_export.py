@@ -551,3 +551,20 @@ def test_onnx_export_runs_in_onnxruntime(world: dict[str, Any], capsys: Any,
                                     attention_mask=torch.from_numpy(batch["attention_mask"]).long())
     agree = (logits.argmax(-1) == ref.logits.argmax(-1).numpy()).mean()
     assert logits.shape == (40, 3) and agree >= 0.9
+
+
+def test_a_trial_scored_from_an_earlier_recipe_exports(world: dict[str, Any], capsys: Any) -> None:
+    """The forced pruning space has one recipe: the second trial is scored from the first,
+    keeps no model of its own, and export rebuilds it and verifies it against the copied
+    records."""
+    tmp, run_dir = world["tmp"], world["run_dir"]
+    toml = study_toml(tmp, world["ckpt"], world["csv"], "repeat", FAMILIES["pruning"])
+    assert run_cli("search", "--config", str(toml), "--budget", "2", "--run-dir", str(run_dir)) == 0
+    assert "same recipe as trial 0: scores reused" in capsys.readouterr().out
+    first, second = study_of(run_dir, "repeat").trials
+    assert first.params == second.params and second.user_attrs["same_recipe_as"] == 0
+    assert "artifact" not in second.user_attrs
+    code, err = export(capsys, toml, run_dir, tmp / "repeat-out", "--trials", "1")
+    assert code == 0, err
+    assert "rebuilt from its recipe" in err
+    assert (tmp / "repeat-out" / "trial-1" / "model.safetensors").is_file()
