@@ -52,7 +52,9 @@ def check_exact_budget(trials: list[optuna.trial.FrozenTrial], n: int) -> None:
 
 
 def test_jobs_on_sqlite_complete_exactly_the_budget(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    toml = write_study(tmp_path, tiny_checkpoint, steps=30)  # long enough for both to take some
+    # Trials of ~1-2 s, so that both workers take some: at 30 steps a trial took 0.2-0.3 s and
+    # one worker once finished all four before the other (spawned 1.9 s later) took one.
+    toml = write_study(tmp_path, tiny_checkpoint, steps=300)
     # split the cores; no anchors: the int8 anchor skips recovery and is over in a moment, so a
     # worker that starts late under load could find every place taken
     toml.write_text(toml.read_text().replace("threads = 1\n", "anchors = false\n"))
