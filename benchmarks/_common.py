@@ -122,6 +122,18 @@ def reference_dict(session: Any) -> dict[str, Any]:
             "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs}
 
 
+def paired_objectives(cfg: Any, record: Any, other: Any) -> dict[str, list[float]]:
+    """(diff, low, high) of the study's accuracy and primary bias, ``record`` - ``other``, on the
+    same resampled test rows (the study's bootstrap count and seed)."""
+    from nas_fair.objectives.base import ACCURACY
+    from nas_fair.objectives.stats import paired_difference
+
+    opts = {"n": cfg.search.bootstrap, "seed": cfg.seed}
+    return {"accuracy": list(paired_difference(ACCURACY[cfg.objectives.accuracy], record,
+                                               other, **opts)),
+            "bias": list(paired_difference(cfg.objectives.bias, record, other, **opts))}
+
+
 def shown_storage(url: str) -> str:
     """A storage URL as results record it: no machine paths (SQLite under the working folder
     is made relative, elsewhere only its file name is kept) and no password (``shown_url``)."""

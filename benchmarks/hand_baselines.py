@@ -48,6 +48,7 @@ from _common import (
     add_study_args,
     load_cfg,
     open_session,
+    paired_objectives,
     reduce_search,
     reference_dict,
     run_dir,
@@ -150,23 +151,15 @@ def near_misses(session: Any, dirs: list[str], names: list[str], front: list[dic
                 ) -> list[dict[str, Any]]:
     """Front models worse than a baseline on accuracy alone, with paired bootstrap differences
     (front - baseline, same resampled test rows) of accuracy and bias: is the shortfall noise?"""
-    from nas_fair.objectives.base import ACCURACY
-    from nas_fair.objectives.stats import paired_difference
-
     cfg = session.cfg
     out = []
     for f in front:
         key = f"#{f['number']}"
         if worse_on(cfg, dirs, f, base) != [2] or key not in records:
             continue
-        pair = (records[key], records[base_key])
-        opts = {"n": cfg.search.bootstrap, "seed": cfg.seed}
-        out.append({
-            "number": f["number"], "missed": names[2],
-            "accuracy_diff": list(paired_difference(ACCURACY[cfg.objectives.accuracy], *pair,
-                                                    **opts)),
-            "bias_diff": list(paired_difference(cfg.objectives.bias, *pair, **opts)),
-        })
+        diff = paired_objectives(cfg, records[key], records[base_key])
+        out.append({"number": f["number"], "missed": names[2],
+                    "accuracy_diff": diff["accuracy"], "bias_diff": diff["bias"]})
     return out
 
 

@@ -33,6 +33,7 @@ from _common import (
     add_study_args,
     load_cfg,
     open_session,
+    paired_objectives,
     reduce_search,
     run_dir,
     shrink_test,
@@ -168,24 +169,14 @@ def main() -> None:
 
 def pair_with_fp32(session: Any, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """bf16 - fp32 of accuracy and primary bias on the same resampled rows, into row["paired"]."""
-    from nas_fair.objectives.base import ACCURACY
-    from nas_fair.objectives.stats import paired_difference
-
     if row["precision"] != "bf16" or row["budget"] == 0:
         return
     fp32 = next((r for r in rows if r["precision"] == "fp32" and r["budget"] == row["budget"]
                  and r["early_stop"] == row["early_stop"]), None)
     if fp32 is None:
         return
-    cfg = session.cfg
-    n, seed = cfg.search.bootstrap, cfg.seed
-    row["paired"] = {
-        "accuracy": list(paired_difference(ACCURACY[cfg.objectives.accuracy], row["_record"],
-                                           fp32["_record"], n=n, seed=seed)),
-        "bias": list(paired_difference(cfg.objectives.bias, row["_record"], fp32["_record"],
-                                       n=n, seed=seed)),
-        "fp32_recover_s": fp32["recover_s"],
-    }
+    row["paired"] = {**paired_objectives(session.cfg, row["_record"], fp32["_record"]),
+                     "fp32_recover_s": fp32["recover_s"]}
 
 
 def _f(x: float | None) -> str:

@@ -72,7 +72,7 @@ def run_trials(cfg: Any, folder: Path, k: int, threads: int,
 REPLAY_PHASES = ("recover_s", "mitigation_s", "evaluate_s", "total_s")
 
 
-def replay_rows(before: dict[int, Any], now: list[Any]) -> list[dict[str, Any]]:
+def replay_rows(before: list[Any], now: list[Any]) -> list[dict[str, Any]]:
     """Each replayed recipe's stored cost beside its cost now (the scratch study's i-th trial
     is the i-th replayed one; same params checked)."""
     rows = []
@@ -139,7 +139,7 @@ def main() -> None:
     folder = run_dir(args, cfg)
     settings: dict[str, Any] = {"study": cfg.name, "threads": args.threads}
     url = args.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
-    before: dict[int, Any] = {}
+    before: list[Any] = []
     if args.replay:
         try:
             wanted = [int(v) for v in args.replay.split(",")]
@@ -152,7 +152,7 @@ def main() -> None:
             sys.exit(f"--replay: no completed trial with a recorded cost numbered "
                      f"{', '.join(map(str, missing))} in {shown_storage(url)}")
         args.trials = len(wanted)
-        before = {i: stored[n] for i, n in enumerate(wanted)}
+        before = [stored[n] for n in wanted]
         settings["replayed"] = wanted
     if args.trials > 0:
         if args.steps is not None:
@@ -162,7 +162,7 @@ def main() -> None:
         cfg.validate()
         t = time.perf_counter()
         trials, url = run_trials(cfg, folder, args.trials, args.threads,
-                                 [t.params for t in before.values()] or None)
+                                 [t.params for t in before] or None)
         settings.update(source="run now", storage=shown_storage(url), run_s=time.perf_counter() - t,
                         recovery_steps=cfg.search.recovery_steps,
                         early_stop=cfg.search.recovery_early_stop,

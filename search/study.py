@@ -523,11 +523,10 @@ class Session:
         for key, value in trial_constraints(same).items():
             trial.set_constraint(key, value)
         trial.set_user_attr("same_recipe_as", same.number)
+        spent = round(time.perf_counter() - t0, 3)
         trial.set_user_attr("cost", {"compress_s": 0.0, "recover_s": 0.0, "mitigation_s": 0.0,
-                                     "evaluate_s": 0.0, "latency_s": 0.0,
-                                     "bookkeeping_s": round(time.perf_counter() - t0, 3),
-                                     "total_s": round(time.perf_counter() - t0, 3),
-                                     "recovery_steps_run": 0})
+                                     "evaluate_s": 0.0, "latency_s": 0.0, "bookkeeping_s": spent,
+                                     "total_s": spent, "recovery_steps_run": 0})
         assert same.values is not None
         return list(same.values)
 

@@ -223,6 +223,10 @@ def recover(
     )
     device = next(model.parameters()).device
     bf16 = resolve_precision(precision, device) == "bf16"
+
+    def amp() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     frozen: list[nn.Parameter] = []
     if freeze_embeddings:
         emb = getattr(getattr(model, "base_model", model), "embeddings", None)
@@ -287,7 +291,7 @@ def recover(
                     teacher_logits=teacher[index].to(device),
                     weights=None if weights is None else weights[index].to(device),
                 )
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with amp():
                     logits = model(input_ids=batch.input_ids,
                                    attention_mask=batch.attention_mask).logits
                 logits = logits.float()
@@ -307,7 +311,7 @@ def recover(
                 if extra_loss is not None:
                     # Under the same autocast: a penalty may run its own forward pass (the
                     # counterfactual regularizer does), which must be as cheap as the first.
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    with amp():
                         extra = extra_loss(model, batch, logits)
                     loss = loss + extra  # promoted to fp32, as the loss is
                 optimizer.zero_grad(set_to_none=True)
