@@ -9,12 +9,13 @@ every recorded bias metric in the JSON. With early stopping the run is the same 
 is not trained twice.
 
 With ``--precision fp32,bf16`` each budget is also run with recovery's forward passes under
-bfloat16 autocast, so its accuracy and bias can be set against fp32's on the same student;
-``paired`` in the JSON holds the paired bootstrap difference bf16 - fp32 of both.
+bfloat16 autocast, and with ``--dropout on,off`` with and without dropout, so that a setting's
+accuracy and bias can be set against the first setting's on the same student; ``paired`` in
+the JSON holds the paired bootstrap difference (this setting - the first) of both.
 
     python benchmarks/recovery_curve.py [--steps 0,75,150,300,450,600] [--variants off,on]
-        [--prune heads=0.25,ffn=0.5,layers=3] [--precision fp32] [--test-rows 0]
-        [--bootstrap N]
+        [--prune heads=0.25,ffn=0.5,layers=3] [--precision fp32] [--dropout on|off]
+        [--test-rows 0] [--bootstrap N]
 
 Writes benchmarks/results/recovery_curve.json and recovery_curve.html next to it.
 """
@@ -54,21 +55,22 @@ def parse_prune(text: str) -> dict[str, Any]:
 
 
 def one_run(session: Any, student: Any, budget: int, early_stop: bool,
-            tolerance: float | None, precision: str) -> dict[str, Any]:
+            tolerance: float | None, precision: str, dropout: bool) -> dict[str, Any]:
     from nas_fair.spaces.distillation import recover, recovery_log
 
     model = copy.deepcopy(student)
     t = time.perf_counter()
     if budget > 0:
         recover(model, session.ctx, steps=budget, temperature=TEMPERATURE, alpha=ALPHA,
-                early_stop=early_stop, tolerance=tolerance, precision=precision)
+                early_stop=early_stop, tolerance=tolerance, precision=precision,
+                dropout=dropout)
     recover_s = time.perf_counter() - t
     log = recovery_log(model) if budget > 0 else None
     record = session.evaluate(model)
     scores = session.score(model, record, paired=True)
     a = scores.attrs
     return {
-        "budget": budget, "early_stop": early_stop, "precision": precision,
+        "budget": budget, "early_stop": early_stop, "precision": precision, "dropout": dropout,
         "steps_run": log["steps_run"] if log else 0, "recover_s": recover_s,
         "accuracy": scores.accuracy, "accuracy_ci": a["accuracy_ci"],
         "bias": scores.bias, "bias_ci": a["bias_ci"], "size_mb": scores.size_mb,
@@ -86,6 +88,8 @@ def main() -> None:
     ap.add_argument("--variants", default="off,on", help="early stopping off, on, or both")
     ap.add_argument("--precision", default="fp32",
                     help="recovery precisions to run, comma-separated: fp32, bf16")
+    ap.add_argument("--dropout", help="dropout while recovering, comma-separated: on, off "
+                                      "(default: the study's recovery_dropout)")
     ap.add_argument("--tolerance", type=float, help="early-stop tolerance (default: the study's)")
     ap.add_argument("--prune", default="heads=0.25,ffn=0.5,layers=3",
                     help="the fixed student's pruning (heads, ffn, layers)")
@@ -106,6 +110,11 @@ def main() -> None:
     if not precisions or not set(precisions) <= {"fp32", "bf16"}:
         raise SystemExit(f"--precision must be a subset of fp32,bf16, got {args.precision!r}")
     cfg = load_cfg(args)
+    dropout = args.dropout or ("on" if cfg.search.recovery_dropout else "off")
+    dropouts = [v.strip() for v in dropout.split(",") if v.strip()]
+    if not dropouts or not set(dropouts) <= {"on", "off"}:
+        raise SystemExit(f"--dropout must be a subset of on,off, got {args.dropout!r}")
+    settings = [(p, d == "on") for p, d in itertools.product(precisions, dropouts)]
     reduced = reduce_search(cfg, bootstrap=args.bootstrap)
     session = open_session(cfg, run_dir(args, cfg), args.threads)
     n_test = len(session.data.test)
@@ -118,9 +127,9 @@ def main() -> None:
     ref = session.score_reference()
     names = objective_names(cfg)
     rows: list[dict[str, Any]] = []
-    for budget, precision in itertools.product(budgets, precisions):
-        if budget == 0 and precision != precisions[0]:
-            continue  # no training: precision changes nothing
+    for budget, (precision, dropout) in itertools.product(budgets, settings):
+        if budget == 0 and (precision, dropout) != settings[0]:
+            continue  # no training: the setting changes nothing
         done: dict[bool, dict[str, Any]] = {}
         for variant in sorted(variants, key=lambda v: v != "on"):  # "on" first: it may be "off"
             stop = variant == "on"
@@ -130,11 +139,11 @@ def main() -> None:
             elif budget == 0 and done:
                 row = {**next(iter(done.values())), "early_stop": stop}
             else:
-                row = one_run(session, student, budget, stop, tolerance, precision)
+                row = one_run(session, student, budget, stop, tolerance, precision, dropout)
             done[stop] = row
             rows.append(row)
-            pair_with_fp32(session, row, rows)
-            print(f"budget {budget:4d} {precision} early stop {variant:>3}: "
+            pair_with_first(session, row, rows, settings[0])
+            print(f"budget {budget:4d} {setting_label(row)} early stop {variant:>3}: "
                   f"{row['steps_run']:4d} steps "
                   f"({row['recover_s']:.0f}s)  {names[2]} {row['accuracy']:.3f} "
                   f"[{row['accuracy_ci'][0]:.3f}, {row['accuracy_ci'][1]:.3f}]  {names[3]} "
@@ -148,35 +157,41 @@ def main() -> None:
                               "bias": ref.bias, "bias_ci": ref.attrs["bias_ci"]},
                 "rows": [{k: v for k, v in r.items() if k != "_record"} for r in rows]}
         write_json(out, data)  # after every budget: a long run keeps what it measured
-    print(table([[r["budget"], r["precision"], "on" if r["early_stop"] else "off",
+    print(table([[r["budget"], setting_label(r), "on" if r["early_stop"] else "off",
                   r["steps_run"], r["recover_s"], r["accuracy"], _ci(r["accuracy_ci"]),
                   r["bias"], _ci(r["bias_ci"]), "yes" if r["collapsed"] else "no"]
                  for r in rows],
-                ["budget", "precision", "early stop", "steps run", "recover s", names[2],
+                ["budget", "recovery", "early stop", "steps run", "recover s", names[2],
                  "95% CI", names[3], "95% CI", "collapsed"]))
     for r in rows:
         if "paired" in r:
             p = r["paired"]
             print(f"budget {r['budget']} early stop {'on' if r['early_stop'] else 'off'}, "
-                  f"bf16 - fp32 (paired): {names[2]} {p['accuracy'][0]:+.3f} "
-                  f"{_ci(p['accuracy'][1:])}, {names[3]} {p['bias'][0]:+.3f} "
-                  f"{_ci(p['bias'][1:])}, recovery {r['recover_s']:.0f} s vs "
-                  f"{p['fp32_recover_s']:.0f} s")
+                  f"{setting_label(r)} - {p['against']} (paired): {names[2]} "
+                  f"{p['accuracy'][0]:+.3f} {_ci(p['accuracy'][1:])}, {names[3]} "
+                  f"{p['bias'][0]:+.3f} {_ci(p['bias'][1:])}, recovery {r['recover_s']:.0f} s "
+                  f"vs {p['against_recover_s']:.0f} s")
     print(f"reference: {names[2]} {ref.accuracy:.3f}, {names[3]} {ref.bias:.3f}")
     write_html(Path(args.out).with_suffix(".html"), figures(data),
                f"{cfg.name}: recovery curve of a fixed student ({args.prune})")
 
 
-def pair_with_fp32(session: Any, row: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """bf16 - fp32 of accuracy and primary bias on the same resampled rows, into row["paired"]."""
-    if row["precision"] != "bf16" or row["budget"] == 0:
+def setting_label(row: dict[str, Any]) -> str:
+    return f"{row['precision']}{'' if row.get('dropout', True) else ' no dropout'}"
+
+
+def pair_with_first(session: Any, row: dict[str, Any], rows: list[dict[str, Any]],
+                    first: tuple[str, bool]) -> None:
+    """This setting - the first setting, accuracy and primary bias on the same resampled rows
+    (same budget and early stopping), into row["paired"]."""
+    if (row["precision"], row["dropout"]) == first or row["budget"] == 0:
         return
-    fp32 = next((r for r in rows if r["precision"] == "fp32" and r["budget"] == row["budget"]
-                 and r["early_stop"] == row["early_stop"]), None)
-    if fp32 is None:
+    base = next((r for r in rows if (r["precision"], r["dropout"]) == first
+                 and r["budget"] == row["budget"] and r["early_stop"] == row["early_stop"]), None)
+    if base is None:
         return
-    row["paired"] = {**paired_objectives(session.cfg, row["_record"], fp32["_record"]),
-                     "fp32_recover_s": fp32["recover_s"]}
+    row["paired"] = {**paired_objectives(session.cfg, row["_record"], base["_record"]),
+                     "against": setting_label(base), "against_recover_s": base["recover_s"]}
 
 
 def _f(x: float | None) -> str:
@@ -193,17 +208,18 @@ def figures(data: dict[str, Any]) -> list[Any]:
 
     names = data["objectives"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=(names[2], names[3]))
-    colors = {(False, "fp32"): "#1f77b4", (True, "fp32"): "#d62728",
-              (False, "bf16"): "#2ca02c", (True, "bf16"): "#ff7f0e"}
-    for (stop, precision), color in colors.items():
+    settings = list(dict.fromkeys(setting_label(r) for r in data["rows"] if r["budget"]))
+    palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+               "#7f7f7f")
+    curves = [(stop, setting) for setting in settings for stop in (False, True)]
+    for (stop, setting), color in zip(curves, itertools.cycle(palette)):
         rows = sorted((r for r in data["rows"] if r["early_stop"] == stop and (
-            r.get("precision", "fp32") == precision or r["budget"] == 0)),
-                      key=lambda r: r["steps_run"])
+            setting_label(r) == setting or r["budget"] == 0)), key=lambda r: r["steps_run"])
         if len(rows) <= sum(r["budget"] == 0 for r in rows):
             continue
         label = "early stop on" if stop else "early stop off (full budget)"
-        if any(r.get("precision") == "bf16" for r in data["rows"]):
-            label += f", {precision}"
+        if len(settings) > 1:
+            label += f", {setting}"
         hover = [f"budget {r['budget']}, ran {r['steps_run']} steps" for r in rows]
         for col, key in ((1, "accuracy"), (2, "bias")):
             lo = [r[key] - (r[f"{key}_ci"][0] if r[f"{key}_ci"][0] is not None else r[key])

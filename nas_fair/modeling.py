@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,84 @@ def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return ids[:, : max(n, 1)], mask[:, : max(n, 1)]
 
 
+# Classifiers whose head reads the last layer at the first position only (BERT's pooler takes
+# [:, 0]; RoBERTa's classification head takes features[:, 0, :]).
+FIRST_TOKEN_HEADS = frozenset({
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+})
+
+
+class _FirstTokenLayer(nn.Module):
+    """A BERT-style last layer that returns only the first position's output.
+
+    Keys and values still come from every position (the layer's own self-attention module, so
+    pruned heads and any attention kernel work unchanged); the attention output projection,
+    the residual LayerNorms and the feed-forward block then run on one row per example
+    instead of one per token, which is all a first-token classifier reads. The layer's parts
+    are registered under their own names, so parameter and state-dict names do not change.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        self.__dict__["inner"] = layer  # not a submodule: no "inner." in parameter names
+        self.train(layer.training)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *_args: Any, **kwargs: Any) -> torch.Tensor:
+        kwargs.pop("encoder_attention_mask", None)
+        kwargs.pop("past_key_values", None)
+        attention = self.inner.attention
+        context, _ = attention.self(hidden_states, attention_mask=attention_mask, **kwargs)
+        first = attention.output(context[:, :1], hidden_states[:, :1])
+        return self.inner.feed_forward_chunk(first)
+
+
+def _first_token_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The encoder's layer list when ``model`` is a first-token classifier of BERT-style
+    layers (an encoder, not a decoder); else None."""
+    if type(model).__name__ not in FIRST_TOKEN_HEADS:
+        return None
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_decoder", False) or getattr(
+            config, "add_cross_attention", False) or getattr(config, "output_hidden_states",
+                                                            False):
+        return None
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return None
+    last = layers[-1]
+    if isinstance(last, _FirstTokenLayer):
+        return None  # already narrowed by an enclosing call
+    attention = getattr(last, "attention", None)
+    if not (hasattr(attention, "self") and hasattr(attention, "output")
+            and callable(getattr(last, "feed_forward_chunk", None))
+            and not any(True for _ in last.parameters(recurse=False))):
+        return None
+    return layers
+
+
+@contextmanager
+def first_token_only(model: nn.Module) -> Iterator[bool]:
+    """Inside: the model's last layer computes only what its classifier reads (see
+    :class:`_FirstTokenLayer`); yields whether it applied. The logits and their gradients are
+    the same up to float rounding, at a fraction of the last layer's cost: for MiniLM (6 layers,
+    ~35 tokens per row) about an eighth of a forward pass. Other architectures run unchanged."""
+    layers = _first_token_layers(model)
+    if layers is None:
+        yield False
+        return
+    last = layers[-1]
+    layers[-1] = _FirstTokenLayer(last)
+    try:
+        yield True
+    finally:
+        layers[-1] = last
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 128,
@@ -102,11 +182,12 @@ def predict_logits(
     model.eval()
     order = torch.argsort(mask.sum(1), descending=True)
     chunks: list[torch.Tensor] = []
-    for start in range(0, len(ids), batch_size):
-        idx = order[start : start + batch_size]
-        b_ids, b_mask = _trim(ids[idx], mask[idx])
-        logits = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device)).logits
-        chunks.append(logits.float().cpu())
+    with first_token_only(model):
+        for start in range(0, len(ids), batch_size):
+            idx = order[start : start + batch_size]
+            b_ids, b_mask = _trim(ids[idx], mask[idx])
+            logits = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device)).logits
+            chunks.append(logits.float().cpu())
     if not chunks:
         return torch.empty(0, getattr(getattr(model, "config", None), "num_labels", 0))
     stacked = torch.cat(chunks)

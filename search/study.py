@@ -153,7 +153,7 @@ def config_dict(cfg: StudyConfig) -> dict[str, Any]:
     return d
 
 
-ADDED_SEARCH_FIELDS = {"recovery_precision": "fp32"}
+ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_dropout": True}
 
 
 def search_fingerprint(cfg: StudyConfig) -> str:
@@ -267,6 +267,7 @@ class Session:
                     "recovery_early_stop": self.cfg.search.recovery_early_stop,
                     "recovery_tolerance": self.cfg.search.recovery_tolerance,
                     "recovery_precision": self.cfg.search.recovery_precision,
+                    "recovery_dropout": self.cfg.search.recovery_dropout,
                     "eval_batch_size": self.cfg.search.eval_batch_size},
         )
         val = self.data.validation

@@ -17,6 +17,13 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
 * optionally (``recovery_precision``) the forward passes run under bfloat16 autocast, 1.26x
   (3-layer student) to 1.43x (6 layers) faster on a CPU with bfloat16 instructions; weights,
   optimizer state and the loss stay fp32, so it is mixed precision, not a lower-precision model;
+* dropout is off unless the study asks for it (``recovery_dropout``): on 2 CPU cores its masks
+  took 18% of a full-depth student's step, and a student distilled from cached logits for a
+  couple of epochs has little to overfit (paired accuracy and bias in the README); on a CPU the
+  math attention kernel is then used, because the fused one's backward is slower here;
+* the last layer computes only the first position, the one the classifier reads
+  (:func:`nas_fair.modeling.first_token_only`): the same loss and gradients, 1/L of that
+  layer's projections and feed-forward work;
 * the embedding block is frozen: it is ~half of a small model's parameters, its gradients are
   sparse and costly, and compression never changes it (only quantization does, later), so the
   budget goes to the layers that were actually changed.
@@ -24,6 +31,7 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Callable
@@ -37,6 +45,7 @@ from tqdm.auto import tqdm
 
 from nas_fair.config import PRECISIONS
 from nas_fair.errors import UserError, one_of
+from nas_fair.modeling import first_token_only
 from nas_fair.spaces._util import length_bucketed_batches, row_lengths
 from nas_fair.spaces.base import (
     STAGE_RECOVER,
@@ -178,6 +187,7 @@ def recover(
     min_fraction: float = EARLY_STOP_MIN_FRACTION,
     bucket_batches: int = BUCKET_BATCHES,
     precision: str | None = None,
+    dropout: bool | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for up to ``steps`` AdamW steps toward the cached teacher logits.
 
@@ -194,7 +204,8 @@ def recover(
     ``min_fraction``. The learning-rate schedule always spans the full ``steps`` budget.
     ``precision`` (default ``ctx.extras["recovery_precision"]``, else fp32): "bf16" autocasts
     forward passes to bfloat16, "auto" only where :func:`bf16_native` says the hardware has
-    bfloat16 instructions. What happened (steps run, loss per step, precision) is appended to
+    bfloat16 instructions. ``dropout`` (default ``ctx.extras["recovery_dropout"]``, else on)
+    trains with the model's dropout; off, the model stays in eval mode. What happened (steps run, loss per step, precision) is appended to
     ``model.nas_fair_recovery`` (see :func:`recovery_logs`).
     """
     if lr is None:
@@ -205,6 +216,8 @@ def recover(
         tolerance = float(ctx.extras.get("recovery_tolerance", EARLY_STOP_TOLERANCE))
     if precision is None:
         precision = str(ctx.extras.get("recovery_precision", "fp32"))
+    if dropout is None:
+        dropout = bool(ctx.extras.get("recovery_dropout", True))
     if steps <= 0:
         return model.eval()
     data = ctx.train
@@ -269,9 +282,13 @@ def recover(
     run = 0
 
     try:
-        with torch.random.fork_rng(devices=[]):
+        with (
+            torch.random.fork_rng(devices=[]),
+            attention_kernels(device, dropout=dropout),
+            first_token_only(model),
+        ):
             torch.manual_seed(ctx.seed)
-            model.train()
+            model.train(dropout)
             progress = tqdm(
                 range(steps), desc="recovery", leave=False, disable=not sys.stderr.isatty()
             )
@@ -336,9 +353,24 @@ def recover(
         "early_stop": bool(early_stop),
         "tolerance": tolerance if early_stop else None,
         "precision": "bf16" if bf16 else "fp32",
+        "dropout": bool(dropout),
         "losses": [round(v, 5) for v in losses[:run].tolist()],
         "checks": [] if stopper is None else stopper.history,
     })
+
+
+def attention_kernels(device: torch.device, *, dropout: bool) -> contextlib.AbstractContextManager:
+    """Training without dropout on a CPU: scaled-dot-product attention through its math kernel.
+
+    Without dropout SDPA would pick torch's fused CPU flash-attention kernel, whose backward
+    made a full-depth MiniLM step 1.4x slower than the math kernel on 2 cores (0.33 against
+    0.23 s). With dropout SDPA uses the math kernel anyway, and on a GPU the fused kernels are
+    the fast ones, so nothing is forced there."""
+    if dropout or device.type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def bf16_native(device: torch.device) -> bool:

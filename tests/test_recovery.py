@@ -319,3 +319,114 @@ def test_recovery_precision_in_the_study_and_its_fingerprint(
     with pytest.raises(UserError, match=r"^\[search\] recovery_precision must be one of fp32, "
                                         r"bf16, auto, got 'fp16' \(did you mean 'bf16'\?\)$"):
         parse_study(STUDY.format(extra='recovery_precision = "fp16"'))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+def test_first_token_only_gives_the_same_logits_and_gradients(kind: str) -> None:
+    """The narrowed last layer is an optimization, not another model: logits and gradients match
+    the full forward pass (padded rows included), also with heads pruned and layers shared, and
+    the model is restored afterwards. DistilBERT is left as it is (not narrowed)."""
+    from conftest import random_batch
+
+    from nas_fair.modeling import first_token_only
+    from nas_fair.spaces import compress
+    from nas_fair.spaces.pruning import PruningConfig
+    from nas_fair.spaces.sharing import SharingConfig
+
+    base = tiny_model(kind)
+    ctx = CompressionContext(reference=base, train=None, seed=0)
+    students = [base, compress(base, {"pruning": PruningConfig(heads=0.5, ffn=0.5),
+                                      "sharing": SharingConfig(group_size=2)}, ctx)]
+    ids, mask = random_batch()
+    for model in students:
+        before = [type(m).__name__ for m in model.modules()]
+        names = list(model.state_dict())
+
+        def grads(narrow: bool, model: nn.Module = model) -> tuple[torch.Tensor, dict]:
+            model.zero_grad(set_to_none=True)
+            if narrow:
+                with first_token_only(model) as applied:
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    assert list(model.state_dict()) == names  # same names inside
+                assert applied == (kind != "distilbert")
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            logits.pow(2).sum().backward()
+            return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                     if p.grad is not None}
+
+        full, full_grads = grads(False)
+        narrow, narrow_grads = grads(True)
+        torch.testing.assert_close(narrow, full, rtol=1e-5, atol=1e-5)
+        assert narrow_grads.keys() == full_grads.keys()
+        for name, g in full_grads.items():
+            torch.testing.assert_close(narrow_grads[name], g, rtol=1e-4, atol=1e-5)
+        assert [type(m).__name__ for m in model.modules()] == before
+
+
+def test_first_token_only_restores_the_layer_on_error_and_does_not_nest() -> None:
+    from nas_fair.modeling import first_token_only
+
+    model = tiny_model("bert")
+    last = model.bert.encoder.layer[-1]
+    with pytest.raises(RuntimeError, match="boom"), first_token_only(model):
+        with first_token_only(model) as inner:
+            assert inner is False  # already narrowed: the inner call leaves it alone
+        raise RuntimeError("boom")
+    assert model.bert.encoder.layer[-1] is last
+
+
+def test_recovery_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off: the student trains in eval mode (no dropout anywhere) and, on a CPU, attention
+    runs through the math kernel; deterministic, a different model from training with
+    dropout, logged. The study's setting (ctx.extras) is the default; on is the built-in one."""
+    ctx = varied_context(tiny_model("bert"))
+    seen: list[tuple[bool, bool]] = []
+
+    def run(**kw: object) -> tuple[dict[str, torch.Tensor], dict]:
+        seen.clear()
+        model = tiny_model("bert")
+        model.register_forward_pre_hook(
+            lambda m, args: seen.append((m.training, torch.backends.cuda.flash_sdp_enabled())))
+        recover(model, ctx, steps=6, early_stop=False, **kw)
+        log = recovery_log(model)
+        assert log is not None and model.training is False
+        return _weights(model), log
+
+    on, on_log = run()
+    off, off_log = run(dropout=False)
+    assert on_log["dropout"] is True and off_log["dropout"] is False
+    assert seen == [(False, False)] * 6  # eval mode, flash attention disabled
+    again, _ = run(dropout=False)
+    assert all(torch.equal(v, again[k]) for k, v in off.items())
+    assert any(not torch.equal(v, on[k]) for k, v in off.items())
+    run()
+    assert seen == [(True, True)] * 6  # the default: dropout, SDPA chooses its kernel
+    ctx.extras["recovery_dropout"] = False
+    study_off, study_log = run()
+    assert study_log["dropout"] is False
+    assert all(torch.equal(v, off[k]) for k, v in study_off.items())
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after recovery
+
+
+def test_recovery_dropout_in_the_study_and_its_fingerprint(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nas_fair.search import study
+
+    cfg = parse_study(STUDY.format(extra=""))
+    assert cfg.search.recovery_dropout is True
+    off = parse_study(STUDY.format(extra="recovery_dropout = false"))
+    assert off.search.recovery_dropout is False
+    now = study.search_fingerprint(cfg)
+    assert study.search_fingerprint(off) != now
+    real = study.config_dict
+
+    def before_the_field(c: object) -> dict:
+        d = real(c)
+        del d["search"]["recovery_dropout"]
+        return d
+
+    monkeypatch.setattr(study, "config_dict", before_the_field)
+    assert study.search_fingerprint(cfg) == now  # older studies still resume
+    with pytest.raises(UserError, match=r"^\[search\] recovery_dropout must be bool, got str 'no'$"):
+        parse_study(STUDY.format(extra='recovery_dropout = "no"'))
