@@ -12,10 +12,13 @@ With ``--precision fp32,bf16`` each budget is also run with recovery's forward p
 bfloat16 autocast, and with ``--dropout on,off`` with and without dropout, so that a setting's
 accuracy and bias can be set against the first setting's on the same student; ``paired`` in
 the JSON holds the paired bootstrap difference (this setting - the first) of both.
+``--seeds 0,1,2`` repeats everything with other recovery seeds (batch order and dropout; the
+student and the test rows stay the same), so a setting's effect can be set against the spread
+from the seed alone; pairs are formed within a seed.
 
     python benchmarks/recovery_curve.py [--steps 0,75,150,300,450,600] [--variants off,on]
         [--prune heads=0.25,ffn=0.5,layers=3] [--precision fp32] [--dropout on|off]
-        [--test-rows 0] [--bootstrap N]
+        [--seeds 0] [--test-rows 0] [--bootstrap N]
 
 Writes benchmarks/results/recovery_curve.json and recovery_curve.html next to it.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -55,13 +59,16 @@ def parse_prune(text: str) -> dict[str, Any]:
 
 
 def one_run(session: Any, student: Any, budget: int, early_stop: bool,
-            tolerance: float | None, precision: str, dropout: bool) -> dict[str, Any]:
+            tolerance: float | None, precision: str, dropout: bool, seed: int,
+            ) -> dict[str, Any]:
     from nas_fair.spaces.distillation import recover, recovery_log
+
+    ctx = dataclasses.replace(session.ctx, seed=seed)
 
     model = copy.deepcopy(student)
     t = time.perf_counter()
     if budget > 0:
-        recover(model, session.ctx, steps=budget, temperature=TEMPERATURE, alpha=ALPHA,
+        recover(model, ctx, steps=budget, temperature=TEMPERATURE, alpha=ALPHA,
                 early_stop=early_stop, tolerance=tolerance, precision=precision,
                 dropout=dropout)
     recover_s = time.perf_counter() - t
@@ -71,6 +78,7 @@ def one_run(session: Any, student: Any, budget: int, early_stop: bool,
     a = scores.attrs
     return {
         "budget": budget, "early_stop": early_stop, "precision": precision, "dropout": dropout,
+        "seed": seed,
         "steps_run": log["steps_run"] if log else 0, "recover_s": recover_s,
         "accuracy": scores.accuracy, "accuracy_ci": a["accuracy_ci"],
         "bias": scores.bias, "bias_ci": a["bias_ci"], "size_mb": scores.size_mb,
@@ -90,6 +98,7 @@ def main() -> None:
                     help="recovery precisions to run, comma-separated: fp32, bf16")
     ap.add_argument("--dropout", help="dropout while recovering, comma-separated: on, off "
                                       "(default: the study's recovery_dropout)")
+    ap.add_argument("--seeds", help="recovery seeds, comma-separated (default: the study's)")
     ap.add_argument("--tolerance", type=float, help="early-stop tolerance (default: the study's)")
     ap.add_argument("--prune", default="heads=0.25,ffn=0.5,layers=3",
                     help="the fixed student's pruning (heads, ffn, layers)")
@@ -115,6 +124,10 @@ def main() -> None:
     if not dropouts or not set(dropouts) <= {"on", "off"}:
         raise SystemExit(f"--dropout must be a subset of on,off, got {args.dropout!r}")
     settings = [(p, d == "on") for p, d in itertools.product(precisions, dropouts)]
+    try:
+        seeds = [int(v) for v in (args.seeds or str(cfg.seed)).split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     reduced = reduce_search(cfg, bootstrap=args.bootstrap)
     session = open_session(cfg, run_dir(args, cfg), args.threads)
     n_test = len(session.data.test)
@@ -127,9 +140,9 @@ def main() -> None:
     ref = session.score_reference()
     names = objective_names(cfg)
     rows: list[dict[str, Any]] = []
-    for budget, (precision, dropout) in itertools.product(budgets, settings):
-        if budget == 0 and (precision, dropout) != settings[0]:
-            continue  # no training: the setting changes nothing
+    for seed, budget, (precision, dropout) in itertools.product(seeds, budgets, settings):
+        if budget == 0 and ((precision, dropout) != settings[0] or seed != seeds[0]):
+            continue  # no training: the setting and seed change nothing
         done: dict[bool, dict[str, Any]] = {}
         for variant in sorted(variants, key=lambda v: v != "on"):  # "on" first: it may be "off"
             stop = variant == "on"
@@ -139,7 +152,9 @@ def main() -> None:
             elif budget == 0 and done:
                 row = {**next(iter(done.values())), "early_stop": stop}
             else:
-                row = one_run(session, student, budget, stop, tolerance, precision, dropout)
+                row = one_run(session, student, budget, stop, tolerance, precision, dropout,
+                              seed)
+            row["show_seed"] = len(seeds) > 1
             done[stop] = row
             rows.append(row)
             pair_with_first(session, row, rows, settings[0])
@@ -177,7 +192,8 @@ def main() -> None:
 
 
 def setting_label(row: dict[str, Any]) -> str:
-    return f"{row['precision']}{'' if row.get('dropout', True) else ' no dropout'}"
+    label = f"{row['precision']}{'' if row.get('dropout', True) else ' no dropout'}"
+    return f"{label} seed {row['seed']}" if row.get("show_seed") else label
 
 
 def pair_with_first(session: Any, row: dict[str, Any], rows: list[dict[str, Any]],
@@ -187,7 +203,8 @@ def pair_with_first(session: Any, row: dict[str, Any], rows: list[dict[str, Any]
     if (row["precision"], row["dropout"]) == first or row["budget"] == 0:
         return
     base = next((r for r in rows if (r["precision"], r["dropout"]) == first
-                 and r["budget"] == row["budget"] and r["early_stop"] == row["early_stop"]), None)
+                 and r["budget"] == row["budget"] and r["early_stop"] == row["early_stop"]
+                 and r["seed"] == row["seed"]), None)
     if base is None:
         return
     row["paired"] = {**paired_objectives(session.cfg, row["_record"], base["_record"]),

@@ -152,6 +152,10 @@ def _first_token_layers(model: nn.Module) -> nn.ModuleList | None:
             and callable(getattr(last, "feed_forward_chunk", None))
             and not any(True for _ in last.parameters(recurse=False))):
         return None
+    if any(".quantized" in type(m).__module__ for m in last.modules()):
+        # torch's dynamic int8 Linear quantizes its input with one scale per call, taken from
+        # every row it is given: fed the first position only it would compute another model.
+        return None
     return layers
 
 
@@ -160,7 +164,9 @@ def first_token_only(model: nn.Module) -> Iterator[bool]:
     """Inside: the model's last layer computes only what its classifier reads (see
     :class:`_FirstTokenLayer`); yields whether it applied. The logits and their gradients are
     the same up to float rounding, at a fraction of the last layer's cost: for MiniLM (6 layers,
-    ~35 tokens per row) about an eighth of a forward pass. Other architectures run unchanged."""
+    ~35 tokens per row) about an eighth of a forward pass. Other architectures, and a last
+    layer with dynamically quantized (int8) linears, whose outputs depend on the other rows
+    of the call, run unchanged."""
     layers = _first_token_layers(model)
     if layers is None:
         yield False

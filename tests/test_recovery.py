@@ -364,6 +364,28 @@ def test_first_token_only_gives_the_same_logits_and_gradients(kind: str) -> None
         assert [type(m).__name__ for m in model.modules()] == before
 
 
+def test_first_token_only_leaves_a_dynamic_int8_last_layer_alone() -> None:
+    """int8 dynamic quantization scales a linear's input by its range over the whole call, so
+    narrowing would change the model's predictions: such a layer runs in full, and
+    prediction gives exactly the unwrapped model's logits."""
+    from conftest import random_batch
+
+    from nas_fair.modeling import first_token_only, predict_logits
+    from nas_fair.spaces import compress
+    from nas_fair.spaces.quantization import QuantizationConfig
+
+    base = tiny_model("bert")
+    ctx = CompressionContext(reference=base, train=None, seed=0)
+    int8 = compress(base, {"quantization": QuantizationConfig(attention_bits=8, ffn_bits=8)},
+                    ctx)
+    ids, mask = random_batch()
+    with first_token_only(int8) as applied:
+        assert not applied
+    with torch.inference_mode():
+        full = int8(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(predict_logits(int8, ids, mask, batch_size=len(ids)), full)
+
+
 def test_first_token_only_restores_the_layer_on_error_and_does_not_nest() -> None:
     from nas_fair.modeling import first_token_only
 
