@@ -166,7 +166,8 @@ def first_token_only(model: nn.Module) -> Iterator[bool]:
     the same up to float rounding, at a fraction of the last layer's cost: for MiniLM (6 layers,
     ~35 tokens per row) about an eighth of a forward pass. Other architectures, and a last
     layer with dynamically quantized (int8) linears, whose outputs depend on the other rows
-    of the call, run unchanged."""
+    of the call, run unchanged. Used for training (recovery), where rounding is part of the
+    path anyway; predictions stay on the plain forward pass, bit for bit what users run."""
     layers = _first_token_layers(model)
     if layers is None:
         yield False
@@ -188,12 +189,13 @@ def predict_logits(
     model.eval()
     order = torch.argsort(mask.sum(1), descending=True)
     chunks: list[torch.Tensor] = []
-    with first_token_only(model):
-        for start in range(0, len(ids), batch_size):
-            idx = order[start : start + batch_size]
-            b_ids, b_mask = _trim(ids[idx], mask[idx])
-            logits = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device)).logits
-            chunks.append(logits.float().cpu())
+    # The plain forward pass, not first_token_only: a test prediction must be exactly what a
+    # user running the exported checkpoint gets (the export checks its digest).
+    for start in range(0, len(ids), batch_size):
+        idx = order[start : start + batch_size]
+        b_ids, b_mask = _trim(ids[idx], mask[idx])
+        logits = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device)).logits
+        chunks.append(logits.float().cpu())
     if not chunks:
         return torch.empty(0, getattr(getattr(model, "config", None), "num_labels", 0))
     stacked = torch.cat(chunks)

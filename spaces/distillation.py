@@ -18,8 +18,8 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
   (3-layer student) to 1.43x (6 layers) faster on a CPU with bfloat16 instructions; weights,
   optimizer state and the loss stay fp32, so it is mixed precision, not a lower-precision model;
 * dropout can be turned off (``recovery_dropout = false``): on 2 CPU cores its masks took 18%
-  of a full-depth student's step. The default keeps it: without it the students were as
-  accurate but their TPR gap came out higher in every paired comparison (README). Off, on a
+  of a full-depth student's step. The default keeps it: without it a full-width student was
+  as accurate but its TPR gap came out larger in each of three seeds (README). Off, on a
   CPU, attention uses the math kernel, because the fused one's backward is slower here;
 * the last layer computes only the first position, the one the classifier reads
   (:func:`nas_fair.modeling.first_token_only`): the same loss and gradients, 1/L of that
@@ -205,8 +205,11 @@ def recover(
     ``precision`` (default ``ctx.extras["recovery_precision"]``, else fp32): "bf16" autocasts
     forward passes to bfloat16, "auto" only where :func:`bf16_native` says the hardware has
     bfloat16 instructions. ``dropout`` (default ``ctx.extras["recovery_dropout"]``, else on)
-    trains with the model's dropout; off, the model stays in eval mode. What happened (steps run, loss per step, precision) is appended to
-    ``model.nas_fair_recovery`` (see :func:`recovery_logs`).
+    trains with the model's dropout; off, the model stays in eval mode. While training, a
+    BERT/RoBERTa classifier's last layer returns the first position only
+    (:func:`~nas_fair.modeling.first_token_only`): an ``extra_loss`` gets the same logits, but
+    not per-token states of that layer. What happened (steps run, loss per step, precision,
+    dropout) is appended to ``model.nas_fair_recovery`` (see :func:`recovery_logs`).
     """
     if lr is None:
         lr = float(ctx.extras.get("recovery_lr", DEFAULT_LR))

@@ -326,12 +326,12 @@ def test_first_token_only_gives_the_same_logits_and_gradients(kind: str) -> None
     """The narrowed last layer is an optimization, not another model: logits and gradients match
     the full forward pass (padded rows included), also with heads pruned and layers shared, and
     the model is restored afterwards. DistilBERT is left as it is (not narrowed)."""
-    from conftest import random_batch
-
     from nas_fair.modeling import first_token_only
     from nas_fair.spaces import compress
     from nas_fair.spaces.pruning import PruningConfig
     from nas_fair.spaces.sharing import SharingConfig
+
+    from conftest import random_batch
 
     base = tiny_model(kind)
     ctx = CompressionContext(reference=base, train=None, seed=0)
@@ -342,7 +342,8 @@ def test_first_token_only_gives_the_same_logits_and_gradients(kind: str) -> None
         before = [type(m).__name__ for m in model.modules()]
         names = list(model.state_dict())
 
-        def grads(narrow: bool, model: nn.Module = model) -> tuple[torch.Tensor, dict]:
+        def grads(narrow: bool, model: nn.Module = model,
+                  names: list[str] = names) -> tuple[torch.Tensor, dict]:
             model.zero_grad(set_to_none=True)
             if narrow:
                 with first_token_only(model) as applied:
@@ -368,11 +369,11 @@ def test_first_token_only_leaves_a_dynamic_int8_last_layer_alone() -> None:
     """int8 dynamic quantization scales a linear's input by its range over the whole call, so
     narrowing would change the model's predictions: such a layer runs in full, and
     prediction gives exactly the unwrapped model's logits."""
-    from conftest import random_batch
-
     from nas_fair.modeling import first_token_only, predict_logits
     from nas_fair.spaces import compress
     from nas_fair.spaces.quantization import QuantizationConfig
+
+    from conftest import random_batch
 
     base = tiny_model("bert")
     ctx = CompressionContext(reference=base, train=None, seed=0)
