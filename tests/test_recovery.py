@@ -295,6 +295,22 @@ def test_bf16_native_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert not bf16_native(torch.device("cpu"))
 
 
+def fingerprint_before(monkeypatch: pytest.MonkeyPatch, cfg: object, field: str) -> str:
+    """The search fingerprint of ``cfg`` as a version without the [search] ``field`` made it."""
+    from nas_fair.search import study
+
+    real = study.config_dict
+
+    def before_the_field(c: object) -> dict:
+        d = real(c)
+        del d["search"][field]
+        return d
+
+    with monkeypatch.context() as m:
+        m.setattr(study, "config_dict", before_the_field)
+        return study.search_fingerprint(cfg)
+
+
 def test_recovery_precision_in_the_study_and_its_fingerprint(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from nas_fair.search import study
@@ -307,15 +323,7 @@ def test_recovery_precision_in_the_study_and_its_fingerprint(
     assert len({now, study.search_fingerprint(bf16), study.search_fingerprint(auto)}) == 3
     # A study made before the field existed still resumes: its stored fingerprint was taken
     # from a definition without the field, and fp32 (the old behaviour) hashes the same.
-    real = study.config_dict
-
-    def before_the_field(c: object) -> dict:
-        d = real(c)
-        del d["search"]["recovery_precision"]
-        return d
-
-    monkeypatch.setattr(study, "config_dict", before_the_field)
-    assert study.search_fingerprint(cfg) == now
+    assert fingerprint_before(monkeypatch, cfg, "recovery_precision") == now
     with pytest.raises(UserError, match=r"^\[search\] recovery_precision must be one of fp32, "
                                         r"bf16, auto, got 'fp16' \(did you mean 'bf16'\?\)$"):
         parse_study(STUDY.format(extra='recovery_precision = "fp16"'))
@@ -442,14 +450,6 @@ def test_recovery_dropout_in_the_study_and_its_fingerprint(
     assert off.search.recovery_dropout is False
     now = study.search_fingerprint(cfg)
     assert study.search_fingerprint(off) != now
-    real = study.config_dict
-
-    def before_the_field(c: object) -> dict:
-        d = real(c)
-        del d["search"]["recovery_dropout"]
-        return d
-
-    monkeypatch.setattr(study, "config_dict", before_the_field)
-    assert study.search_fingerprint(cfg) == now  # older studies still resume
+    assert fingerprint_before(monkeypatch, cfg, "recovery_dropout") == now  # old ones resume
     with pytest.raises(UserError, match=r"^\[search\] recovery_dropout must be bool, got str 'no'$"):
         parse_study(STUDY.format(extra='recovery_dropout = "no"'))
