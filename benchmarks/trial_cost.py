@@ -28,7 +28,7 @@ from typing import Any
 
 from _common import RESULTS, add_study_args, load_cfg, run_dir, shown_storage, table, write_json
 
-PHASES = ("compress_s", "recover_s", "mitigation_s", "evaluate_s", "latency_s", "bookkeeping_s")
+from nas_fair.search.study import COST_PHASES as PHASES
 
 
 def stored_trials(storage: str, name: str) -> list[Any]:

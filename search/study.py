@@ -525,8 +525,7 @@ class Session:
             trial.set_constraint(key, value)
         trial.set_user_attr("same_recipe_as", same.number)
         spent = round(time.perf_counter() - t0, 3)
-        trial.set_user_attr("cost", {"compress_s": 0.0, "recover_s": 0.0, "mitigation_s": 0.0,
-                                     "evaluate_s": 0.0, "latency_s": 0.0, "bookkeeping_s": spent,
+        trial.set_user_attr("cost", {**dict.fromkeys(COST_PHASES, 0.0), "bookkeeping_s": spent,
                                      "total_s": spent, "recovery_steps_run": 0})
         assert same.values is not None
         return list(same.values)
@@ -683,6 +682,11 @@ def _sqlite_wal(storage: Any) -> None:
     except Exception:  # noqa: BLE001 - a busy database keeps its journal mode; still correct
         pass
 
+
+# The phases of a trial's "cost" user attribute (seconds), besides total_s and
+# recovery_steps_run; benchmarks/trial_cost.py reads them.
+COST_PHASES = ("compress_s", "recover_s", "mitigation_s", "evaluate_s", "latency_s",
+               "bookkeeping_s")
 
 # What a trial scored from an earlier trial's recipe does not take from it: its own identity,
 # cost and queue marks; the saved model stays the earlier trial's (export rebuilds).
