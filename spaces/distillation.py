@@ -19,7 +19,7 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
   (3-layer student) to 1.43x (6 layers) faster on a CPU with bfloat16 instructions; weights,
   optimizer state and the loss stay fp32, so it is mixed precision, not a lower-precision model;
 * dropout can be turned off (``recovery_dropout = false``): on 2 CPU cores its masks took 18%
-  of a full-depth student's step. The default keeps it: without it a full-width student was
+  of a full-depth student's step (``benchmarks/recovery_step_profile.py``). The default keeps it: without it a full-width student was
   as accurate but its TPR gap came out larger in each of three seeds (README). Off, on a
   CPU, attention uses the math kernel, because the fused one's backward is slower here;
 * the last layer computes only the first position, the one the classifier reads
@@ -367,8 +367,8 @@ def attention_kernels(device: torch.device, *, dropout: bool) -> contextlib.Abst
     """Training without dropout on a CPU: scaled-dot-product attention through its math kernel.
 
     Without dropout SDPA would pick torch's fused CPU flash-attention kernel, whose backward
-    made a full-depth MiniLM step 1.4x slower than the math kernel on 2 cores (0.33 against
-    0.23 s). With dropout SDPA uses the math kernel anyway, and on a GPU the fused kernels are
+    made a full-width MiniLM step 1.5x slower than the math kernel on 2 cores (0.400 against
+    0.268 s, ``benchmarks/recovery_step_profile.py``). With dropout SDPA uses the math kernel anyway, and on a GPU the fused kernels are
     the fast ones, so nothing is forced there."""
     if dropout or device.type != "cpu":
         return contextlib.nullcontext()
