@@ -9,7 +9,8 @@ every recorded bias metric in the JSON. With early stopping the run is the same 
 is not trained twice.
 
 With ``--precision fp32,bf16`` each budget is also run with recovery's forward passes under
-bfloat16 autocast, and with ``--dropout on,off`` with and without dropout, so that a setting's
+bfloat16 autocast, and with ``--dropout on,off`` with and without dropout (``torch``: dropout
+with torch's own Bernoulli masks instead of the random-bit ones recovery draws), so that a setting's
 accuracy and bias can be set against the first setting's on the same student; ``paired`` in
 the JSON holds the paired bootstrap difference (this setting - the first) of both.
 ``--seeds 0,1,2`` repeats everything with other recovery seeds (batch order and dropout; the
@@ -17,7 +18,7 @@ student and the test rows stay the same), so a setting's effect can be set again
 from the seed alone; pairs are formed within a seed.
 
     python benchmarks/recovery_curve.py [--steps 0,75,150,300,450,600] [--variants off,on]
-        [--prune heads=0.25,ffn=0.5,layers=3] [--precision fp32] [--dropout on|off]
+        [--prune heads=0.25,ffn=0.5,layers=3] [--precision fp32] [--dropout on|off|torch]
         [--seeds 0] [--test-rows 0] [--bootstrap N]
 
 Writes benchmarks/results/recovery_curve.json and recovery_curve.html next to it.
@@ -59,7 +60,7 @@ def parse_prune(text: str) -> dict[str, Any]:
 
 
 def one_run(session: Any, student: Any, budget: int, early_stop: bool,
-            tolerance: float | None, precision: str, dropout: bool, seed: int,
+            tolerance: float | None, precision: str, dropout: str, seed: int,
             ) -> dict[str, Any]:
     from nas_fair.spaces.distillation import recover, recovery_log
 
@@ -70,14 +71,15 @@ def one_run(session: Any, student: Any, budget: int, early_stop: bool,
     if budget > 0:
         recover(model, ctx, steps=budget, temperature=TEMPERATURE, alpha=ALPHA,
                 early_stop=early_stop, tolerance=tolerance, precision=precision,
-                dropout=dropout)
+                dropout=dropout != "off", fast_masks=dropout != "torch")
     recover_s = time.perf_counter() - t
     log = recovery_log(model) if budget > 0 else None
     record = session.evaluate(model)
     scores = session.score(model, record, paired=True)
     a = scores.attrs
     return {
-        "budget": budget, "early_stop": early_stop, "precision": precision, "dropout": dropout,
+        "budget": budget, "early_stop": early_stop, "precision": precision,
+        "dropout": dropout != "off", "masks": {"on": "bits", "torch": "torch"}.get(dropout),
         "seed": seed,
         "steps_run": log["steps_run"] if log else 0, "recover_s": recover_s,
         "accuracy": scores.accuracy, "accuracy_ci": a["accuracy_ci"],
@@ -96,8 +98,9 @@ def main() -> None:
     ap.add_argument("--variants", default="off,on", help="early stopping off, on, or both")
     ap.add_argument("--precision", default="fp32",
                     help="recovery precisions to run, comma-separated: fp32, bf16")
-    ap.add_argument("--dropout", help="dropout while recovering, comma-separated: on, off "
-                                      "(default: the study's recovery_dropout)")
+    ap.add_argument("--dropout", help="dropout while recovering, comma-separated: on, off, "
+                                      "torch (on with torch's masks; default: the study's "
+                                      "recovery_dropout)")
     ap.add_argument("--seeds", help="recovery seeds, comma-separated (default: the study's)")
     ap.add_argument("--tolerance", type=float, help="early-stop tolerance (default: the study's)")
     ap.add_argument("--prune", default="heads=0.25,ffn=0.5,layers=3",
@@ -121,9 +124,9 @@ def main() -> None:
     cfg = load_cfg(args)
     dropout = args.dropout or ("on" if cfg.search.recovery_dropout else "off")
     dropouts = [v.strip() for v in dropout.split(",") if v.strip()]
-    if not dropouts or not set(dropouts) <= {"on", "off"}:
-        raise SystemExit(f"--dropout must be a subset of on,off, got {args.dropout!r}")
-    settings = [(p, d == "on") for p, d in itertools.product(precisions, dropouts)]
+    if not dropouts or not set(dropouts) <= {"on", "off", "torch"}:
+        raise SystemExit(f"--dropout must be a subset of on,off,torch, got {args.dropout!r}")
+    settings = list(itertools.product(precisions, dropouts))
     try:
         seeds = [int(v) for v in (args.seeds or str(cfg.seed)).split(",") if v.strip()]
     except ValueError:
@@ -191,18 +194,26 @@ def main() -> None:
                f"{cfg.name}: recovery curve of a fixed student ({args.prune})")
 
 
+def dropout_mode(row: dict[str, Any]) -> str:
+    """on, off or torch (rows written before the mask source was recorded: on or off)."""
+    if not row.get("dropout", True):
+        return "off"
+    return "torch" if row.get("masks") == "torch" else "on"
+
+
 def setting_label(row: dict[str, Any]) -> str:
-    label = f"{row['precision']}{'' if row.get('dropout', True) else ' no dropout'}"
+    suffix = {"on": "", "off": " no dropout", "torch": " torch masks"}[dropout_mode(row)]
+    label = f"{row['precision']}{suffix}"
     return f"{label} seed {row['seed']}" if row.get("show_seed") else label
 
 
 def pair_with_first(session: Any, row: dict[str, Any], rows: list[dict[str, Any]],
-                    first: tuple[str, bool]) -> None:
+                    first: tuple[str, str]) -> None:
     """This setting - the first setting, accuracy and primary bias on the same resampled rows
     (same budget and early stopping), into row["paired"]."""
-    if (row["precision"], row["dropout"]) == first or row["budget"] == 0:
+    if (row["precision"], dropout_mode(row)) == first or row["budget"] == 0:
         return
-    base = next((r for r in rows if (r["precision"], r["dropout"]) == first
+    base = next((r for r in rows if (r["precision"], dropout_mode(r)) == first
                  and r["budget"] == row["budget"] and r["early_stop"] == row["early_stop"]
                  and r["seed"] == row["seed"]), None)
     if base is None:

@@ -3,12 +3,14 @@
 One fixed student (default: FFN pruned 25%, all layers kept) is recovered for ``--steps``
 steps (early stopping off) in each variant, in turn, ``--rounds`` times (median kept):
 
-* dropout on (SDPA picks its kernel: the math one, since dropout is on);
+* dropout on, masks from random bits (what recovery runs: ``nas_fair.modeling.fast_dropout``);
+* dropout on, torch's masks (``nn.Dropout`` and SDPA's own dropout: Bernoulli draws);
 * dropout off, math kernel (what ``recovery_dropout = false`` runs on a CPU);
 * dropout off, SDPA's own choice (the fused CPU flash-attention kernel).
 
-Then ``--steps`` dropout-on steps under the torch profiler give the share of CPU time spent
-drawing dropout masks (``aten::bernoulli_``).
+Then ``--steps`` dropout-on steps under the torch profiler, for each mask source, give the share
+of CPU time spent drawing dropout masks (``aten::bernoulli_`` for torch's, ``aten::random_``
+and the comparison that turns bits into a mask for the fast ones).
 
     python benchmarks/recovery_step_profile.py [--prune ffn=0.25] [--steps 40] [--rounds 2]
 
@@ -28,7 +30,9 @@ from typing import Any
 from _common import RESULTS, add_study_args, load_cfg, open_session, run_dir, table, write_json
 from recovery_curve import parse_prune
 
-VARIANTS = ("dropout on", "dropout off, math kernel", "dropout off, flash kernel")
+VARIANTS = ("dropout on", "dropout on, torch masks", "dropout off, math kernel",
+            "dropout off, flash kernel")
+MASK_OPS = {True: ("aten::random_", "aten::ge"), False: ("aten::bernoulli_",)}
 
 
 def seconds_per_step(session: Any, student: Any, variant: str, steps: int,
@@ -42,24 +46,26 @@ def seconds_per_step(session: Any, student: Any, variant: str, steps: int,
         model = copy.deepcopy(student)
         t = time.perf_counter()
         distillation.recover(model, session.ctx, steps=steps, early_stop=False,
-                             precision=precision, dropout=variant == "dropout on")
+                             precision=precision, dropout=variant.startswith("dropout on"),
+                             fast_masks=not variant.endswith("torch masks"))
         return (time.perf_counter() - t) / steps
     finally:
         distillation.attention_kernels = kernels
 
 
-def mask_share(session: Any, student: Any, steps: int, precision: str) -> dict[str, float]:
+def mask_share(session: Any, student: Any, steps: int, precision: str,
+               fast: bool) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     from nas_fair.spaces.distillation import recover
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         recover(copy.deepcopy(student), session.ctx, steps=steps, early_stop=False,
-                precision=precision, dropout=True)
+                precision=precision, dropout=True, fast_masks=fast)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    masks = sum(e.self_cpu_time_total for e in events if e.key == "aten::bernoulli_")
-    return {"bernoulli_s": masks / 1e6, "total_s": total / 1e6, "share": masks / total}
+    masks = sum(e.self_cpu_time_total for e in events if e.key in MASK_OPS[fast])
+    return {"masks_s": masks / 1e6, "total_s": total / 1e6, "share": masks / total}
 
 
 def main() -> None:
@@ -89,12 +95,15 @@ def main() -> None:
             times[v].append(seconds_per_step(session, student, v, args.steps, precision))
             print(f"{v}: {times[v][-1]:.3f} s/step", flush=True)
     median = {v: statistics.median(t) for v, t in times.items()}
-    share = mask_share(session, student, args.steps, precision)
+    share = {"random bits" if fast else "torch": mask_share(session, student, args.steps,
+                                                            precision, fast)
+             for fast in (True, False)}
     base = median[VARIANTS[0]]
-    print(table([[v, median[v], base / median[v]] for v in VARIANTS],
-                ["variant", "s per step (median)", "dropout on / this"]))
-    print(f"dropout masks (aten::bernoulli_): {100 * share['share']:.1f}% of the CPU time of "
-          f"{args.steps} dropout-on steps")
+    print(table([[v, median[v], median[v] / base] for v in VARIANTS],
+                ["variant", "s per step (median)", "this / dropout on"]))
+    for source, sh in share.items():
+        print(f"dropout masks, {source}: {100 * sh['share']:.1f}% of the CPU time of "
+              f"{args.steps} dropout-on steps ({' + '.join(MASK_OPS[source != 'torch'])})")
     write_json(Path(args.out), {
         "study": cfg.name, "prune": prune, "steps": args.steps, "rounds": args.rounds,
         "threads": args.threads, "precision": precision, "seconds_per_step": times,

@@ -9,6 +9,7 @@ prints each phase now beside what was stored: the paired before/after of a code 
     python benchmarks/trial_cost.py                          # the bios study's stored trials
     python benchmarks/trial_cost.py --trials 4 [--steps 450] [--no-early-stop]
     python benchmarks/trial_cost.py --replay 1,9,19   # the stored trials' recipes, run again
+    python benchmarks/trial_cost.py --replay 1,9,19 --torch-masks   # dropout as torch draws it
     python benchmarks/trial_cost.py --config my.toml --run-dir /tmp/run --trials 2
 
 Writes benchmarks/results/trial_cost.json (``--out`` to change).
@@ -132,8 +133,16 @@ def main() -> None:
     ap.add_argument("--no-early-stop", action="store_true", help="--trials without early stop")
     ap.add_argument("--replay", help="comma-separated stored trial numbers: run their recipes "
                                      "again now, beside the stored cost")
+    ap.add_argument("--torch-masks", action="store_true",
+                    help="with --trials/--replay: dropout masks from torch's Bernoulli, as "
+                         "before recovery drew them from random bits (a same-time baseline)")
     ap.add_argument("--out", default=str(RESULTS / "trial_cost.json"))
     args = ap.parse_args()
+    if args.torch_masks:
+        from nas_fair.spaces import distillation
+
+        # recover() enters this context manager; torch's masks are what it runs without it.
+        distillation.fast_dropout = lambda model: contextlib.nullcontext(False)
 
     cfg = load_cfg(args)
     folder = run_dir(args, cfg)
@@ -164,6 +173,7 @@ def main() -> None:
         trials, url = run_trials(cfg, folder, args.trials, args.threads,
                                  [t.params for t in before] or None)
         settings.update(source="run now", storage=shown_storage(url), run_s=time.perf_counter() - t,
+                        dropout_masks="torch" if args.torch_masks else "random bits",
                         recovery_steps=cfg.search.recovery_steps,
                         early_stop=cfg.search.recovery_early_stop,
                         tolerance=cfg.search.recovery_tolerance)

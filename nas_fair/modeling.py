@@ -180,6 +180,140 @@ def first_token_only(model: nn.Module) -> Iterator[bool]:
         layers[-1] = last
 
 
+# Dropout masks from 16 random bits per element: torch's CPU Bernoulli draws one uniform per
+# element, and in a recovery step with dropout that drawing was 16.6% of the CPU time, the
+# bits 4.9% (benchmarks/recovery_step_profile.py). A drop rate is a multiple of 1/65536.
+_MASK_LEVELS = 1 << 16
+FAST_DROPOUT_ATTENTION = "nas_fair_fast_dropout"
+# Encoders whose attention goes through transformers' attention interface with a bidirectional
+# mask from masking_utils (checked against their modeling code): the custom attention function
+# below can stand in for SDPA there.
+FAST_DROPOUT_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert"})
+
+
+def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu",
+              ) -> tuple[torch.Tensor, float]:
+    """A boolean keep-mask (each element dropped with probability ``p`` rounded to 1/65536) and
+    the scale that keeps the expectation, from torch's default generator (so seeded runs
+    repeat)."""
+    if not 0 <= p < 1:
+        raise UserError(f"dropout probability must be in [0, 1), got {p}")
+    n = math.prod(shape)
+    drops = round(p * _MASK_LEVELS)
+    # Full-range int64 draws (from=-2**63: all 64 bits random), read as four int16 lanes.
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    lanes = words.view(torch.int16)[:n].view(shape)
+    return lanes >= drops - _MASK_LEVELS // 2, _MASK_LEVELS / (_MASK_LEVELS - drops)
+
+
+class _ScaledMask(torch.autograd.Function):
+    """``x * m`` saving only ``m``: one multiply each way, cheaper than ``torch.where``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(m)
+        return x * m
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (m,) = ctx.saved_tensors
+        return grad * m, None
+
+
+def fast_dropout_fn(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout`` with :func:`keep_mask`'s masks: same expectation, rate rounded to 1/65536."""
+    if not training or p == 0:
+        return x
+    keep, scale = keep_mask(tuple(x.shape), p, x.device)
+    return _ScaledMask.apply(x, keep.to(x.dtype).mul_(scale))
+
+
+class FastDropout(nn.Dropout):
+    """An ``nn.Dropout`` (same ``p``, same eval behaviour) drawing its masks with
+    :func:`keep_mask`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout_fn(x, self.p, self.training)
+
+
+def _fast_dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Bidirectional attention as SDPA's math kernel computes it (fp32 inside, even under
+    bfloat16 autocast), with the probabilities' dropout drawn by :func:`keep_mask`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if dropout == 0 or not module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=0.0, scaling=scaling, **kwargs)
+    dtype = query.dtype
+    q, k, v = (t.float() for t in (query, key, value))
+    if scaling is None:
+        scaling = q.size(-1) ** -0.5
+    scores = torch.matmul(q * scaling, k.transpose(-2, -1))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask.float()
+    probs = fast_dropout_fn(torch.softmax(scores, dim=-1), dropout)
+    out = torch.matmul(probs, v).to(dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_fast_dropout_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FAST_DROPOUT_ATTENTION, _fast_dropout_attention)
+    AttentionMaskInterface.register(FAST_DROPOUT_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def fast_dropout(model: nn.Module) -> Iterator[bool]:
+    """Inside: the model's dropout draws its masks from random bits (:func:`keep_mask`), in
+    a recovery step under a third of the CPU time of torch's CPU Bernoulli (see above); yields
+    whether it applied. Every ``nn.Dropout`` becomes a :class:`FastDropout` of the same rate,
+    and, for the encoders in ``FAST_DROPOUT_MODEL_TYPES`` running SDPA or eager attention,
+    attention goes through :func:`_fast_dropout_attention`. The same kind of training (each
+    element dropped independently, rate within 1/65536, same scaling), another random stream.
+    CPU only: on a GPU Bernoulli masks are cheap and SDPA's fused kernels are the fast path."""
+    device = next(model.parameters(), torch.empty(0)).device
+    if device.type != "cpu":
+        yield False
+        return
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout and child.p > 0:
+                fast = FastDropout(child.p, child.inplace)
+                fast.train(child.training)
+                setattr(parent, name, fast)
+                swapped.append((parent, name, child))
+    configs: list[tuple[Any, str]] = []
+    config = getattr(model, "config", None)
+    if (getattr(config, "model_type", None) in FAST_DROPOUT_MODEL_TYPES
+            and not getattr(config, "is_decoder", False)
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")):
+        _register_fast_dropout_attention()
+        seen: dict[int, Any] = {}
+        for m in model.modules():
+            c = getattr(m, "config", None)
+            if c is not None and hasattr(c, "_attn_implementation"):
+                seen.setdefault(id(c), c)
+        for c in seen.values():
+            configs.append((c, c._attn_implementation))
+            c._attn_implementation = FAST_DROPOUT_ATTENTION
+    try:
+        yield bool(swapped or configs)
+    finally:
+        for c, impl in configs:
+            c._attn_implementation = impl
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 128,

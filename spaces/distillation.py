@@ -18,10 +18,14 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
 * optionally (``recovery_precision``) the forward passes run under bfloat16 autocast, 1.26x
   (3-layer student) to 1.43x (6 layers) faster on a CPU with bfloat16 instructions; weights,
   optimizer state and the loss stay fp32, so it is mixed precision, not a lower-precision model;
-* dropout can be turned off (``recovery_dropout = false``): on 2 CPU cores its masks took 18%
-  of a full-depth student's step (``benchmarks/recovery_step_profile.py``). The default keeps it: without it a full-width student was
-  as accurate but its TPR gap came out larger in each of three seeds (README). Off, on a
-  CPU, attention uses the math kernel, because the fused one's backward is slower here;
+* dropout masks are drawn from random bits on a CPU (:func:`nas_fair.modeling.fast_dropout`):
+  torch's Bernoulli masks took 16.6% of a full-width student's step on 2 cores, the bits 4.9%,
+  and a step with dropout now costs about what one without it does (0.277 s, against 0.349 s
+  with torch's masks and 0.272 s without dropout, ``benchmarks/recovery_step_profile.py``);
+* dropout can be turned off (``recovery_dropout = false``). The default keeps it: without it a
+  full-width student was as accurate but its TPR gap came out larger in each of three seeds
+  (README). Off, on a CPU, attention uses the math kernel, because the fused one's backward is
+  slower here;
 * the last layer computes only the first position, the one the classifier reads
   (:func:`nas_fair.modeling.first_token_only`): the same loss and gradients, 1/L of that
   layer's projections and feed-forward work (a step 7-13% cheaper in a paired replay);
@@ -46,7 +50,7 @@ from tqdm.auto import tqdm
 
 from nas_fair.config import PRECISIONS
 from nas_fair.errors import UserError, one_of
-from nas_fair.modeling import first_token_only
+from nas_fair.modeling import fast_dropout, first_token_only
 from nas_fair.spaces._util import length_bucketed_batches, row_lengths
 from nas_fair.spaces.base import (
     STAGE_RECOVER,
@@ -189,6 +193,7 @@ def recover(
     bucket_batches: int = BUCKET_BATCHES,
     precision: str | None = None,
     dropout: bool | None = None,
+    fast_masks: bool = True,
 ) -> nn.Module:
     """Train ``model`` in place for up to ``steps`` AdamW steps toward the cached teacher logits.
 
@@ -206,11 +211,13 @@ def recover(
     ``precision`` (default ``ctx.extras["recovery_precision"]``, else fp32): "bf16" autocasts
     forward passes to bfloat16, "auto" only where :func:`bf16_native` says the hardware has
     bfloat16 instructions. ``dropout`` (default ``ctx.extras["recovery_dropout"]``, else on)
-    trains with the model's dropout; off, the model stays in eval mode. While training, a
-    BERT/RoBERTa classifier's last layer returns the first position only
-    (:func:`~nas_fair.modeling.first_token_only`): an ``extra_loss`` gets the same logits, but
-    not per-token states of that layer. What happened (steps run, loss per step, precision,
-    dropout) is appended to ``model.nas_fair_recovery`` (see :func:`recovery_logs`).
+    trains with the model's dropout, on a CPU with masks drawn from random bits
+    (:func:`~nas_fair.modeling.fast_dropout`; ``fast_masks=False`` keeps torch's); off, the
+    model stays in eval mode. While training, a BERT/RoBERTa classifier's last layer returns
+    the first position only (:func:`~nas_fair.modeling.first_token_only`): an ``extra_loss``
+    gets the same logits, but not per-token states of that layer. What happened (steps run,
+    loss per step, precision, dropout and its masks) is appended to ``model.nas_fair_recovery``
+    (see :func:`recovery_logs`).
     """
     if lr is None:
         lr = float(ctx.extras.get("recovery_lr", DEFAULT_LR))
@@ -284,12 +291,15 @@ def recover(
     losses = torch.zeros(steps, device=device)  # no host sync per step; read per window
     batches: list[torch.Tensor] = []
     run = 0
+    fast = False
 
     try:
         with (
             torch.random.fork_rng(devices=[]),
             attention_kernels(device, dropout=dropout),
             first_token_only(model),
+            fast_dropout(model) if dropout and fast_masks else contextlib.nullcontext(False)
+            as fast,
         ):
             torch.manual_seed(ctx.seed)
             model.train(dropout)
@@ -358,6 +368,7 @@ def recover(
         "tolerance": tolerance if early_stop else None,
         "precision": "bf16" if bf16 else "fp32",
         "dropout": bool(dropout),
+        "dropout_masks": ("random bits" if fast else "bernoulli") if dropout else None,
         "losses": [round(v, 5) for v in losses[:run].tolist()],
         "checks": [] if stopper is None else stopper.history,
     })

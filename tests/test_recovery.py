@@ -453,3 +453,120 @@ def test_recovery_dropout_in_the_study_and_its_fingerprint(
     assert fingerprint_before(monkeypatch, cfg, "recovery_dropout") == now  # old ones resume
     with pytest.raises(UserError, match=r"^\[search\] recovery_dropout must be bool, got str 'no'$"):
         parse_study(STUDY.format(extra='recovery_dropout = "no"'))
+
+
+def test_keep_mask_rate_scale_lanes_and_seed() -> None:
+    """Each element is dropped with probability p rounded to 1/65536, from all four 16-bit
+    lanes of a draw alike (a lane with a constant bit would be off by half), scaled to keep
+    the expectation, and the global seed repeats it."""
+    from nas_fair.modeling import keep_mask
+
+    n = 1 << 20
+    for p in (0.1, 0.5):
+        torch.manual_seed(0)
+        keep, scale = keep_mask((n,), p)
+        drops = round(p * 65536)
+        assert keep.dtype == torch.bool and scale == 65536 / (65536 - drops)
+        sd = math.sqrt(p * (1 - p) / (n // 4))
+        for lane in range(4):
+            rate = 1 - keep[lane::4].float().mean().item()
+            assert abs(rate - drops / 65536) < 5 * sd, (p, lane, rate)
+        torch.manual_seed(0)
+        assert torch.equal(keep_mask((n,), p)[0], keep)
+    torch.manual_seed(1)
+    assert not torch.equal(keep_mask((n,), 0.5)[0], keep)
+    assert keep_mask((3, 5), 0.0)[0].all() and keep_mask((3, 5), 0.0)[1] == 1.0
+    for bad in (1.0, -0.1):
+        with pytest.raises(UserError, match=r"dropout probability must be in \[0, 1\), got"):
+            keep_mask((4,), bad)
+
+
+def test_fast_dropout_fn_scales_kept_elements_and_their_gradient() -> None:
+    from nas_fair.modeling import fast_dropout_fn
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 50, requires_grad=True)
+    y = fast_dropout_fn(x, 0.25)
+    kept = y != 0
+    assert 0.2 < 1 - kept.float().mean().item() < 0.3
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    assert fast_dropout_fn(x, 0.25, training=False) is x and fast_dropout_fn(x, 0.0) is x
+
+
+def _set_dropout(model: nn.Module, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
+                 "dropout"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, p)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+def test_fast_dropout_swaps_masks_in_and_out_and_computes_the_same_attention(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside, every dropout (hidden states and attention probabilities) draws from
+    keep_mask; at a rate too small to drop anything, training-mode logits equal the eval-mode
+    ones (padded rows included), so the replacement attention is SDPA's; all restored after."""
+    from nas_fair import modeling
+    from nas_fair.modeling import FAST_DROPOUT_ATTENTION, fast_dropout
+
+    from conftest import random_batch
+
+    model = tiny_model(kind)
+    ids, mask = random_batch()
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    _set_dropout(model, 1e-9)
+    dropouts = [m for m in model.modules() if type(m) is nn.Dropout]
+    shapes: list[tuple[int, ...]] = []
+    real_keep_mask = modeling.keep_mask
+
+    def recording(shape: tuple[int, ...], p: float, device: object = "cpu") -> object:
+        shapes.append(shape)
+        return real_keep_mask(shape, p, device)
+
+    monkeypatch.setattr(modeling, "keep_mask", recording)
+    model.train()
+    with fast_dropout(model) as applied, torch.no_grad():
+        assert applied and model.config._attn_implementation == FAST_DROPOUT_ATTENTION
+        assert not any(type(m) is nn.Dropout for m in model.modules())
+        narrow = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(narrow, plain, rtol=1e-5, atol=1e-5)
+    cfg, (n, length) = model.config, ids.shape  # DistilBERT's config maps these names too
+    assert (n, cfg.num_attention_heads, length, length) in shapes  # attention probabilities
+    assert (n, length, cfg.hidden_size) in shapes  # hidden states
+    assert model.config._attn_implementation == "sdpa"
+    assert [m for m in model.modules() if type(m) is nn.Dropout] == dropouts
+
+
+def test_fast_dropout_restores_on_error_and_recovery_logs_the_masks() -> None:
+    from nas_fair.modeling import fast_dropout
+
+    model = tiny_model("bert")
+    dropouts = [m for m in model.modules() if type(m) is nn.Dropout]
+    with pytest.raises(RuntimeError, match="boom"), fast_dropout(model):
+        raise RuntimeError("boom")
+    assert [m for m in model.modules() if type(m) is nn.Dropout] == dropouts
+    assert model.config._attn_implementation == "sdpa"
+
+    ctx = varied_context(tiny_model("bert"))
+
+    def run(**kw: object) -> tuple[dict[str, torch.Tensor], dict]:
+        student = tiny_model("bert")
+        recover(student, ctx, steps=6, early_stop=False, **kw)
+        log = recovery_log(student)
+        assert log is not None
+        return _weights(student), log
+
+    fast, fast_log = run()
+    again, _ = run()
+    torch_masks, torch_log = run(fast_masks=False)
+    off_log = run(dropout=False)[1]
+    assert all(torch.equal(v, again[k]) for k, v in fast.items())  # seeded
+    assert any(not torch.equal(v, torch_masks[k]) for k, v in fast.items())  # another stream
+    assert (fast_log["dropout_masks"], torch_log["dropout_masks"],
+            off_log["dropout_masks"]) == ("random bits", "bernoulli", None)
