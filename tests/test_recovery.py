@@ -534,8 +534,8 @@ def test_fast_dropout_swaps_masks_in_and_out_and_computes_the_same_attention(
     with fast_dropout(model) as applied, torch.no_grad():
         assert applied and model.config._attn_implementation == FAST_DROPOUT_ATTENTION
         assert not any(type(m) is nn.Dropout for m in model.modules())
-        narrow = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(narrow, plain, rtol=1e-5, atol=1e-5)
+        trained = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(trained, plain, rtol=1e-5, atol=1e-5)
     cfg, (n, length) = model.config, ids.shape  # DistilBERT's config maps these names too
     assert (n, cfg.num_attention_heads, length, length) in shapes  # attention probabilities
     assert (n, length, cfg.hidden_size) in shapes  # hidden states
