@@ -91,9 +91,9 @@ class SearchConfig:
     # What each trial used is in its recovery log. Evaluation is always at the model's own
     # precision.
     recovery_precision: str = "fp32"
-    # Dropout while recovering. Off, a step is 1.2-1.5x cheaper on a CPU (no masks to draw), but
-    # a full-width student's TPR gap came out larger in each of three seeds (README, "Recovery
-    # without dropout"), so on is the default.
+    # Dropout while recovering. Off, a full-width student's TPR gap came out larger in each of
+    # three seeds (README, "Recovery without dropout"), so on is the default; with masks drawn
+    # from random bits a step with dropout costs about what one without does (README).
     recovery_dropout: bool = True
     # A new study first runs one trial per family anchor (int8 everywhere, FFN pruning 25%, ...:
     # see Family.anchor), inside NSGA-II's first generation and inside the budget.

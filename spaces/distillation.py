@@ -291,7 +291,6 @@ def recover(
     losses = torch.zeros(steps, device=device)  # no host sync per step; read per window
     batches: list[torch.Tensor] = []
     run = 0
-    fast = False
 
     try:
         with (
@@ -378,9 +377,11 @@ def attention_kernels(device: torch.device, *, dropout: bool) -> contextlib.Abst
     """Training without dropout on a CPU: scaled-dot-product attention through its math kernel.
 
     Without dropout SDPA would pick torch's fused CPU flash-attention kernel, whose backward
-    made a full-width MiniLM step 1.5x slower than the math kernel on 2 cores (0.400 against
-    0.268 s, ``benchmarks/recovery_step_profile.py``). With dropout SDPA uses the math kernel anyway, and on a GPU the fused kernels are
-    the fast ones, so nothing is forced there."""
+    made a full-width MiniLM step 1.4x slower than the math kernel on 2 cores (0.390 against
+    0.272 s, ``benchmarks/recovery_step_profile.py``). With dropout, attention on a CPU runs
+    through :func:`~nas_fair.modeling.fast_dropout`'s math attention (or SDPA's math kernel
+    with ``fast_masks=False``), and on a GPU the fused kernels are the fast ones, so nothing
+    is forced there."""
     if dropout or device.type != "cpu":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
