@@ -155,3 +155,30 @@ def test_check_metric_applicable():
         _check("pronoun_gender_gap", group_values=["a", "b"])
     _check("pronoun_gender_gap", group_values=["male", "female"])
     assert "\n" not in str(pytest.raises(UserError, _check, "nope").value)
+
+
+def test_memo_gives_fresh_numbers_and_follows_mutation():
+    """Memoized resamples and count tables change nothing, and a record changed in place
+    (same object, other predictions) is counted anew, not read from the memo."""
+    rec, ref = biased_record(800, k=5), biased_record(800, k=5, seed=1)
+    ref.y_true = rec.y_true
+    names = ["tpr_gap_rms", "accuracy_gap", "compression_flip_rate", "counterfactual_flip_rate"]
+
+    def fresh() -> dict:
+        S._MEMO.clear()
+        return S.score_bias(names, rec, ref, n=60, seed=2)
+
+    first = fresh()
+    assert S._MEMO  # the call filled it
+    assert S.score_bias(names, rec, ref, n=60, seed=2) == first
+    rec.y_pred[: len(rec) // 2] = rec.y_true[: len(rec) // 2]  # in place: same arrays' ids
+    warm = S.score_bias(names, rec, ref, n=60, seed=2)
+    assert warm != first
+    assert warm == fresh()
+
+
+def test_memo_stays_within_its_byte_budget(monkeypatch):
+    monkeypatch.setattr(S, "_MEMO_BYTES", 200_000)
+    S._MEMO.clear()
+    S.score_bias(["tpr_gap_rms", "accuracy_gap"], biased_record(600, k=6), n=100, seed=0)
+    assert 0 < sum(n for _, n in S._MEMO.values()) <= 200_000
