@@ -481,6 +481,43 @@ def test_keep_mask_rate_scale_lanes_and_seed() -> None:
             keep_mask((4,), bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fast_dropout_attention_equals_the_plain_formula_bit_for_bit(dtype: torch.dtype) -> None:
+    """The fewer-pass attention (contiguous fp32 casts, in-place scaling, the mask added, masks
+    through uint8) gives exactly what the textbook formula gives with the same masks: outputs
+    and the gradients of queries, keys and values."""
+    from nas_fair.modeling import _fast_dropout_attention, keep_mask
+
+    b, h, n, d = 3, 2, 7, 6  # a scaling 6**-0.5 that rounds: the order of operations shows
+    gen = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(b, n, h, d, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool)
+    mask[0, :, :, 5:] = False  # padding keys of the first row
+    grad = torch.randn(b, n, h, d, generator=gen).to(dtype)
+    module = nn.Module()
+
+    def plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.float() for t in (q, k, v))
+        scores = torch.matmul(q * d**-0.5, k.transpose(-2, -1))
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1)
+        keep, scale = keep_mask(tuple(probs.shape), 0.3)
+        out = torch.matmul(probs * keep.to(probs.dtype).mul_(scale), v).to(dtype)
+        return out.transpose(1, 2).contiguous()
+
+    results = []
+    for fn in (plain, lambda q, k, v: _fast_dropout_attention(module, q, k, v, mask,
+                                                               dropout=0.3)[0]):
+        for t in qkv:
+            t.grad = None
+        torch.manual_seed(1)
+        out = fn(*(t.transpose(1, 2) for t in qkv))
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad for t in qkv)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert results[0][0].dtype == dtype and results[0][0].is_contiguous()
+
+
 def test_fast_dropout_fn_scales_kept_elements_and_their_gradient() -> None:
     from nas_fair.modeling import fast_dropout_fn
 
