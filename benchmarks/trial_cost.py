@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import statistics
 import sys
@@ -119,6 +120,16 @@ def summarize(trials: list[Any]) -> dict[str, Any]:
     wall = summary.get("wall_s", summary.get("total_s"))
     if wall:
         summary["trials_per_hour"] = 3600.0 / wall["mean"]
+    # With several workers trials overlap: what the machine delivers is trials per hour over
+    # the span from the first start to the last completion (one worker: about the same).
+    timed = [t for t in trials if t.datetime_start and t.datetime_complete]
+    if len(timed) > 1:
+        span = (max(t.datetime_complete for t in timed)
+                - min(t.datetime_start for t in timed)).total_seconds()
+        workers = {json.dumps(t.user_attrs.get("worker"), sort_keys=True) for t in timed}
+        summary.update(span_s=span, span_trials=len(timed), workers=len(workers),
+                       trials_per_hour_span=3600.0 * len(timed) / span,
+                       seconds_per_trial_span=span / len(timed))
     return {"trials": rows, "summary": summary}
 
 
@@ -200,6 +211,11 @@ def main() -> None:
         where = f", {args.threads} torch threads" if args.trials > 0 else ""
         print(f"trials per hour: {s['trials_per_hour']:.1f} (from the mean wall-clock time per "
               f"trial{where})")
+    if "span_s" in s:
+        print(f"over the trials' span ({s['span_trials']} trials in {s['span_s'] / 60:.1f} min, "
+              f"{s['workers']} worker{'s' if s['workers'] != 1 else ''}): "
+              f"{s['trials_per_hour_span']:.1f} trials per hour, one every "
+              f"{s['seconds_per_trial_span']:.1f} s")
     if before:
         result["replay"] = replay_rows(before, trials)
         print("replayed: stored -> now, seconds (same recipe, same reference)")

@@ -415,22 +415,14 @@ class Session:
 
     def score(self, model: torch.nn.Module, record: EvalRecord, *, paired: bool) -> Scores:
         """Size, latency, accuracy and every recorded bias metric (with intervals) of one model."""
-        from nas_fair.objectives.collapse import collapse_report
         from nas_fair.objectives.size import model_size
-        from nas_fair.objectives.stats import bootstrap, score_bias
 
-        s = self.cfg.search
         times: dict[str, float] = {}
         t = time.perf_counter()
         lat = self.latency(model)
         times["latency_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        acc_metric = ACCURACY[self.cfg.objectives.accuracy]
-        acc, acc_lo, acc_hi = bootstrap(acc_metric, record, n=s.bootstrap, seed=self.cfg.seed)
-        # Paired differences to the reference reuse the same resamples (rows are aligned).
-        ref_record = self.ref_record if paired else None
-        bias = score_bias(self.recorded, record, ref_record, n=s.bootstrap, seed=self.cfg.seed)
-        collapse = collapse_report(record)
+        (acc, acc_lo, acc_hi), bias, collapse = self.metrics(record, paired=paired)
         times["metrics_s"] = time.perf_counter() - t
         size = model_size(model)
         primary = bias[self.cfg.objectives.bias]
@@ -450,6 +442,20 @@ class Session:
             attrs["disparity"] = _jsonable(disparity_by_group(record))
         return Scores(size["bytes"] / 1e6, float(lat["median_ms"]), float(acc),
                       bias_objective(self.cfg, float(primary["value"])), attrs)
+
+    def metrics(self, record: EvalRecord, *, paired: bool,
+                ) -> tuple[tuple[float, float, float], dict[str, dict[str, Any]], dict[str, Any]]:
+        """Accuracy with its interval, every recorded bias metric, and the collapse report."""
+        from nas_fair.objectives.collapse import collapse_report
+        from nas_fair.objectives.stats import bootstrap, score_bias
+
+        s = self.cfg.search
+        acc_metric = ACCURACY[self.cfg.objectives.accuracy]
+        acc = bootstrap(acc_metric, record, n=s.bootstrap, seed=self.cfg.seed)
+        # Paired differences to the reference reuse the same resamples (rows are aligned).
+        ref_record = self.ref_record if paired else None
+        bias = score_bias(self.recorded, record, ref_record, n=s.bootstrap, seed=self.cfg.seed)
+        return acc, bias, collapse_report(record)
 
     def score_reference(self) -> Scores:
         return self.score(self.reference, self.ref_record, paired=False)
