@@ -167,11 +167,13 @@ def front_model(session: Any, folder: Path, trial: Any, replay: bool) -> tuple[A
     """A front trial's model: the one the search kept, else rebuilt from its parameters."""
     from nas_fair.checkpoint import load_compressed
     from nas_fair.errors import UserError
+    from nas_fair.search.study import artifact_dir
 
-    rel = trial.user_attrs.get("artifact")
-    if not replay and rel and (folder / rel).is_dir():
+    # the folder from the trial number, never from the path stored in the study
+    saved = artifact_dir(folder, session.cfg.name, trial.number)
+    if not replay and trial.user_attrs.get("artifact") and saved is not None and saved.is_dir():
         try:
-            return load_compressed(folder / rel), "saved model"
+            return load_compressed(saved), "saved model"
         except UserError as exc:
             print(f"note: trial {trial.number}'s saved model is unreadable ({exc}); rebuilding")
     return session.replay(trial.params), "replayed"

@@ -43,16 +43,22 @@ class Exported:
 # --------------------------------------------------------------------------- the search's side
 
 
-def drop_stale_artifacts(run_dir: Path, trials: Iterable[FrozenTrial], *, keep: set[int]) -> None:
+def drop_stale_artifacts(run_dir: Path, study: str, trials: Iterable[FrozenTrial], *,
+                         keep: set[int]) -> None:
     """Delete saved models of finished trials outside ``keep`` (the Pareto front), best effort.
 
     A complete trial off the front never re-enters it (what dominates it stays in the study), so
-    disk use stays bounded by the front; RUNNING trials are never touched.
+    disk use stays bounded by the front; RUNNING trials are never touched. The folder comes from
+    the study name and trial number (``artifact_dir``), not from the path stored in the trial.
     """
+    from nas_fair.search.study import artifact_dir
+
     for t in trials:
-        rel = t.user_attrs.get("artifact")
-        if rel and t.number not in keep and t.state in (TrialState.COMPLETE, TrialState.FAIL):
-            shutil.rmtree(run_dir / rel, ignore_errors=True)
+        if (t.user_attrs.get("artifact") and t.number not in keep
+                and t.state in (TrialState.COMPLETE, TrialState.FAIL)):
+            target = artifact_dir(run_dir, study, t.number)
+            if target is not None:
+                shutil.rmtree(target, ignore_errors=True)  # refuses a symlink: nothing followed
 
 
 # --------------------------------------------------------------------------- input checks
@@ -238,12 +244,14 @@ def _model_files(session: Any, trial: FrozenTrial, dest: Path, log: Callable[[st
                  use_artifact: bool = True) -> str:
     """The checkpoint files of the trial in ``dest``: the saved artifact, else a replay."""
     from nas_fair.checkpoint import MODEL_FILE, save_compressed
+    from nas_fair.search.study import artifact_dir
 
-    rel = trial.user_attrs.get("artifact") if use_artifact else None
-    src = session.run_dir / rel if rel else None
-    if src is not None and (src / MODEL_FILE).is_file():
+    src = None
+    if use_artifact and trial.user_attrs.get("artifact"):
+        src = artifact_dir(session.run_dir, session.cfg.name, trial.number)
+    if src is not None and not src.is_symlink() and (src / MODEL_FILE).is_file():
         try:
-            shutil.copytree(src, dest)
+            _copy_flat(src, dest)
             return "artifact"
         except OSError as exc:  # deleted meanwhile by a search still running: rebuild instead
             log(f"trial {trial.number}: cannot copy {src} ({exc}); rebuilding it")
@@ -255,6 +263,19 @@ def _model_files(session: Any, trial: FrozenTrial, dest: Path, log: Callable[[st
     save_compressed(model, dest, metadata={"study": session.cfg.name, "trial": trial.number,
                                            "params": trial.params})
     return "replay"
+
+
+def _copy_flat(src: Path, dest: Path) -> None:
+    """Copy the regular files of a checkpoint folder (it is flat); a symlink in it is an error,
+    so nothing outside the run folder is read. Files get the umask's default mode."""
+    from nas_fair.io import default_file_mode
+
+    dest.mkdir()
+    for f in sorted(src.iterdir()):
+        if f.is_symlink() or not f.is_file():
+            raise OSError(f"{f.name} is not a regular file")
+        shutil.copyfile(f, dest / f.name, follow_symlinks=False)
+        (dest / f.name).chmod(default_file_mode())
 
 
 def _verify(session: Any, trial: FrozenTrial, record: Any, runtime: dict[str, Any]) -> str:

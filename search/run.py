@@ -353,12 +353,12 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             failures = 0
             bar.update(1)
             front = {t.number for t in pareto_front(complete, dirs)}
-            drop_stale_artifacts(session.run_dir, complete, keep=front)
+            drop_stale_artifacts(session.run_dir, session.cfg.name, complete, keep=front)
             log(label + format_trial_line(trial, reference, names, trial.number in front))
         elif trial.state == TrialState.FAIL:
             failures += 1
             last_error = trial.user_attrs.get("error", "see log above")
-            drop_stale_artifacts(session.run_dir, [trial], keep=set())
+            drop_stale_artifacts(session.run_dir, session.cfg.name, [trial], keep=set())
             log(f"{label}trial {trial.number} failed: {last_error}")
             if failures >= 3:
                 study.stop()

@@ -73,6 +73,22 @@ def artifact_path(study: str, number: int) -> Path:
     return Path("artifacts") / study / f"trial-{number}"
 
 
+def artifact_dir(run_dir: Path, study: str, number: int) -> Path | None:
+    """The trial's saved-model folder inside ``run_dir``, or None if it would lie outside.
+
+    Derived from the study name and trial number only, never from a path stored in the study:
+    whoever can write the storage must not steer a delete or a copy elsewhere.
+    """
+    root = run_dir.resolve()
+    target = root / artifact_path(study, number)
+    try:
+        # parent resolved (the folder itself may be a planted symlink: rmtree refuses those)
+        target.parent.resolve().relative_to(root)
+    except ValueError:
+        return None
+    return target.parent.resolve() / target.name
+
+
 def _signed(cfg: StudyConfig) -> bool:
     """A signed gap is scored by its distance from zero: anti-bias is not the goal either."""
     bias = get(BIAS, cfg.objectives.bias, "bias")

@@ -336,14 +336,53 @@ def test_all_pareto_exports_the_feasible_front(world: dict[str, Any], capsys: An
 
 def test_drop_stale_artifacts_never_touches_running_trials(tmp_path: Path) -> None:
     from nas_fair.search.export import drop_stale_artifacts
+    from nas_fair.search.study import artifact_path
 
     state = optuna.trial.TrialState
     trials = []
     for n, st in enumerate([state.COMPLETE, state.COMPLETE, state.RUNNING, state.FAIL]):
-        (tmp_path / f"a{n}").mkdir()
-        trials.append(types.SimpleNamespace(number=n, state=st, user_attrs={"artifact": f"a{n}"}))
-    drop_stale_artifacts(tmp_path, trials, keep={0})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a0", "a2"]
+        rel = artifact_path("s", n)
+        (tmp_path / rel).mkdir(parents=True)
+        trials.append(types.SimpleNamespace(number=n, state=st,
+                                            user_attrs={"artifact": rel.as_posix()}))
+    drop_stale_artifacts(tmp_path, "s", trials, keep={0})
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "s").iterdir()) == ["trial-0",
+                                                                               "trial-2"]
+
+
+def test_a_stored_artifact_path_never_deletes_outside_the_run_folder(tmp_path: Path) -> None:
+    """The storage is writable by every worker: its "artifact" value must not steer rmtree."""
+    from nas_fair.search.export import drop_stale_artifacts
+    from nas_fair.search.study import artifact_path
+
+    run_dir = tmp_path / "run"
+    victim = tmp_path / "victim"
+    (victim / "keep.txt").parent.mkdir(parents=True)
+    (victim / "keep.txt").write_text("x")
+    own = run_dir / artifact_path("s", 1)
+    own.mkdir(parents=True)
+    done = optuna.trial.TrialState.COMPLETE
+    for stored in ("../victim", str(victim)):
+        trial = types.SimpleNamespace(number=1, state=done, user_attrs={"artifact": stored})
+        drop_stale_artifacts(run_dir, "s", [trial], keep=set())
+        assert (victim / "keep.txt").is_file()
+    assert not own.exists()  # the trial's own folder (from its number) is what goes
+
+
+def test_export_never_copies_a_stored_path_outside_the_run_folder(tmp_path: Path,
+                                                                  tiny_bert: Any) -> None:
+    from nas_fair.checkpoint import save_compressed
+    from nas_fair.search.export import _model_files
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_compressed(tiny_bert, tmp_path / "elsewhere")
+    replayed = []
+    session = types.SimpleNamespace(run_dir=run_dir, cfg=types.SimpleNamespace(name="s"),
+                                    replay=lambda params: replayed.append(params) or tiny_bert)
+    trial = types.SimpleNamespace(number=0, params={}, user_attrs={"artifact": "../elsewhere"})
+    assert _model_files(session, trial, tmp_path / "dest", lambda m: None) == "replay"
+    assert replayed == [{}]
 
 
 def test_model_card(world: dict[str, Any], capsys: Any) -> None:
