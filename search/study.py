@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import sys
@@ -600,30 +599,61 @@ def default_storage(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-_SECRET_IN_URL = re.compile(r"(?P<head>://[^:/@?#]*):(?P<pw>[^@/?#]*)@")
-_SECRET_IN_QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)(?P<pw>[^&#]*)", re.I)
+_QUERY_SECRETS = frozenset({"password", "passwd", "pwd"})
+
+
+def _parsed(url: str) -> Any:
+    """SQLAlchemy's own reading of ``url`` (what the driver receives), or None."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        return None
 
 
 def shown_url(url: str) -> str:
-    """A storage URL fit to print or store: the password is replaced by ``***``."""
-    url = _SECRET_IN_URL.sub(lambda m: f"{m['head']}:***@", url)
-    return _SECRET_IN_QUERY.sub(lambda m: f"{m['head']}***", url)
+    """A storage URL fit to print or store: its password (and any password query parameter)
+    replaced by ``***``, as SQLAlchemy parses it; an unparseable URL keeps only its scheme."""
+    parsed = _parsed(url)
+    if parsed is None:
+        return url if "@" not in url else url.split("://", 1)[0] + "://***"
+    hidden = {k: "***" for k in parsed.query if k.lower() in _QUERY_SECRETS}
+    if parsed.password is None and not hidden:
+        return url  # nothing secret: shown exactly as given (rendering would re-encode paths)
+    if parsed.host and "@" in parsed.host:  # "u:p@ss@host": SQLAlchemy splits at the first @
+        parsed = parsed.set(password=parsed.password or "", host=parsed.host.rsplit("@", 1)[1])
+    if hidden:
+        parsed = parsed.update_query_dict(hidden)
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def _url_secrets(url: str) -> list[str]:
-    """The password(s) a URL carries, raw and percent-decoded, to scrub them from messages."""
-    from urllib.parse import unquote
+    """The password(s) a URL carries, as written and as decoded, to scrub them from messages."""
+    from urllib.parse import quote, quote_plus
 
-    found = [m["pw"] for m in _SECRET_IN_URL.finditer(url)]
-    found += [m["pw"] for m in _SECRET_IN_QUERY.finditer(url)]
-    return [s for pw in found for s in {pw, unquote(pw)} if s]
+    parsed = _parsed(url)
+    if parsed is None:
+        return [url.split("://", 1)[1].rsplit("@", 1)[0]] if "://" in url and "@" in url else []
+    found = [parsed.password] if parsed.password else []
+    if parsed.host and "@" in parsed.host:
+        # the user's password had an unencoded "@": its head went to the driver as the
+        # password, its tail into the host name; scrub the whole and the tail, not the head alone
+        tail = parsed.host.rsplit("@", 1)[0]
+        found = [f"{parsed.password or ''}@{tail}", f"{tail}@"]
+    for key, value in parsed.query.items():
+        if key.lower() in _QUERY_SECRETS:
+            found += [value] if isinstance(value, str) else list(value)
+    return [s for pw in found if pw for s in {pw, quote(pw, safe=""), quote_plus(pw)}]
 
 
 def scrub(text: str, url: str) -> str:
-    """``text`` with every credential of ``url`` blanked (driver errors may quote them)."""
+    """``text`` with exactly the credentials of ``url`` blanked (driver errors may quote them)."""
+    text = text.replace(url, shown_url(url))
     for secret in sorted(_url_secrets(url), key=len, reverse=True):
         text = text.replace(secret, "***")
-    return text.replace(url, shown_url(url))
+    return text
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:

@@ -530,3 +530,23 @@ def test_a_pickle_only_checkpoint_is_refused_before_anything_is_written(
         "nas-fair never unpickles: convert it to model.safetensors first (transformers' "
         "save_pretrained writes safetensors)"]
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("password", ["pa/ss", "a#b", "q?r", "x@y", "p%40ss", "s3cret"])
+def test_storage_passwords_are_masked_exactly(password: str) -> None:
+    """Passwords SQLAlchemy accepts unencoded ("/", "#", "?", "@") never reach a message."""
+    import argparse
+
+    from nas_fair.search.export import study_args_for
+    from nas_fair.search.study import scrub, shown_url
+
+    url = f"postgresql://alice:{password}@db.example:5432/nas?password={password}&sslmode=x"
+    masked = "postgresql://alice:***@db.example:5432/nas?password=***&sslmode=x"
+    assert shown_url(url) == masked
+    message = (f"cannot open {url}: connection to db.example (port 5432) as alice failed: "
+               f"password {password!r} rejected; sslmode x")
+    assert scrub(message, url) == (f"cannot open {masked}: connection to db.example (port 5432) "
+                                   "as alice failed: password '***' rejected; sslmode x")
+    args = argparse.Namespace(config=None, study="bios", run_dir=None, storage=url)
+    assert study_args_for(args) == ["--study", "bios", "--storage", masked]
+    assert shown_url("sqlite:////runs/a:b@c/study.db") == "sqlite:////runs/a:b@c/study.db"
