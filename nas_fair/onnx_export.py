@@ -37,7 +37,6 @@ import copy
 import hashlib
 import importlib.util
 import logging
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 
 from nas_fair.errors import UserError
+from nas_fair.io import atomic_path
 from nas_fair.spaces._modules import (
     DynamicInt8Linear,
     Fp16Linear,
@@ -268,13 +268,9 @@ def _export(model: nn.Module, path: Path, *, int8: bool, max_length: int, export
         del proto.graph.value_info[:]  # shape hints from quantize_dynamic; ORT infers them
         _set_metadata(proto, int8=int8, max_length=max_length)
         onnx.checker.check_model(proto)
-        out = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as out:
             onnx.save(proto, str(out))
             _smoke_test(out, view, max_length)
-            os.replace(out, path)
-        finally:
-            out.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- graph rewrites

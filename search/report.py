@@ -316,8 +316,7 @@ tb.dataset.dir=asc?'asc':'desc'}}
 
 
 def write_report(study: optuna.Study, dirs: list[str], names: list[str], out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(draw(report_data(study, dirs, names)), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    from nas_fair.io import atomic_write_text
+
+    # a unique temporary name: a fixed "<out>.tmp" could be a planted symlink
+    return atomic_write_text(out, draw(report_data(study, dirs, names)))

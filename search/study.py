@@ -32,6 +32,7 @@ from nas_fair import __version__
 from nas_fair.config import StudyConfig
 from nas_fair.data import TaskData, load_task
 from nas_fair.errors import UserError
+from nas_fair.io import atomic_path, temp_dir_beside
 from nas_fair.modeling import (
     finetune,
     load_for_task,
@@ -338,13 +339,16 @@ class Session:
                              seed=self.cfg.seed, device=self.device, quiet=self.quiet)
         info = {"fingerprint": fp, "source": str(self.model_path), "finetuned": bool(do_ft),
                 "finetune_s": round(time.perf_counter() - t, 1), "nas_fair": __version__}
-        tmp = self.run_dir / "reference.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        (tmp / "nas_fair_reference.json").write_text(json.dumps(info, indent=2))
-        shutil.rmtree(ref_dir, ignore_errors=True)
-        tmp.rename(ref_dir)
+        tmp = temp_dir_beside(ref_dir)  # unique name: concurrent writers, planted symlinks
+        try:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "nas_fair_reference.json").write_text(json.dumps(info, indent=2))
+            shutil.rmtree(ref_dir, ignore_errors=True)
+            tmp.rename(ref_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.reference_info = info
         return model.eval()
 
@@ -373,9 +377,8 @@ class Session:
             t["cf_ids"], t["cf_mask"] = tokenize(self.tokenizer, cf_texts, L)
             if not changed:
                 t["cf_ids"], t["cf_mask"] = t["cf_ids"][:0], t["cf_mask"][:0]
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in t.items()}, tmp)
-        tmp.rename(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in t.items()}, tmp)
         return t
 
     # ------------------------------------------------------------------ evaluation

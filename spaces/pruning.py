@@ -16,7 +16,6 @@ keeps the lower layers, whose importance estimates are taken in context, consist
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -163,10 +162,10 @@ def head_and_ffn_importance(model: nn.Module, ctx: CompressionContext) -> dict[s
     if path is not None:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel trials: own temp
-        save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
-        tmp.replace(path)
+        from nas_fair.io import atomic_path
+
+        with atomic_path(path) as tmp:  # parallel trials: each its own unique temp
+            save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))
     return result
 
 

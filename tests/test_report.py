@@ -688,3 +688,21 @@ def test_missing_chromium_skips_or_fails(monkeypatch) -> None:
     monkeypatch.setenv("NAS_FAIR_REQUIRE_SYSTEM_TESTS", "1")
     with pytest.raises(pytest.fail.Exception, match="NAS_FAIR_REQUIRE_SYSTEM_TESTS=1"):
         chromium_or_skip()
+
+
+def test_report_never_follows_a_planted_temporary_file(tmp_path: Path) -> None:
+    """A symlink planted at a fixed "<out>.tmp" name must not be written through."""
+    import os
+
+    from nas_fair.io import default_file_mode
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "report.html"
+    (tmp_path / "report.tmp").symlink_to(victim)
+    write_report(_made_study(), DIRS, NAMES, out)
+    assert victim.read_text() == "keep me"
+    assert out.is_file() and not out.is_symlink() and "<html" in out.read_text()
+    assert os.stat(out).st_mode & 0o777 == default_file_mode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.tmp",
+                                                          "victim.txt"]
