@@ -4,7 +4,10 @@ A checkpoint folder holds
 
 * ``model.safetensors``: every stored tensor once (shared layers once; packed 4-bit as packed;
   int8 Linear as int8 weight + per-channel scales / zero points + bias);
-* ``config.json``: the Hugging Face config (layer count already updated by layer dropping);
+* ``config.json``: nas-fair's own ``model_type`` ("nas-fair-compressed"), so plain
+  ``transformers`` refuses the folder instead of building the original architecture with random
+  weights; the Hugging Face config (layer count already updated by layer dropping) is nested
+  under ``original_config``. Folders written before hold the plain config, and still load;
 * ``structure.json``: what turns the config's skeleton into the compressed architecture: the
   encoder's layer slots (sharing ties), each layer's attention head attributes, and the type and
   shape of every weight-bearing module (Linear, LowRankLinear, DynamicInt8Linear, Fp16Linear,
@@ -24,6 +27,7 @@ import json
 import os
 import shutil
 import struct
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from nas_fair.errors import UserError
+from nas_fair.io import default_file_mode
 from nas_fair.spaces import postprocess
 from nas_fair.spaces._modules import (
     OPAQUE_TYPES,
@@ -51,6 +56,7 @@ CONFIG_FILE = "config.json"
 STRUCTURE_FILE = "structure.json"
 METADATA_FILE = "nas_fair.json"
 SAFETENSORS_METADATA = {"format": "pt"}
+COMPRESSED_MODEL_TYPE = "nas-fair-compressed"
 
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -246,7 +252,8 @@ def save_compressed(
     try:
         tensors = {k: v.contiguous().cpu() for k, v in _stored(model).items()}
         save_file(tensors, str(tmp / MODEL_FILE), metadata=SAFETENSORS_METADATA)
-        model.config.to_json_file(str(tmp / CONFIG_FILE))
+        (tmp / MODEL_FILE).chmod(default_file_mode())  # safetensors writes 0600, the rest 0644
+        (tmp / CONFIG_FILE).write_text(json.dumps(wrapped_config(model.config), indent=2) + "\n")
         (tmp / STRUCTURE_FILE).write_text(json.dumps(structure_of(model), indent=1) + "\n")
         meta = {"nas_fair_version": __version__, "format_version": FORMAT_VERSION}
         meta["metadata"] = metadata or {}
@@ -263,6 +270,43 @@ def save_compressed(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def wrapped_config(config: Any) -> dict[str, Any]:
+    """config.json of a checkpoint: a model type plain transformers does not know (loading
+    the folder with it fails loudly), the real Hugging Face config nested inside."""
+    return {
+        "model_type": COMPRESSED_MODEL_TYPE,
+        "architectures": ["NasFairCompressedModel"],
+        "nas_fair_note": "compressed by nas-fair: load with nas_fair.load(folder); plain "
+                         "transformers cannot rebuild this architecture (see structure.json)",
+        "original_config": config.to_dict(),
+    }
+
+
+def _hf_config(config_dict: dict[str, Any], src: Path) -> Any:
+    """The Hugging Face config of a checkpoint, new (nested) or old (plain) config.json."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if config_dict.get("model_type") != COMPRESSED_MODEL_TYPE:
+        return AutoConfig.from_pretrained(str(src))  # written before the wrapped format
+    inner = config_dict.get("original_config")
+    if not isinstance(inner, dict) or inner.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError(f"{CONFIG_FILE} has no usable original_config")
+    config = CONFIG_MAPPING[inner["model_type"]].from_dict(inner)
+    config.name_or_path = str(src)  # as from_pretrained sets it
+    return config
+
+
+def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike[str],
+                     **kwargs: Any) -> None:
+    """``save_pretrained`` of a model from :func:`load_compressed`: nas-fair's format (a folder
+    ``nas_fair.load`` reloads identically); transformers' own would write unloadable weights."""
+    if kwargs:
+        raise UserError("save_pretrained of a nas-fair compressed model takes only the folder "
+                        f"(got {', '.join(sorted(kwargs))}); it writes nas-fair's format, for "
+                        "nas_fair.load; for more, use nas-fair export")
+    save_compressed(self, save_directory, metadata=getattr(self, "nas_fair_metadata", None))
 
 
 def load_compressed(directory: str | os.PathLike[str]) -> nn.Module:
@@ -282,7 +326,7 @@ def load_compressed(directory: str | os.PathLike[str]) -> nn.Module:
 
 def _load(src: Path) -> nn.Module:
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     if not src.is_dir():
         raise UserError(f"cannot load compressed model from {src}: no such folder")
@@ -295,9 +339,10 @@ def _load(src: Path) -> nn.Module:
     config_dict = _read_json(src, CONFIG_FILE)
     if not isinstance(config_dict, dict) or "model_type" not in config_dict:
         raise ValueError(f"{CONFIG_FILE} is not a Hugging Face model config (no model_type)")
+    meta = None
     if (src / METADATA_FILE).exists():
-        _read_json(src, METADATA_FILE)  # not needed to rebuild, but a damaged one is damage
-    config = AutoConfig.from_pretrained(str(src))
+        meta = _read_json(src, METADATA_FILE)  # not needed to rebuild; a damaged one is damage
+    config = _hf_config(config_dict, src)
     kwargs = {}
     if structure.get("attn_implementation"):
         kwargs["attn_implementation"] = structure["attn_implementation"]
@@ -311,6 +356,9 @@ def _load(src: Path) -> nn.Module:
     if (src / postprocess.FILE).exists():
         postprocess.attach(model, postprocess.GroupOffsets.from_dict(
             _read_json(src, postprocess.FILE)))
+    model.nas_fair_metadata = (meta or {}).get("metadata") if isinstance(meta, dict) else None
+    # bound to this model (a deepcopy rebinds it to the copy)
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
     return model.eval()
 
 

@@ -270,3 +270,77 @@ def test_structure_from_another_model_is_rejected(compressed, tmp_path: Path) ->
     b = save_compressed(compressed["bert", "int8"], tmp_path / "b")
     (a / "structure.json").write_text((b / "structure.json").read_text())
     _one_line_error(a)
+
+
+@pytest.mark.parametrize("family", ["sharing", "lowrank"])
+def test_plain_transformers_refuses_a_compressed_folder(family: str, tmp_path: Path) -> None:
+    """Shared-layer and low-rank folders used to load in plain transformers as the original
+    architecture with random weights; now the config's model type stops it, and nas_fair.load
+    still reads it."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = REGISTRY[family].config_class
+    recipe = {"sharing": cfg(group_size=2)} if family == "sharing" else {
+        "lowrank": cfg(attention_rank=0.5, ffn_rank=0.5, activation_aware=False)}
+    ref = tiny_model("bert")
+    model = compress(ref, recipe, tiny_context(ref))
+    path = save_compressed(model, tmp_path / "m")
+    with pytest.raises(ValueError, match="nas-fair-compressed"):
+        AutoModelForSequenceClassification.from_pretrained(str(path))
+    assert torch.equal(logits(load_compressed(path)), logits(model))
+
+
+def test_folders_with_the_plain_config_still_load(compressed, tmp_path: Path) -> None:  # noqa: ANN001
+    """Exports written before the wrapped config.json (model_type bert at top level)."""
+    model = compressed["bert", "heavy"]
+    path = save_compressed(model, tmp_path / "m")
+    wrapped = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(wrapped["original_config"]))
+    back = load_compressed(path)
+    assert torch.equal(logits(back), logits(model))
+    new = load_compressed(save_compressed(model, tmp_path / "new"))
+    assert ({**back.config.to_dict(), "_name_or_path": ""}
+            == {**new.config.to_dict(), "_name_or_path": ""})
+
+
+def test_save_pretrained_of_a_loaded_model_writes_what_load_reads(compressed, tmp_path: Path,
+                                                                  tiny_tokenizer_dir: Path,
+                                                                  ) -> None:  # noqa: ANN001
+    import copy
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    model = compressed["bert", "heavy"]
+    first = load_compressed(save_compressed(model, tmp_path / "a", tokenizer=tok,
+                                            metadata={"recipe": "heavy"}))
+    first.save_pretrained(tmp_path / "b")
+    again = load_compressed(tmp_path / "b")
+    assert torch.equal(logits(again), logits(model))
+    assert json.loads((tmp_path / "b" / "nas_fair.json").read_text())["metadata"] == {
+        "recipe": "heavy"}
+    copy.deepcopy(first).save_pretrained(tmp_path / "c")  # the copy saves itself
+    assert torch.equal(logits(load_compressed(tmp_path / "c")), logits(model))
+    with pytest.raises(UserError) as exc:
+        first.save_pretrained(tmp_path / "d", push_to_hub=True)
+    assert str(exc.value) == (
+        "save_pretrained of a nas-fair compressed model takes only the folder (got "
+        "push_to_hub); it writes nas-fair's format, for nas_fair.load; for more, use "
+        "nas-fair export")
+    # the tokenizer still loads beside the wrapped config
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "a"))("he")["input_ids"] == tok(
+        "he")["input_ids"]
+
+
+def test_every_saved_file_has_the_default_mode(compressed, tmp_path: Path,  # noqa: ANN001
+                                               tiny_tokenizer_dir: Path) -> None:
+    import os
+
+    from transformers import AutoTokenizer
+
+    from nas_fair.io import default_file_mode
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    path = save_compressed(compressed["bert", "int8"], tmp_path / "m", tokenizer=tok)
+    modes = {p.name: oct(os.stat(p).st_mode & 0o777) for p in path.iterdir()}
+    assert set(modes.values()) == {oct(default_file_mode())}, modes
