@@ -190,6 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_out,
         export_trials,
         parse_trials,
+        reproduce_base,
         study_args_for,
     )
 
@@ -200,7 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_onnx_available()
     cfg, run_dir, study = _existing_study(args)
     done = export_trials(cfg, run_dir, study, numbers, out, force=args.force, onnx=args.onnx,
-                         study_args=study_args_for(args),
+                         study_args=study_args_for(args), reproduce_base=reproduce_base(args),
                          log=lambda msg: print(msg, file=sys.stderr))
     for item in done:
         print(item.path)

@@ -24,6 +24,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.errors import UserError
+from nas_fair.io import dumps_json
 
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.json"
@@ -132,11 +133,13 @@ def export_trials(
     force: bool = False,
     onnx: bool = False,
     study_args: Sequence[str] = (),
+    reproduce_base: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Exported]:
     """Export the trials (``numbers``, or the feasible Pareto front when None) to ``out``.
 
-    ``study_args`` are the CLI arguments that name the study (for the reproduce commands).
+    ``study_args`` are the CLI arguments that name the study (for the reproduce commands), with
+    paths relative to ``reproduce_base`` (the study file's folder; default: the current one).
     """
     import torch
 
@@ -157,7 +160,8 @@ def export_trials(
         for t in trials:
             final = out / f"trial-{t.number}"
             source = _export_one(session, study, t, tmp / final.name, final, onnx=onnx,
-                                 study_args=study_args, log=log)
+                                 study_args=study_args, log=log,
+                                 base=reproduce_base or Path.cwd())
             torch.set_num_threads(threads)
             done.append(Exported(t.number, final, source))
         _move_into_place(tmp, out)
@@ -186,7 +190,8 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final: Path, *,
-                onnx: bool, study_args: Sequence[str], log: Callable[[str], None]) -> str:
+                onnx: bool, study_args: Sequence[str], log: Callable[[str], None],
+                base: Path) -> str:
     import torch
 
     from nas_fair.checkpoint import MODEL_FILE, load_compressed
@@ -222,8 +227,9 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     metrics["postprocess"] = None if offsets is None else json.loads(
         json.dumps(offsets.to_dict(), default=float))
     recipe = build_recipe(session, study, trial)
-    (dest / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
-    (dest / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
+    # strict JSON: a non-finite figure (a ratio to a zero reference, an undefined metric) is null
+    (dest / METRICS_FILE).write_text(dumps_json(metrics, indent=1) + "\n")
+    (dest / RECIPE_FILE).write_text(dumps_json(recipe, indent=1) + "\n")
     if onnx:
         from nas_fair.onnx_export import export_onnx
 
@@ -233,7 +239,7 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     budget = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if t.number <= trial.number)
     (dest / CARD_FILE).write_text(model_card(session, metrics, recipe, final, study_args,
-                                             budget=budget, onnx=onnx))
+                                             budget=budget, onnx=onnx, base=base))
     how = "copied the search's saved model" if source == "artifact" else "rebuilt from its recipe"
     log(f"trial {trial.number}: {how}; reloaded, its test predictions match the search's "
         f"record (sha256 {digest[:12]})")
@@ -331,7 +337,7 @@ def build_recipe(session: Any, study: Any, trial: FrozenTrial) -> dict[str, Any]
         "order": order,
         "families": {n: configs[n].to_dict() for n in order},
         "off": {n: configs[n].to_dict() == REGISTRY[n].off().to_dict() for n in order},
-        "base_model": str(session.model_path),
+        "base_model": base_model_name(session),
         "reference_finetuned": bool(session.reference_info.get("finetuned")),
         "study_fingerprint": study.user_attrs.get("fingerprint"),
         "study_config": study.user_attrs.get("config"),
@@ -396,6 +402,35 @@ def build_metrics(session: Any, study: Any, trial: FrozenTrial,
 # --------------------------------------------------------------------------- model card
 
 
+# Data set names for the card's ``datasets`` metadata, per built-in task (nas_fair.data).
+TASK_DATASETS: dict[str, list[str]] = {"bug-bios": ["BUG"], "winobias": ["wino_bias"]}
+
+
+def relative(path: str | Path, base: Path) -> str:
+    """``path`` relative to ``base`` (POSIX), so cards carry no absolute local path."""
+    import os
+
+    return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
+
+
+def base_model_name(session: Any) -> str:
+    """The base model as a card may name it: the Hub id of the bundled model, else the name of
+    its folder (never the local absolute path)."""
+    from nas_fair.config import BUNDLED_MODEL
+
+    if session.cfg.model.path == BUNDLED_MODEL:
+        return BUNDLED_HUB_ID
+    return Path(session.model_path).name
+
+
+def _datasets(cfg: Any) -> list[str]:
+    if cfg.data.source == "file":
+        base = cfg.source.parent if cfg.source else Path.cwd()
+        return [relative(cfg.resolve(f), base) for f in
+                (cfg.data.train, cfg.data.validation, cfg.data.test) if f]
+    return TASK_DATASETS.get(cfg.data.source, [cfg.data.source])
+
+
 def _base_licence(model_path: Path) -> str | None:
     """The ``license`` in the base checkpoint's own model card front matter, if it has one."""
     card = model_path / "README.md"
@@ -420,7 +455,7 @@ def _data_text(session: Any) -> tuple[str, str]:
     cfg = session.cfg
     data = session.data
     if cfg.data.source == "file":
-        files = [cfg.resolve(f) for f in (cfg.data.train, cfg.data.validation, cfg.data.test) if f]
+        files = _datasets(cfg)  # relative to the study file
         noun = "file" if len(files) == 1 else "files"
         return (f"the user's {noun} {', '.join(files)}", "licence not recorded")
     licence = f"licence: {data.licence}" if data.licence else "licence not recorded"
@@ -450,9 +485,11 @@ def _yaml(value: Any) -> str:
 
 
 def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], final: Path,
-               study_args: Sequence[str], *, budget: int, onnx: bool = False) -> str:
+               study_args: Sequence[str], *, budget: int, onnx: bool = False,
+               base: Path | None = None) -> str:
     """Hugging Face style card: YAML front matter, then what was done, measured, and how to
-    load and reproduce it. ``budget``: completed trials the study needed to reach this one."""
+    load and reproduce it. ``budget``: completed trials the study needed to reach this one.
+    Paths are relative (to ``base`` for the reproduce commands): a card is meant to be shared."""
     from nas_fair import __version__
     from nas_fair.config import BUNDLED_MODEL
 
@@ -464,16 +501,19 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
     on = [f for f in recipe["order"] if not recipe["off"][f]]
     licence = _base_licence(session.model_path)
     bundled = cfg.model.path == BUNDLED_MODEL
-    base = f"{BUNDLED_HUB_ID} (package {BUNDLED_MODEL})" if bundled else str(session.model_path)
+    base_name = base_model_name(session)
+    shown_base = f"{BUNDLED_HUB_ID} (package {BUNDLED_MODEL})" if bundled else base_name
     data_what, data_licence = _data_text(session)
-    folder = str(final)
+    folder = final.name  # the model's name: the card sits in that folder
+    reproduce_base = base or Path.cwd()
     offsets = [str(g) for g in (metrics.get("postprocess") or {}).get("groups", [])]
 
     front = ["---", "library_name: nas-fair", "pipeline_tag: text-classification"]
-    if licence:
-        front.append(f"license: {_yaml(licence)}")
-    if bundled:
-        front.append(f"base_model: {_yaml(BUNDLED_HUB_ID)}")
+    # a compressed copy is a derivative of the base model: its licence, "unknown" if not stated
+    front.append(f"license: {_yaml(licence or 'unknown')}")
+    front.append(f"base_model: {_yaml(base_name)}")
+    front.append("datasets:")
+    front += [f"- {_yaml(d)}" for d in _datasets(cfg)]
     front.append("tags:")
     front += [f"- {_yaml(t)}" for t in ["nas-fair", "compressed", "bias-evaluation", *on]]
     front += [
@@ -495,7 +535,7 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
 
     kept = acc["ratio"]
     summary = (
-        f"Compressed from {base} by nas-fair {__version__}: trial {n} of study `{cfg.name}` "
+        f"Compressed from {shown_base} by nas-fair {__version__}: trial {n} of study `{cfg.name}` "
         f"(seed {cfg.seed}), a multi-objective search on size, latency, {acc_name} and "
         f"{bias_name}. Against the study's fine-tuned reference it is "
         f"**{_x(size['ratio'])} the size** and **{_x(latency['ratio'])} the latency**, keeps "
@@ -559,7 +599,7 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
         f"{', '.join(session.data.label_names)}. The figures above are measured on its held-out "
         f"test split only; the test predictions' sha256 is `{metrics['predictions_sha256']}`.",
         "", "## Base model", "",
-        f"{base}; licence: {licence or 'not recorded in its model card'}. "
+        f"{shown_base}; licence: {licence or 'not recorded in its model card'}. "
         + ("Fine-tuned for this task by nas-fair before compression."
            if recipe["reference_finetuned"] else "Used with its own classification head."),
         "", "## Use", "",
@@ -567,7 +607,8 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
         "import nas_fair",
         "from transformers import AutoTokenizer",
         "",
-        f"model = nas_fair.load({folder!r})  # safetensors + JSON only, nothing is unpickled",
+        f"# run beside this folder ({folder}); safetensors + JSON only, nothing is unpickled",
+        f"model = nas_fair.load({folder!r})",
         f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
         f"batch = tokenizer([\"some text\"], truncation=True, max_length={cfg.model.max_length}, "
         "padding=True, return_tensors=\"pt\")",
@@ -598,7 +639,8 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
                      + (" (logits only: add the offsets of postprocess.json per group)."
                         if offsets else "."))
     search = ["nas-fair", "search", *study_args, "--budget", str(budget)]
-    export = ["nas-fair", "export", *study_args, "--trials", str(n), "--out", str(final.parent)]
+    export = ["nas-fair", "export", *study_args, "--trials", str(n), "--out",
+              relative(final.parent, reproduce_base)]
     if onnx:
         export.append("--onnx")
     lines += [
@@ -608,6 +650,7 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
         shlex.join(export),
         "```",
         "",
+        "Run them from the folder holding the study file (paths are relative to it). "
         "The first line runs (or, with the run folder present, resumes) the study; the second "
         f"copies trial {n}'s saved model or rebuilds it from the recipe stored in the study, and "
         "writes nothing unless the result predicts the test split exactly as recorded (same "
@@ -620,24 +663,33 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
         "- tokenizer files (load with `AutoTokenizer.from_pretrained`)",
         "- `recipe.json`: the compression parameters and every family's config",
         "- `metrics.json`: the objectives, every bias metric with its interval, the collapse "
-        "report and constraints, and the reference's values",
+        "report and constraints, and the reference's values (strict JSON: `null` means not "
+        "measured or not a finite number, e.g. a ratio to a zero reference or an undefined "
+        "metric)",
     ]
     if offsets:
         lines.append("- `postprocess.json`: the per-group logit offsets (loaded by `nas_fair.load`)")
     return "\n".join(lines) + "\n"
 
 
+def reproduce_base(args: Any) -> Path:
+    """Where the card's reproduce commands run from: the study file's folder, else here."""
+    return Path(args.config).resolve().parent if args.config else Path.cwd()
+
+
 def study_args_for(args: Any) -> list[str]:
-    """The CLI arguments naming the study as the user gave them (paths made absolute)."""
+    """The CLI arguments naming the study as the user gave them, paths relative to
+    ``reproduce_base(args)`` and the storage password masked."""
     from nas_fair.search.study import shown_url
 
+    base = reproduce_base(args)
     out: list[str] = []
     if args.config:
-        out += ["--config", str(Path(args.config).resolve())]
+        out += ["--config", relative(args.config, base)]
     elif args.study:
         out += ["--study", args.study]
     if args.run_dir:
-        out += ["--run-dir", str(Path(args.run_dir).resolve())]
+        out += ["--run-dir", relative(args.run_dir, base)]
     if args.storage:
         out += ["--storage", shown_url(args.storage)]
     return out

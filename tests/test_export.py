@@ -19,6 +19,7 @@ import yaml
 from test_search import run_cli, write_checkpoint, write_csv, write_study
 
 from nas_fair.errors import UserError
+from nas_fair.io import finite
 
 
 def _quantized(bits: int) -> str:
@@ -242,7 +243,9 @@ def test_exported_family_reproduces_the_study_in_a_fresh_process(world: dict[str
         ref = study.user_attrs["reference"]
         assert metrics["objectives"]["size_mb"]["ratio"] == pytest.approx(
             trial.values[0] / ref["values"][0])
-        assert metrics["bias"] == attrs["bias"] and metrics["reference_bias"] == ref["bias"]
+        # the study's record, with non-finite figures as null (strict JSON)
+        assert metrics["bias"] == finite(attrs["bias"])
+        assert metrics["reference_bias"] == finite(ref["bias"])
         assert metrics["objectives"]["size_mb"]["exported_weight_bytes"] == weights
     # the saved artifact and the rebuilt model are the same bytes
     a, r = (fam["outs"][s] / "model.safetensors" for s in ("artifact", "replay"))
@@ -394,28 +397,65 @@ def test_model_card(world: dict[str, Any], capsys: Any) -> None:
     assert meta["library_name"] == "nas-fair" and "quantization" in meta["tags"]
     values = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert values["macro_f1"] == fam["trial"].values[2]
-    assert f"the user's file {world['csv']}; licence not recorded" in card
+    assert "the user's file noisy.csv; licence not recorded" in card  # relative to the study
+    # no absolute local path anywhere: the card is meant to be shared
+    assert str(world["tmp"]) not in card and str(Path.home()) not in card
+    assert meta["license"] == "unknown" and meta["base_model"] == "model"  # the folder's name
+    assert meta["datasets"] == ["noisy.csv"]
     ratio = fam["trial"].values[0] / fam["study"].user_attrs["reference"]["values"][0]
     assert f"{ratio:.2f}x" in card
-    assert f"nas_fair.load({str(folder)!r})" in card
-    assert f"AutoTokenizer.from_pretrained({str(folder)!r})" in card
-    # the card's code runs as written, here and for a model with group offsets
+    assert "nas_fair.load('trial-0')" in card
+    assert "AutoTokenizer.from_pretrained('trial-0')" in card
+    # the card's code runs as written beside the folder, here and for a model with group offsets
     for case in ("int8", "mitigation"):
-        text = (world["families"][case]["outs"]["artifact"] / "README.md").read_text()
+        where = world["families"][case]["outs"]["artifact"]
+        text = (where / "README.md").read_text()
         code = text.split("```python\n")[1].split("```")[0]
         space: dict[str, Any] = {}
-        exec(code, space)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(where.parent)
+            exec(code, space)
         assert space["label"] in {"0", "1", "2"}
-    # the reproduce lines are real commands: the export line works as written (new --out)
+    # the reproduce lines are real commands run from the study's folder: the export line works
+    # as written (new --out)
     block = card.split("## Reproduce")[1].split("```bash\n")[1].split("```")[0].splitlines()
     search, exp = (shlex.split(line) for line in block)
     assert search[:2] == ["nas-fair", "search"] and "--budget" in search
     assert exp[:2] == ["nas-fair", "export"]
-    exp[exp.index("--out") + 1] = str(world["tmp"] / "again")
-    assert run_cli(*exp[1:]) == 0
+    assert exp[exp.index("--config") + 1] == fam["toml"].name
+    exp[exp.index("--out") + 1] = "again"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(fam["toml"].parent)
+        assert run_cli(*exp[1:]) == 0
     capsys.readouterr()
-    again = world["tmp"] / "again" / "trial-0" / "model.safetensors"
+    again = fam["toml"].parent / "again" / "trial-0" / "model.safetensors"
     assert again.read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+def test_exported_files_are_strict_json_and_world_readable(world: dict[str, Any]) -> None:
+    import os
+
+    from nas_fair.io import default_file_mode
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    for fam in world["families"].values():
+        for folder in fam["outs"].values():
+            for name in ("metrics.json", "recipe.json"):
+                json.loads((folder / name).read_text(), parse_constant=refuse)
+            modes = {p.name: oct(os.stat(p).st_mode & 0o777) for p in folder.iterdir()}
+            assert set(modes.values()) == {oct(default_file_mode())}, modes
+    card = (world["families"]["int8"]["outs"]["artifact"] / "README.md").read_text()
+    assert "`null` means not measured or not a finite number" in card
+
+
+def test_non_finite_metrics_become_null() -> None:
+    from nas_fair.io import dumps_json
+
+    assert json.loads(dumps_json({"a": float("inf"), "b": [float("nan"), 1.5],
+                                  "c": -float("inf")})) == {"a": None, "b": [None, 1.5],
+                                                            "c": None}
 
 
 def test_data_licence_of_a_builder_is_stated() -> None:
