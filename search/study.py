@@ -309,7 +309,10 @@ class Session:
             else:
                 self.reference_info = {**json.loads(stamp.read_text()), "cached": True}
                 return model.eval()
-        model, trained = load_for_task(self.model_path, self.cfg.model, self.data.label_names)
+        # Seeded here, not only in finetune: a new head drawn from the global random state
+        # would make every fresh run fine-tune a different reference.
+        model, trained = load_for_task(self.model_path, self.cfg.model, self.data.label_names,
+                                       seed=self.cfg.seed)
         mode = self.cfg.model.finetune
         do_ft = mode == "always" or (mode == "auto" and not trained)
         if mode == "never" and not trained:
