@@ -487,7 +487,7 @@ class Session:
         t0 = time.perf_counter()
         same = same_recipe(trial)
         if same is not None:
-            return self._reuse(trial, same, t0)
+            return self._reuse(trial, same, t0, reference)
         times: dict[str, float] = {}
         model = compress(self.reference, configs, self.ctx, timings=times)
         t = time.perf_counter()
@@ -520,23 +520,26 @@ class Session:
         trial.set_user_attr("cost", {k: round(v, 3) for k, v in cost.items()})
         return scores.values()
 
-    def _reuse(self, trial: optuna.Trial, same: FrozenTrial, t0: float) -> list[float]:
+    def _reuse(self, trial: optuna.Trial, same: FrozenTrial, t0: float,
+               reference: dict[str, Any]) -> list[float]:
         """Score ``trial`` as ``same``, a completed trial with the same recipe: compression and
         recovery are deterministic for a recipe and thread count, so it would build the same
         model (NSGA-II does propose recipes it has already run). Export rebuilds it, checked
-        against the predictions' digest copied here."""
-        from nas_fair.search.table import trial_constraints  # table imports this module
-
+        against the predictions' digest copied here. The measurements are copied, the
+        constraints recomputed: the limits may have changed since (``--min-accuracy`` on resume)."""
         for key, value in same.user_attrs.items():
             if key not in NOT_REUSED:
                 trial.set_user_attr(key, value)
-        for key, value in trial_constraints(same).items():
+        assert same.values is not None
+        scores = Scores(*same.values, attrs=dict(same.user_attrs))
+        constraints = self.constraints(scores, reference)
+        for key, value in constraints.items():
             trial.set_constraint(key, value)
+        trial.set_user_attr("constraints", list(constraints.values()))
         trial.set_user_attr("same_recipe_as", same.number)
         spent = round(time.perf_counter() - t0, 3)
         trial.set_user_attr("cost", {**dict.fromkeys(COST_PHASES, 0.0), "bookkeeping_s": spent,
                                      "total_s": spent, "recovery_steps_run": 0})
-        assert same.values is not None
         return list(same.values)
 
     def _save_artifact(self, trial: optuna.Trial, model: torch.nn.Module,
@@ -698,9 +701,10 @@ COST_PHASES = ("compress_s", "recover_s", "mitigation_s", "evaluate_s", "latency
                "bookkeeping_s")
 
 # What a trial scored from an earlier trial's recipe does not take from it: its own identity,
-# cost and queue marks; the saved model stays the earlier trial's (export rebuilds).
+# cost and queue marks, and its constraints (recomputed under the current limits); the saved
+# model stays the earlier trial's (export rebuilds).
 NOT_REUSED = frozenset({"worker", "runtime", "cost", "artifact", "anchor", "retry_of",
-                        "same_recipe_as"})
+                        "same_recipe_as", "constraints"})
 
 
 def same_recipe(trial: optuna.Trial) -> FrozenTrial | None:
