@@ -724,13 +724,58 @@ def population_for(budget_trials: int | None, anchors: int = 0) -> int:
     return max(population, 2 * anchors)
 
 
+def trial_seeds(seed: int, number: int) -> tuple[int, int]:
+    """Two 32-bit seeds for trial ``number`` of a study seeded ``seed`` (distinct streams)."""
+    a, b = np.random.SeedSequence([seed & (2**64 - 1), number]).generate_state(2)
+    return int(a), int(b)
+
+
+class _SeededPerTrial:
+    """Mixin: before each trial, the sampler's generators restart from ``trial_seeds(seed,
+    trial.number)``.
+
+    What this makes reproducible: one process running a study draws the same recipes for the
+    same seed and the same finished trials before them, whether it ran in one go or was stopped
+    and resumed (a trial's draws depend on its number and the study's history, not on how many
+    trials this process ran before). Several processes on one storage get distinct trial
+    numbers from the storage, so they draw distinct recipes; which process runs which number
+    depends on timing, so a study run by several workers is not reproducible as a whole."""
+
+    _trial_seed: int
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        for sampler, s in zip((self, getattr(self, "_random_sampler", None)),
+                              trial_seeds(self._trial_seed, trial.number)):
+            rng = getattr(sampler, "_rng", None)
+            if rng is not None:  # optuna's LazyRandomState
+                rng.rng.seed(s)
+        super().before_trial(study, trial)  # type: ignore[misc]
+
+
+class SeededNSGAIISampler(_SeededPerTrial, optuna.samplers.NSGAIISampler):
+    """NSGA-II whose draws for a trial come from the study seed and the trial's number."""
+
+
+class SeededTPESampler(_SeededPerTrial, optuna.samplers.TPESampler):
+    """TPE whose draws for a trial come from the study seed and the trial's number."""
+
+
+class SeededRandomSampler(_SeededPerTrial, optuna.samplers.RandomSampler):
+    """Random search whose draws for a trial come from the study seed and the trial's number."""
+
+
 def make_sampler(cfg: StudyConfig, population: int, seed: int) -> optuna.samplers.BaseSampler:
-    """Samplers read each trial's constraints (``trial.set_constraint``) for feasibility."""
+    """Samplers read each trial's constraints (``trial.set_constraint``) for feasibility; their
+    draws for a trial come from ``seed`` and the trial's number (see ``_SeededPerTrial``)."""
+    sampler: _SeededPerTrial
     if cfg.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
-    if cfg.search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    return optuna.samplers.RandomSampler(seed=seed)
+        sampler = SeededNSGAIISampler(population_size=population, seed=seed)
+    elif cfg.search.sampler == "tpe":
+        sampler = SeededTPESampler(seed=seed, multivariate=True)
+    else:
+        sampler = SeededRandomSampler(seed=seed)
+    sampler._trial_seed = seed
+    return sampler  # type: ignore[return-value]
 
 
 def worker_identity() -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import torch
 from test_search import run_cli, tiny_checkpoint, write_study  # noqa: F401
 
@@ -40,8 +41,6 @@ def test_a_reused_recipe_is_judged_by_the_current_limits(tmp_path: Path,
                                                          tiny_checkpoint: Path) -> None:  # noqa: F811
     """A repeated recipe copies the earlier trial's measurements, not its feasibility: after
     --min-accuracy / --max-bias-increase change on resume, its constraints are recomputed."""
-    import optuna
-
     from nas_fair.config import load_study
     from nas_fair.search.study import Session, directions, limit_constraints
     from nas_fair.search.table import trial_constraints
@@ -72,3 +71,49 @@ def test_a_reused_recipe_is_judged_by_the_current_limits(tmp_path: Path,
     assert cons["min_accuracy"] > 0 and cons["max_bias_increase"] <= 0
     assert cons["collapsed"] == trial_constraints(first)["collapsed"]
     assert second.user_attrs["constraints"] == list(cons.values())
+
+
+def _toy_objective(trial: optuna.Trial) -> list[float]:
+    """Four objectives that depend on the parameters only (deterministic selection)."""
+    x = trial.suggest_float("x", 0.0, 1.0)
+    y = trial.suggest_float("y", 0.0, 1.0)
+    k = trial.suggest_categorical("k", [1, 2, 3, 4])
+    return [x, y + 0.1 * k, 1 - x * y, abs(x - y)]
+
+
+def _toy_study(url: str, seed: int = 0) -> optuna.Study:
+    from nas_fair.config import parse_study
+    from nas_fair.search.run import Budget, open_study
+
+    cfg = parse_study(f'name = "toy"\nseed = {seed}\n')
+    return open_study(cfg, url, create=True, budget=Budget(trials=8))
+
+
+def _recipes(study: optuna.Study) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in study.get_trials()]
+
+
+def test_two_processes_on_one_study_draw_their_own_recipes(tmp_path: Path) -> None:
+    """Two plain ``nas-fair search`` runs on one SQLite study, opened at the same moment and
+    taking turns: every trial gets its own recipe (before: the second run repeated the first)."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    a, b = _toy_study(url), _toy_study(url)
+    for _ in range(4):
+        a.optimize(_toy_objective, n_trials=1)
+        b.optimize(_toy_objective, n_trials=1)
+    assert len(set(_recipes(a))) == 8
+
+
+def test_one_process_draws_the_same_recipes_from_the_seed(tmp_path: Path) -> None:
+    """One process: the same seed draws the same recipes, across NSGA-II generations, whether
+    the study runs at once or stops and resumes; another seed draws others."""
+    def run(name: str, chunks: list[int], seed: int = 0) -> list[tuple]:
+        url = f"sqlite:///{tmp_path / name}"
+        for n in chunks:  # each chunk is a run of its own (a resume), as the CLI opens it
+            _toy_study(url, seed).optimize(_toy_objective, n_trials=n)
+        return _recipes(_toy_study(url, seed))
+
+    straight = run("a.db", [10])
+    assert run("b.db", [10]) == straight
+    assert run("c.db", [3, 4, 3]) == straight
+    assert set(run("d.db", [10], seed=1)).isdisjoint(straight)
