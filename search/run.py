@@ -34,6 +34,7 @@ from nas_fair.search.study import (
     population_for,
     predictions_digest,
     preparation_lock,
+    requeue_interrupted,
     search_fingerprint,
     shown_url,
 )
@@ -361,7 +362,10 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             raise optuna.TrialPruned("over budget")
         try:
             return session.run_trial(trial, reference)
-        except (KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:
+            requeue_interrupted(study, trial)
+            raise
+        except SystemExit:
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])

@@ -813,9 +813,35 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first (and queued the retry)
-        study.enqueue_trial(tr.params, user_attrs={"retry_of": tr.number}, skip_if_exists=False)
-        retried.append(tr.number)
+        if queue_retry(study, tr):
+            retried.append(tr.number)
     return retried
+
+
+def queue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Queue a stopped trial's recipe to run again (first in the queue's order), marked
+    ``retry_of`` (and ``anchor`` if it was one): its parameters once all were drawn (the
+    ``worker`` mark is set after the last), else those it was queued with. False when it has
+    neither: it drew only part of a recipe, and the next trial draws a new one."""
+    params = (trial.params if "worker" in trial.user_attrs
+              else trial.system_attrs.get("fixed_params"))
+    if not params:
+        return False
+    attrs: dict[str, Any] = {"retry_of": trial.number}
+    if trial.user_attrs.get("anchor"):
+        attrs["anchor"] = True
+    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+    return True
+
+
+def requeue_interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
+    """A trial stopped by Ctrl-C (KeyboardInterrupt): Optuna fails it, and it is queued again
+    like a dead worker's trial, so the next run finishes the anchors and the budget (a failed
+    trial never counts against the budget). Call before re-raising."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    trial.set_user_attr("interrupted", True)
+    trial.set_user_attr("error", "KeyboardInterrupt: interrupted; queued to run again")
+    queue_retry(study, frozen)
 
 
 def _alive(pid: int) -> bool:

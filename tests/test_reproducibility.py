@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 from test_search import run_cli, tiny_checkpoint, write_study  # noqa: F401
 
@@ -117,3 +118,44 @@ def test_one_process_draws_the_same_recipes_from_the_seed(tmp_path: Path) -> Non
     assert run("b.db", [10]) == straight
     assert run("c.db", [3, 4, 3]) == straight
     assert set(run("d.db", [10], seed=1)).isdisjoint(straight)
+
+
+def test_a_ctrl_c_trial_is_run_again_on_resume(tmp_path: Path, tiny_checkpoint: Path,  # noqa: F811
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the middle of anchor trial 1: it is failed (and does not count against the
+    budget), and the next run re-runs its recipe, so every anchor and the whole budget finish."""
+    import nas_fair.search.study as study_module
+
+    toml = write_study(tmp_path, tiny_checkpoint, steps=2)
+    run_dir = tmp_path / "run"
+    compress = study_module.compress
+    calls = []
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return compress(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "compress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("search", "--config", str(toml), "--budget", "6", "--run-dir", str(run_dir),
+                "--quiet")
+    monkeypatch.setattr(study_module, "compress", compress)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{run_dir / 'study.db'}")
+    stopped = study.trials[1]
+    assert stopped.state == optuna.trial.TrialState.FAIL and stopped.user_attrs["interrupted"]
+    assert stopped.user_attrs["anchor"]
+    assert run_cli("search", "--config", str(toml), "--budget", "6", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{run_dir / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == 1]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == stopped.params and retry[0].user_attrs["anchor"]
+    anchors = study.user_attrs["anchors"]
+    ran = [t.params for t in complete if t.user_attrs.get("anchor")]
+    assert len(ran) == len(anchors) == 5
+    for a in anchors:  # every anchor ran
+        assert any(all(p[k] == v for k, v in a.items()) for p in ran), a
