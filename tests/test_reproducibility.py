@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from test_search import run_cli, tiny_checkpoint, write_study  # noqa: F401
+from test_search import run_cli, tiny_checkpoint, write_csv, write_study  # noqa: F401
 
 
 def _prepared_reference(toml: Path, run_dir: Path) -> dict[str, torch.Tensor]:
@@ -159,3 +159,32 @@ def test_a_ctrl_c_trial_is_run_again_on_resume(tmp_path: Path, tiny_checkpoint: 
     assert len(ran) == len(anchors) == 5
     for a in anchors:  # every anchor ran
         assert any(all(p[k] == v for k, v in a.items()) for p in ran), a
+
+
+def test_a_trial_replays_exactly_after_the_cached_reference_is_lost(
+        tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
+    """The reference and caches deleted after a search (a cleaned run folder): they are built
+    again from the seed, and replaying a trial gives the predictions it was scored by, as
+    export requires."""
+    import shutil
+
+    from nas_fair.config import load_study
+    from nas_fair.search.study import Session, predictions_digest
+
+    # noisy labels: what the fine-tuned reference predicts depends on where training started
+    noisy = write_csv(tmp_path / "noisy.csv", cue_right={"f": 0.6, "m": 0.75})
+    toml = write_study(tmp_path, tiny_checkpoint, steps=3, data=str(noisy))
+    run_dir = tmp_path / "run"
+    assert run_cli("search", "--config", str(toml), "--budget", "1", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    trial = optuna.load_study(study_name="tiny",
+                              storage=f"sqlite:///{run_dir / 'study.db'}").trials[0]
+    assert trial.user_attrs["cost"]["recovery_steps_run"] > 0  # a recovered (trained) student
+    for d in ("reference", "cache"):
+        shutil.rmtree(run_dir / d)
+    torch.rand(5)  # whatever the process did before
+    session = Session(load_study(toml), run_dir, quiet=True)
+    session.prepare()
+    assert not session.reference_info.get("cached")
+    record = session.evaluate(session.replay(trial.params))
+    assert predictions_digest(record.y_pred) == trial.user_attrs["predictions_sha256"]
