@@ -734,12 +734,14 @@ class _SeededPerTrial:
     """Mixin: before each trial, the sampler's generators restart from ``trial_seeds(seed,
     trial.number)``.
 
-    What this makes reproducible: one process running a study draws the same recipes for the
-    same seed and the same finished trials before them, whether it ran in one go or was stopped
-    and resumed (a trial's draws depend on its number and the study's history, not on how many
-    trials this process ran before). Several processes on one storage get distinct trial
-    numbers from the storage, so they draw distinct recipes; which process runs which number
-    depends on timing, so a study run by several workers is not reproducible as a whole."""
+    What this makes reproducible: a trial's draws depend on the seed, its number and the
+    finished trials before it (NSGA-II's parents are chosen by their measured objectives,
+    latency included), not on how many trials this process ran before, so one process draws
+    the same recipes whether it ran in one go or was stopped and resumed, and the anchors and
+    first (random) generation are the same in every run. Several processes on one storage get
+    distinct trial numbers from the storage, so they draw distinct recipes; which process runs
+    which number depends on timing, so a study run by several workers is not reproducible as
+    a whole (docs/reproducibility.md)."""
 
     _trial_seed: int
 
