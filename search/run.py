@@ -365,8 +365,6 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
         except KeyboardInterrupt:
             requeue_interrupted(study, trial)
             raise
-        except SystemExit:
-            raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
             raise

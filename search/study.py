@@ -821,7 +821,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
 
 
 def queue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
-    """Queue a stopped trial's recipe to run again (first in the queue's order), marked
+    """Queue a stopped trial's recipe to run again (after the trials already queued), marked
     ``retry_of`` (and ``anchor`` if it was one): its parameters once all were drawn (the
     ``worker`` mark is set after the last), else those it was queued with. False when it has
     neither: it drew only part of a recipe, and the next trial draws a new one."""
