@@ -66,6 +66,20 @@ def check_safetensors(folder: Path, path: str) -> Path:
                     "Face checkpoint folder with safetensors weights")
 
 
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Inside: torch's default CPU generator starts from ``seed``; outside, its state is what it
+    was (``fork_rng``), so code before and after draws as if this block had not run.
+    Transformers initialises new weights, and dropout draws masks, from the default generator,
+    which is why a local ``torch.Generator`` cannot be passed to them instead. None: no-op."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_tokenizer(path: Path, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
@@ -75,8 +89,13 @@ def load_tokenizer(path: Path, cfg: ModelConfig) -> Any:
         raise UserError(f"cannot load a tokenizer from {str(path)!r}: {exc}".splitlines()[0]) from None
 
 
-def load_for_task(path: Path, cfg: ModelConfig, label_names: list[str]) -> tuple[nn.Module, bool]:
-    """The model with a head of the task's size, and whether that head was trained already."""
+def load_for_task(path: Path, cfg: ModelConfig, label_names: list[str], *,
+                  seed: int | None = None) -> tuple[nn.Module, bool]:
+    """The model with a head of the task's size, and whether that head was trained already.
+
+    Weights the checkpoint lacks (a new head) are drawn from torch's default generator: with
+    ``seed`` they are drawn from that seed (the global random state is left as it was), so the
+    same study and seed start fine-tuning from the same head in any process."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -92,10 +111,11 @@ def load_for_task(path: Path, cfg: ModelConfig, label_names: list[str]) -> tuple
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected here
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, output_loading_info=True, use_safetensors=True,
-            trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True,
-        )
+        with seeded(seed):
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, output_loading_info=True, use_safetensors=True,
+                trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True,
+            )
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot load a sequence-classification model from {str(path)!r}: "
                         f"{exc}".splitlines()[0]) from None
@@ -379,8 +399,16 @@ def finetune(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
     cfg: ModelConfig, *, seed: int, device: torch.device | str = "cpu", quiet: bool = False,
 ) -> nn.Module:
-    """Plain cross-entropy fine-tuning with AdamW and linear decay; deterministic given the seed."""
-    torch.manual_seed(seed)
+    """Plain cross-entropy fine-tuning with AdamW and linear decay; deterministic given the seed
+    (dropout draws from ``seed``; the global random state is left as it was)."""
+    with seeded(seed):
+        return _finetune(model, ids, mask, labels, cfg, seed=seed, device=device, quiet=quiet)
+
+
+def _finetune(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+    cfg: ModelConfig, *, seed: int, device: torch.device | str, quiet: bool,
+) -> nn.Module:
     model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(ids) / cfg.batch_size)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from nas_fair.search.study import (
     population_for,
     predictions_digest,
     preparation_lock,
+    requeue_interrupted,
     search_fingerprint,
     shown_url,
 )
@@ -72,7 +71,7 @@ def run_dir_for(cfg: StudyConfig, override: str | None) -> Path:
 
 
 def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budget | None,
-               seed_offset: int = 0, anchors: list[dict[str, Any]] | None = None) -> optuna.Study:
+               anchors: list[dict[str, Any]] | None = None) -> optuna.Study:
     """Load the study, or create it; ``anchors`` (params of trials to run first) are recorded
     on a new study only, for :func:`enqueue_anchors`, and half its first generation at most."""
     storage = make_storage(storage_url)
@@ -100,14 +99,15 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
                 ", or give the study another name"
             )
         population = int(study.user_attrs.get("population_size", population_for(trials)))
-        n_done = len(study.get_trials(deepcopy=False))
-        study.sampler = make_sampler(cfg, population, cfg.seed + n_done + seed_offset)
+        # The study seed as is: each trial's draws come from it and the trial's number, so a
+        # resume, and every worker on one storage, draws its own recipes (make_sampler).
+        study.sampler = make_sampler(cfg, population, cfg.seed)
         return study
     anchors = anchors or []
     population = cfg.search.population_size or population_for(trials, len(anchors))
     study = optuna.create_study(
         study_name=cfg.name, storage=storage, directions=directions(cfg),
-        sampler=make_sampler(cfg, population, cfg.seed + seed_offset), load_if_exists=True,
+        sampler=make_sampler(cfg, population, cfg.seed), load_if_exists=True,
     )
     study.set_metric_names(objective_names(cfg))
     study.set_user_attr("population_size", population)
@@ -168,17 +168,6 @@ def make_run_dir(path: Path, what: str) -> None:
         raise UserError(f"{what} {str(path)!r} cannot be created: {exc.strerror or exc}") from None
 
 
-def seed_offset_for(shared: bool) -> int:
-    """Workers on one study must not draw the same samples: each gets its own seed offset.
-
-    A study run by one process keeps the plain seed (reproducible); with several workers
-    the interleaving of trials is timing-dependent anyway.
-    """
-    if not shared:
-        return 0
-    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_003 + 1
-
-
 def shared_reference(study: optuna.Study, session: Session) -> dict[str, Any]:
     """The reference's scores, stored once on the study: the first worker scores, others read.
 
@@ -232,7 +221,6 @@ def run_search(
     if storage is None:
         make_run_dir(session.run_dir, what)
     study = open_study(cfg, url, create=True, budget=budget,
-                       seed_offset=seed_offset_for(storage is not None),
                        anchors=anchor_trials(session.space) if cfg.search.anchors else None)
     log(f"study {cfg.name!r}: {cfg.description or cfg.data.source} | storage {shown_url(url)}")
     make_run_dir(session.run_dir, what)
@@ -309,8 +297,7 @@ def run_worker(spec: Any, index: int) -> None:
 
     torch.set_num_threads(spec.threads)
     session = Session(cfg, Path(spec.run_dir), device=spec.device, quiet=True, log=log)
-    study = open_study(cfg, spec.storage, create=False, budget=spec.budget,
-                       seed_offset=seed_offset_for(True))
+    study = open_study(cfg, spec.storage, create=False, budget=spec.budget)
     session.prepare()  # cached by the parent: loads only
     with preparation_lock(session.run_dir, log):
         reference = shared_reference(study, session)
@@ -375,7 +362,8 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             raise optuna.TrialPruned("over budget")
         try:
             return session.run_trial(trial, reference)
-        except (KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:
+            requeue_interrupted(study, trial)
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])

@@ -325,7 +325,10 @@ class Session:
             else:
                 self.reference_info = {**json.loads(stamp.read_text()), "cached": True}
                 return model.eval()
-        model, trained = load_for_task(self.model_path, self.cfg.model, self.data.label_names)
+        # Seeded here, not only in finetune: a new head drawn from the global random state
+        # would make every fresh run fine-tune a different reference.
+        model, trained = load_for_task(self.model_path, self.cfg.model, self.data.label_names,
+                                       seed=self.cfg.seed)
         mode = self.cfg.model.finetune
         do_ft = mode == "always" or (mode == "auto" and not trained)
         if mode == "never" and not trained:
@@ -502,7 +505,7 @@ class Session:
         t0 = time.perf_counter()
         same = same_recipe(trial)
         if same is not None:
-            return self._reuse(trial, same, t0)
+            return self._reuse(trial, same, t0, reference)
         times: dict[str, float] = {}
         model = compress(self.reference, configs, self.ctx, timings=times)
         t = time.perf_counter()
@@ -535,23 +538,26 @@ class Session:
         trial.set_user_attr("cost", {k: round(v, 3) for k, v in cost.items()})
         return scores.values()
 
-    def _reuse(self, trial: optuna.Trial, same: FrozenTrial, t0: float) -> list[float]:
+    def _reuse(self, trial: optuna.Trial, same: FrozenTrial, t0: float,
+               reference: dict[str, Any]) -> list[float]:
         """Score ``trial`` as ``same``, a completed trial with the same recipe: compression and
         recovery are deterministic for a recipe and thread count, so it would build the same
         model (NSGA-II does propose recipes it has already run). Export rebuilds it, checked
-        against the predictions' digest copied here."""
-        from nas_fair.search.table import trial_constraints  # table imports this module
-
+        against the predictions' digest copied here. The measurements are copied, the
+        constraints recomputed: the limits may have changed since (``--min-accuracy`` on resume)."""
         for key, value in same.user_attrs.items():
             if key not in NOT_REUSED:
                 trial.set_user_attr(key, value)
-        for key, value in trial_constraints(same).items():
+        assert same.values is not None
+        scores = Scores(*same.values, attrs=dict(same.user_attrs))
+        constraints = self.constraints(scores, reference)
+        for key, value in constraints.items():
             trial.set_constraint(key, value)
+        trial.set_user_attr("constraints", list(constraints.values()))
         trial.set_user_attr("same_recipe_as", same.number)
         spent = round(time.perf_counter() - t0, 3)
         trial.set_user_attr("cost", {**dict.fromkeys(COST_PHASES, 0.0), "bookkeeping_s": spent,
                                      "total_s": spent, "recovery_steps_run": 0})
-        assert same.values is not None
         return list(same.values)
 
     def _save_artifact(self, trial: optuna.Trial, model: torch.nn.Module,
@@ -744,9 +750,10 @@ COST_PHASES = ("compress_s", "recover_s", "mitigation_s", "evaluate_s", "latency
                "bookkeeping_s")
 
 # What a trial scored from an earlier trial's recipe does not take from it: its own identity,
-# cost and queue marks; the saved model stays the earlier trial's (export rebuilds).
+# cost and queue marks, and its constraints (recomputed under the current limits); the saved
+# model stays the earlier trial's (export rebuilds).
 NOT_REUSED = frozenset({"worker", "runtime", "cost", "artifact", "anchor", "retry_of",
-                        "same_recipe_as"})
+                        "same_recipe_as", "constraints"})
 
 
 def same_recipe(trial: optuna.Trial) -> FrozenTrial | None:
@@ -766,13 +773,60 @@ def population_for(budget_trials: int | None, anchors: int = 0) -> int:
     return max(population, 2 * anchors)
 
 
+def trial_seeds(seed: int, number: int) -> tuple[int, int]:
+    """Two 32-bit seeds for trial ``number`` of a study seeded ``seed`` (distinct streams)."""
+    a, b = np.random.SeedSequence([seed & (2**64 - 1), number]).generate_state(2)
+    return int(a), int(b)
+
+
+class _SeededPerTrial:
+    """Mixin: before each trial, the sampler's generators restart from ``trial_seeds(seed,
+    trial.number)``.
+
+    What this makes reproducible: a trial's draws depend on the seed, its number and the
+    finished trials before it (NSGA-II's parents are chosen by their measured objectives,
+    latency included), not on how many trials this process ran before, so one process draws
+    the same recipes whether it ran in one go or was stopped and resumed, and the anchors and
+    first (random) generation are the same in every run. Several processes on one storage get
+    distinct trial numbers from the storage, so they draw distinct recipes; which process runs
+    which number depends on timing, so a study run by several workers is not reproducible as
+    a whole (docs/reproducibility.md)."""
+
+    _trial_seed: int
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        for sampler, s in zip((self, getattr(self, "_random_sampler", None)),
+                              trial_seeds(self._trial_seed, trial.number)):
+            rng = getattr(sampler, "_rng", None)
+            if rng is not None:  # optuna's LazyRandomState
+                rng.rng.seed(s)
+        super().before_trial(study, trial)  # type: ignore[misc]
+
+
+class SeededNSGAIISampler(_SeededPerTrial, optuna.samplers.NSGAIISampler):
+    """NSGA-II whose draws for a trial come from the study seed and the trial's number."""
+
+
+class SeededTPESampler(_SeededPerTrial, optuna.samplers.TPESampler):
+    """TPE whose draws for a trial come from the study seed and the trial's number."""
+
+
+class SeededRandomSampler(_SeededPerTrial, optuna.samplers.RandomSampler):
+    """Random search whose draws for a trial come from the study seed and the trial's number."""
+
+
 def make_sampler(cfg: StudyConfig, population: int, seed: int) -> optuna.samplers.BaseSampler:
-    """Samplers read each trial's constraints (``trial.set_constraint``) for feasibility."""
+    """Samplers read each trial's constraints (``trial.set_constraint``) for feasibility; their
+    draws for a trial come from ``seed`` and the trial's number (see ``_SeededPerTrial``)."""
+    sampler: _SeededPerTrial
     if cfg.search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
-    if cfg.search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    return optuna.samplers.RandomSampler(seed=seed)
+        sampler = SeededNSGAIISampler(population_size=population, seed=seed)
+    elif cfg.search.sampler == "tpe":
+        sampler = SeededTPESampler(seed=seed, multivariate=True)
+    else:
+        sampler = SeededRandomSampler(seed=seed)
+    sampler._trial_seed = seed
+    return sampler  # type: ignore[return-value]
 
 
 def worker_identity() -> dict[str, Any]:
@@ -810,9 +864,35 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first (and queued the retry)
-        study.enqueue_trial(tr.params, user_attrs={"retry_of": tr.number}, skip_if_exists=False)
-        retried.append(tr.number)
+        if queue_retry(study, tr):
+            retried.append(tr.number)
     return retried
+
+
+def queue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Queue a stopped trial's recipe to run again (after the trials already queued), marked
+    ``retry_of`` (and ``anchor`` if it was one): its parameters once all were drawn (the
+    ``worker`` mark is set after the last), else those it was queued with. False when it has
+    neither: it drew only part of a recipe, and the next trial draws a new one."""
+    params = (trial.params if "worker" in trial.user_attrs
+              else trial.system_attrs.get("fixed_params"))
+    if not params:
+        return False
+    attrs: dict[str, Any] = {"retry_of": trial.number}
+    if trial.user_attrs.get("anchor"):
+        attrs["anchor"] = True
+    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+    return True
+
+
+def requeue_interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
+    """A trial stopped by Ctrl-C (KeyboardInterrupt): Optuna fails it, and it is queued again
+    like a dead worker's trial, so the next run finishes the anchors and the budget (a failed
+    trial never counts against the budget). Call before re-raising."""
+    frozen = study._storage.get_trial(trial._trial_id)
+    trial.set_user_attr("interrupted", True)
+    trial.set_user_attr("error", "KeyboardInterrupt: interrupted; queued to run again")
+    queue_retry(study, frozen)
 
 
 def _alive(pid: int) -> bool:

@@ -58,11 +58,15 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> di
     csv = write_csv(tmp / "noisy.csv", n=240, seed=1, cue_right={"f": 0.8, "m": 0.8})
     toml = write_study(tmp, tiny_checkpoint, data=str(csv), steps=3,
                        extra="min_accuracy_ratio = 0.88\nmax_bias_increase = 0.5")
+    # The tiny reference collapses to a constant answer for some seeds (0 and 5 of 0-5 on this
+    # data); the seed fixes the reference, so use one that learns the cues.
+    toml.write_text(toml.read_text().replace("seed = 0\n", "seed = 1\n"))
     run_dir = tmp / "run"
     assert run_cli("search", "--config", str(toml), "--budget", "6", "--run-dir", str(run_dir),
                    "--quiet") == 0
     storage = f"sqlite:///{run_dir / 'study.db'}"
     loaded = optuna.load_study(study_name="tiny", storage=storage)
+    assert not loaded.user_attrs["reference"]["collapse"]["collapsed"]
     return {"toml": toml, "run_dir": run_dir, "study": loaded,
             "trials": [t for t in loaded.trials if t.state.name == "COMPLETE"],
             "args": ["--config", str(toml), "--run-dir", str(run_dir)]}
