@@ -2,9 +2,9 @@
 
 ``optimize`` (``nas-fair search``; ``nas_fair.search`` is the package of the search driver, so
 the function has another name), ``pareto``, ``export``, ``report`` and ``load`` take the CLI's
-options under the same names and check them with the same code (bad input raises :class:`nas_fair.errors.UserError`
-with the CLI's one-line message). They print nothing unless ``progress=True``: messages go to
-the ``nas_fair`` logger (silent unless the application configures logging).
+options under the same names and check them with the same code: bad input raises
+:class:`nas_fair.errors.UserError` with the CLI's one-line message. They print nothing unless
+``progress=True``: messages go to the ``nas_fair`` logger (silent unless logging is configured).
 
 The core imports no plugin at import time, so this module imports only the standard library
 here and ``nas_fair.search`` inside each function: ``import nas_fair`` stays cheap.
@@ -200,24 +200,42 @@ def load_config(study: str | None = None, config: str | os.PathLike[str] | None 
     return load_study(path)
 
 
-def _resolve(study: Any) -> tuple[StudyConfig, dict[str, str | None]]:
-    """The API's ``study`` argument -> (a config of its own, the CLI arguments naming it)."""
-    from nas_fair.config import StudyConfig
+class _Study:
+    """The API's ``study`` argument, sorted into the CLI's ``--study`` / ``--config`` (no I/O
+    here: it is loaded after the other options are checked, in the CLI's order)."""
 
-    if isinstance(study, StudyConfig):
-        cfg = copy.deepcopy(study)  # the options below change it; the caller's stays as given
-        cfg.validate()
-        source = str(cfg.source) if cfg.source is not None else None
-        return cfg, {"config": source, "study": None if source else cfg.name}
-    if isinstance(study, os.PathLike) or (
-            isinstance(study, str) and (study.endswith(".toml") or "/" in study or os.sep in study)):
-        check_not_empty({"config": os.fspath(study)})
-        return load_config(config=study), {"config": os.fspath(study), "study": None}
-    if isinstance(study, str):
-        check_not_empty({"study": study})
-        return load_config(study=study), {"config": None, "study": study}
-    raise UserError("study must be a study name, a path to its TOML file or a StudyConfig, "
-                    f"got {study!r}")
+    def __init__(self, study: Any) -> None:
+        from nas_fair.config import StudyConfig
+
+        self.cfg: StudyConfig | None = None
+        self.loaded: StudyConfig | None = None  # what load() last returned
+        self.study: str | None = None
+        self.config: str | None = None
+        if isinstance(study, StudyConfig):
+            self.cfg = study
+            if study.source is not None:
+                self.config = str(study.source)
+            else:
+                self.study = study.name
+        elif isinstance(study, os.PathLike) or (isinstance(study, str) and (
+                study.endswith(".toml") or "/" in study or os.sep in study)):
+            self.config = os.fspath(study)
+            check_not_empty({"config": self.config})
+        elif isinstance(study, str):
+            self.study = study
+            check_not_empty({"study": study})
+        else:
+            raise UserError("study must be a study name, a path to its TOML file or a "
+                            f"StudyConfig, got {study!r}")
+
+    def load(self) -> StudyConfig:
+        if self.cfg is not None:
+            cfg = copy.deepcopy(self.cfg)  # the options change it; the caller's stays as given
+            cfg.validate()
+        else:
+            cfg = load_config(study=self.study, config=self.config)
+        self.loaded = cfg
+        return cfg
 
 
 def open_existing(cfg: StudyConfig, storage: str | None, run_dir: str | None
@@ -324,16 +342,18 @@ def optimize(
                         f"2h), got {budget!r}")
     limits = (_real("--max-bias-increase", max_bias_increase),
               _real("--min-accuracy", min_accuracy))
-    cfg, _ = _resolve(study)  # a bad study is reported here, after the argument types
+    named = _Study(study)
     messages = _Messages()
     started = datetime.datetime.now()
     threads = torch.get_num_threads()  # a study's [search] threads must not outlive the call
     try:
         with quiet_libraries():
             rows = run_search_checked(
-                lambda: cfg, budget, storage=storage, run_dir=_text(run_dir), device=device,
+                named.load, budget, storage=storage, run_dir=_text(run_dir), device=device,
                 sampler=sampler, max_bias_increase=limits[0], min_accuracy=limits[1], jobs=jobs,
                 quiet=not progress, as_json=False, show=False, on_message=messages)
+            cfg = named.loaded
+            assert cfg is not None
             folder, url, opened = open_existing(cfg, storage, _text(run_dir))
     finally:
         torch.set_num_threads(threads)
@@ -390,9 +410,9 @@ def pareto(
     check_not_empty({"storage": storage, "run_dir": _text(run_dir), "sort": sort})
     limits = (_as_text("--max-bias-increase", max_bias_increase),
               _as_text("--min-accuracy", min_accuracy))
-    cfg, _ = _resolve(study)
+    named = _Study(study)
     with quiet_libraries():
-        rows = pareto_table(lambda: cfg, storage=storage, run_dir=_text(run_dir), sort=sort,
+        rows = pareto_table(named.load, storage=storage, run_dir=_text(run_dir), sort=sort,
                             max_bias_increase=limits[0], min_accuracy=limits[1])
     return [FrontModel._from_row(r) for r in rows["pareto"]]
 
@@ -441,12 +461,13 @@ def export(
         trials = [trials]
     numbers = None if trials is None else parse_trials(",".join(
         str(t.trial if isinstance(t, FrontModel) else t) for t in trials))
-    cfg, named = _resolve(study)
-    args = SimpleNamespace(**named, run_dir=_text(run_dir), storage=storage)
+    named = _Study(study)
+    args = SimpleNamespace(study=named.study, config=named.config, run_dir=_text(run_dir),
+                           storage=storage)
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else _Messages()
     with quiet_libraries():
-        done = export_checked(lambda: cfg, numbers, Path(out), storage=storage, run_dir=_text(run_dir),
-                              onnx=bool(onnx), force=bool(force),
+        done = export_checked(named.load, numbers, Path(out), storage=storage,
+                              run_dir=_text(run_dir), onnx=bool(onnx), force=bool(force),
                               study_args=study_args_for(args), log=log)
     return [item.path for item in done]
 
@@ -461,7 +482,8 @@ def report_checked(cfg: StudyConfig, out: str | None, *, storage: str | None,
     folder, _, opened = open_existing(cfg, storage, run_dir)
     path = Path(out) if out else folder / "report.html"
     if path.is_dir():
-        raise UserError(f"--out {str(path)!r} is a folder; give a file, e.g. {path / 'report.html'}")
+        raise UserError(f"--out {str(path)!r} is a folder; give a file, e.g. "
+                        f"{path / 'report.html'}")
     ensure_writable_dir(path.parent, "the folder of --out")
     write_report(opened, directions(cfg), objective_names(cfg), path)
     return path
@@ -477,7 +499,7 @@ def report(
     """Write the study's self-contained HTML report (``nas-fair report``; default
     ``<run folder>/report.html``) and return its path."""
     check_not_empty({"out": _text(out), "storage": storage, "run_dir": _text(run_dir)})
-    cfg, _ = _resolve(study)
+    cfg = _Study(study).load()
     with quiet_libraries():
         return report_checked(cfg, _text(out), storage=storage, run_dir=_text(run_dir))
 
