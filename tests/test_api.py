@@ -14,6 +14,7 @@ import pytest
 from test_search import run_cli, write_checkpoint, write_study
 
 import nas_fair
+from nas_fair.config import load_study
 from nas_fair.errors import UserError
 
 # The first search runs in a fresh process: its stdout and stderr are all it printed (an
@@ -66,6 +67,11 @@ def test_resume_counts_this_calls_trials_and_prints_nothing(done: dict[str, Any]
     assert r.n_trials == 1 and r.completed_trials == 3
     assert len(r.study.trials) >= 3 and r.front
     assert isinstance(r.front[0], nas_fair.FrontModel)
+    # progress=True prints what the CLI prints, less the final table
+    again = nas_fair.optimize(done["toml"], budget=3, run_dir=done["run_dir"], progress=True)
+    out = capsys.readouterr().out
+    assert "budget met: 3 completed trials" in out and "Pareto front" not in out
+    assert again.n_trials == 0 and any("budget met" in m for m in again.messages)
 
 
 def test_pareto_matches_the_cli_table(done: dict[str, Any], capsys) -> None:
@@ -78,6 +84,8 @@ def test_pareto_matches_the_cli_table(done: dict[str, Any], capsys) -> None:
         table = json.loads(capsys.readouterr().out)["pareto"]
         front = nas_fair.pareto(done["toml"], run_dir=done["run_dir"], **kwargs)
         assert capsys.readouterr() == ("", "")
+        # a StudyConfig names the same study
+        assert nas_fair.pareto(load_study(done["toml"]), run_dir=done["run_dir"], **kwargs) == front
         assert [m.trial for m in front] == [row["trial"] for row in table]
         for m, row in zip(front, table):
             assert (m.size_mb, m.latency_ms, m.accuracy, m.bias) == tuple(
@@ -133,6 +141,12 @@ def test_bad_arguments_raise_the_cli_message(done: dict[str, Any], capsys) -> No
          ["search", *new, "--budget", "2", "--jobs", "0"]),
         (lambda: nas_fair.optimize("no-such-study", budget=2, run_dir=fresh),
          ["search", "--study", "no-such-study", "--run-dir", str(fresh), "--budget", "2"]),
+        # the budget is checked before the study is looked up, as the CLI does
+        (lambda: nas_fair.optimize("no-such-study", budget="0", run_dir=fresh),
+         ["search", "--study", "no-such-study", "--run-dir", str(fresh), "--budget", "0"]),
+        (lambda: nas_fair.optimize(load_study(toml), budget=2, run_dir=fresh,
+                                   max_bias_increase=-1),
+         ["search", *new, "--budget", "2", "--max-bias-increase", "-1"]),
         (lambda: nas_fair.optimize(toml, budget=2, run_dir=""),
          ["search", "--config", str(toml), "--run-dir", "", "--budget", "2"]),
         (lambda: nas_fair.pareto(toml, run_dir=run_dir, sort="sizee"),
