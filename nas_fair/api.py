@@ -185,9 +185,15 @@ def _real(flag: str, value: Any) -> float | None:
     return float(value)
 
 
-def _text(value: Any) -> str | None:
+def _text(value: Any, flag: str) -> str | None:
     """A path-like API argument as the CLI's string (None stays None)."""
-    return None if value is None else os.fspath(value)
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise UserError(f"{flag} must be a path or URL string, got {value!r}")
+    text = os.fspath(value)
+    check_not_empty({flag.lstrip("-").replace("-", "_"): text})
+    return text
 
 
 def load_config(study: str | None = None, config: str | os.PathLike[str] | None = None
@@ -335,8 +341,8 @@ def optimize(
 
     from nas_fair.search.study import shown_url
 
-    check_not_empty({"budget": budget, "storage": storage, "run_dir": _text(run_dir),
-                     "device": device, "sampler": sampler})
+    storage, folder_text = _text(storage, "--storage"), _text(run_dir, "--run-dir")
+    check_not_empty({"budget": budget, "device": device, "sampler": sampler})
     if isinstance(budget, bool) or not isinstance(budget, (int, str)):
         raise UserError(f"--budget must be a number of trials (e.g. 8) or a duration (e.g. 45m, "
                         f"2h), got {budget!r}")
@@ -349,12 +355,12 @@ def optimize(
     try:
         with quiet_libraries():
             rows = run_search_checked(
-                named.load, budget, storage=storage, run_dir=_text(run_dir), device=device,
+                named.load, budget, storage=storage, run_dir=folder_text, device=device,
                 sampler=sampler, max_bias_increase=limits[0], min_accuracy=limits[1], jobs=jobs,
                 quiet=not progress, as_json=False, show=False, on_message=messages)
             cfg = named.loaded
             assert cfg is not None
-            folder, url, opened = open_existing(cfg, storage, _text(run_dir))
+            folder, url, opened = open_existing(cfg, storage, folder_text)
     finally:
         torch.set_num_threads(threads)
     complete = opened.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -407,12 +413,13 @@ def pareto(
     by ``sort`` (size, latency, accuracy, bias or an objective's name). The filters keep
     trials within the reference's bias CI upper end + ``max_bias_increase`` and with accuracy
     at least ``min_accuracy``, and the front is computed among those."""
-    check_not_empty({"storage": storage, "run_dir": _text(run_dir), "sort": sort})
+    storage, folder_text = _text(storage, "--storage"), _text(run_dir, "--run-dir")
+    check_not_empty({"sort": sort})
     limits = (_as_text("--max-bias-increase", max_bias_increase),
               _as_text("--min-accuracy", min_accuracy))
     named = _Study(study)
     with quiet_libraries():
-        rows = pareto_table(named.load, storage=storage, run_dir=_text(run_dir), sort=sort,
+        rows = pareto_table(named.load, storage=storage, run_dir=folder_text, sort=sort,
                             max_bias_increase=limits[0], min_accuracy=limits[1])
     return [FrontModel._from_row(r) for r in rows["pareto"]]
 
@@ -456,18 +463,21 @@ def export(
     """
     from nas_fair.search.export import parse_trials, study_args_for
 
-    check_not_empty({"out": _text(out), "storage": storage, "run_dir": _text(run_dir)})
+    out_text = _text(out, "--out")
+    if out_text is None:
+        raise UserError("--out is required: the folder to write one trial-<n> folder each into")
+    storage, folder_text = _text(storage, "--storage"), _text(run_dir, "--run-dir")
     if isinstance(trials, (int, str, FrontModel)):
         trials = [trials]
     numbers = None if trials is None else parse_trials(",".join(
         str(t.trial if isinstance(t, FrontModel) else t) for t in trials))
     named = _Study(study)
-    args = SimpleNamespace(study=named.study, config=named.config, run_dir=_text(run_dir),
+    args = SimpleNamespace(study=named.study, config=named.config, run_dir=folder_text,
                            storage=storage)
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else _Messages()
     with quiet_libraries():
-        done = export_checked(named.load, numbers, Path(out), storage=storage,
-                              run_dir=_text(run_dir), onnx=bool(onnx), force=bool(force),
+        done = export_checked(named.load, numbers, Path(out_text), storage=storage,
+                              run_dir=folder_text, onnx=bool(onnx), force=bool(force),
                               study_args=study_args_for(args), log=log)
     return [item.path for item in done]
 
@@ -498,10 +508,11 @@ def report(
 ) -> Path:
     """Write the study's self-contained HTML report (``nas-fair report``; default
     ``<run folder>/report.html``) and return its path."""
-    check_not_empty({"out": _text(out), "storage": storage, "run_dir": _text(run_dir)})
+    out_text = _text(out, "--out")
+    storage, folder_text = _text(storage, "--storage"), _text(run_dir, "--run-dir")
     cfg = _Study(study).load()
     with quiet_libraries():
-        return report_checked(cfg, _text(out), storage=storage, run_dir=_text(run_dir))
+        return report_checked(cfg, out_text, storage=storage, run_dir=folder_text)
 
 
 # --------------------------------------------------------------------------- load

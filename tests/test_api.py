@@ -164,6 +164,16 @@ def test_bad_arguments_raise_the_cli_message(done: dict[str, Any], capsys) -> No
             call()
         assert isinstance(info.value, ValueError)
         assert str(info.value) == _cli_error(capsys, *argv), argv
+    # arguments the CLI's parser would have refused: the same kind of one-line UserError
+    for call, needle in (
+            (lambda: nas_fair.optimize(toml, budget=2.5, run_dir=fresh), "--budget must be"),
+            (lambda: nas_fair.optimize(toml, budget=2, run_dir=5), "--run-dir must be a path"),
+            (lambda: nas_fair.optimize(toml, budget=2, run_dir=fresh, min_accuracy="0.5"),
+             "--min-accuracy must be a number"),
+            (lambda: nas_fair.export(toml, 0, out=None, run_dir=run_dir), "--out is required"),
+            (lambda: nas_fair.optimize(3, budget=2, run_dir=fresh), "study must be")):
+        with pytest.raises(UserError, match=needle):
+            call()
     assert not fresh.exists() and not Path(out).exists()  # nothing written before the checks
 
 
