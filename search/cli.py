@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
 
-from nas_fair.errors import UserError, one_of
+from nas_fair.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -89,120 +88,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace):  # noqa: ANN201
-    from nas_fair.config import DEFAULT_STUDY, find_study, load_study
+    from nas_fair.api import load_config as load
 
-    path = args.config or find_study(args.study or DEFAULT_STUDY)
-    return load_study(path)
+    return load(study=args.study, config=args.config)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from nas_fair.config import DEVICES, SAMPLERS
-    from nas_fair.search.run import Budget, run_search
+    from nas_fair.api import run_search_checked
 
-    budget = Budget.parse(args.budget)
-    cfg = load_config(args)
-    if args.sampler is not None:
-        if args.sampler not in SAMPLERS:
-            raise one_of("--sampler", args.sampler, SAMPLERS)
-        cfg.search.sampler = args.sampler
-    if args.device is not None and args.device not in DEVICES:
-        raise one_of("--device", args.device, DEVICES)
-    if args.max_bias_increase is not None:
-        if not 0 <= args.max_bias_increase < float("inf"):  # also rejects nan
-            raise UserError(f"--max-bias-increase must be >= 0, got {args.max_bias_increase}")
-        cfg.objectives.max_bias_increase = args.max_bias_increase
-    if args.min_accuracy is not None:
-        if not 0 <= args.min_accuracy <= 1:
-            raise UserError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
-        cfg.objectives.min_accuracy = args.min_accuracy
-    if args.jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
-    run_search(cfg, budget, storage=args.storage, run_dir=args.run_dir, device=args.device,
-               quiet=args.quiet, as_json=args.json, jobs=args.jobs)
+    run_search_checked(lambda: load_config(args), args.budget, storage=args.storage,
+                       run_dir=args.run_dir, device=args.device, sampler=args.sampler,
+                       max_bias_increase=args.max_bias_increase, min_accuracy=args.min_accuracy,
+                       jobs=args.jobs, quiet=args.quiet, as_json=args.json, show=True,
+                       on_message=None)
     return 0
-
-
-def _existing_study(args: argparse.Namespace):  # noqa: ANN202
-    from nas_fair.search.run import open_study, run_dir_for
-    from nas_fair.search.study import default_storage
-
-    cfg = load_config(args)
-    run_dir = run_dir_for(cfg, args.run_dir)
-    if args.storage is None and not (run_dir / "study.db").is_file():
-        raise UserError(f"study {cfg.name!r} has not been run yet (no {run_dir / 'study.db'}); "
-                        f"run nas-fair search --study {cfg.name} --budget N first")
-    url = args.storage or default_storage(run_dir.resolve())
-    return cfg, run_dir, open_study(cfg, url, create=False, budget=None)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
     import json
 
-    from nas_fair.search.study import directions, objective_names
-    from nas_fair.search.table import check_limits, pareto_rows, render_table, sort_index
+    from nas_fair.api import pareto_table
+    from nas_fair.search.table import render_table
 
-    # Every flag is checked before the study is opened.
-    max_bias = _number("--max-bias-increase", args.max_bias_increase)
-    min_acc = _number("--min-accuracy", args.min_accuracy)
-    check_limits(max_bias, min_acc)
-    sort_index(args.sort, objective_names(load_config(args)))
-    cfg, _, study = _existing_study(args)
-    result = pareto_rows(study, directions(cfg), objective_names(cfg), sort=args.sort, cfg=cfg,
-                         max_bias_increase=max_bias, min_accuracy=min_acc)
+    result = pareto_table(lambda: load_config(args), storage=args.storage, run_dir=args.run_dir,
+                          sort=args.sort, max_bias_increase=args.max_bias_increase,
+                          min_accuracy=args.min_accuracy)
     print(json.dumps(result, indent=2) if args.json else render_table(result))
     return 0
 
 
-def _number(flag: str, text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"{flag} must be a finite number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise UserError(f"{flag} must be a finite number, got {text!r}")
-    return value
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from nas_fair.api import report_checked
 
-    from nas_fair.search.report import write_report
-    from nas_fair.search.run import ensure_writable_dir
-    from nas_fair.search.study import directions, objective_names
-
-    cfg, run_dir, study = _existing_study(args)
-    out = Path(args.out) if args.out else run_dir / "report.html"
-    if out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a folder; give a file, e.g. {out / 'report.html'}")
-    ensure_writable_dir(out.parent, "the folder of --out")
-    write_report(study, directions(cfg), objective_names(cfg), out)
-    print(out)
+    print(report_checked(load_config(args), args.out, storage=args.storage, run_dir=args.run_dir))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nas_fair.search.export import (
-        check_onnx_available,
-        check_out,
-        export_trials,
-        parse_trials,
-        reproduce_base,
-        study_args_for,
-    )
+    from nas_fair.api import export_checked
+    from nas_fair.search.export import parse_trials, reproduce_base, study_args_for
 
     numbers = None if args.all_pareto else parse_trials(args.trials)
-    out = Path(args.out)
-    check_out(out, force=args.force)  # every check that needs no study comes first
-    if args.onnx:
-        check_onnx_available()
-    cfg, run_dir, study = _existing_study(args)
-    done = export_trials(cfg, run_dir, study, numbers, out, force=args.force, onnx=args.onnx,
-                         study_args=study_args_for(args), reproduce_base=reproduce_base(args),
-                         log=lambda msg: print(msg, file=sys.stderr))
+    done = export_checked(lambda: load_config(args), numbers, Path(args.out), storage=args.storage,
+                          run_dir=args.run_dir, onnx=args.onnx, force=args.force,
+                          study_args=study_args_for(args), reproduce_base=reproduce_base(args),
+                          log=lambda msg: print(msg, file=sys.stderr))
     for item in done:
         print(item.path)
     return 0
@@ -224,27 +156,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Offline by design: nothing may reach a model or data hub.
+    # Offline by design (quiet_libraries sets the same): before anything imports the hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = _parse(argv)
-    from transformers.utils import logging as hf_logging
+    from nas_fair.api import check_not_empty, quiet_libraries
 
-    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars are noise here
     try:
-        import warnings
-
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        # Heartbeats and metric names are marked experimental; they are used on purpose.
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        for key, value in vars(args).items():  # `--run-dir ""` must not mean "here"
-            if isinstance(value, str) and not value.strip():
-                raise UserError(f"--{key.replace('_', '-')} must not be empty")
-        return {"search": cmd_search, "pareto": cmd_pareto, "report": cmd_report,
-                "export": cmd_export}[args.command](args)
+        with quiet_libraries():
+            check_not_empty(vars(args))
+            return {"search": cmd_search, "pareto": cmd_pareto, "report": cmd_report,
+                    "export": cmd_export}[args.command](args)
     except UserError as exc:
         print(f"nas-fair: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -196,15 +196,21 @@ def run_search(
     quiet: bool = False,
     as_json: bool = False,
     jobs: int = 1,
+    show: bool = True,
+    on_message: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the study until the budget is met; returns the Pareto table as data.
 
     ``jobs`` > 1 runs that many worker processes on this machine against the same storage,
     each with its share of the cores; preparation happens once, here, before they start.
+    ``show`` prints the table at the end; ``on_message`` also gets every line logged here,
+    quiet or not (the Python API keeps them instead of printing).
     """
     out = sys.stderr if as_json else sys.stdout
 
     def log(msg: str) -> None:
+        if on_message is not None:
+            on_message(msg)
         if not quiet:
             tqdm.write(msg, file=out)
 
@@ -279,9 +285,9 @@ def run_search(
     else:
         _optimize(study, session, reference, budget, remaining, dirs, names, quiet, log)
     result = pareto_rows(study, dirs, names)
-    if as_json:
+    if show and as_json:
         print(json.dumps(result, indent=2))
-    else:
+    elif show:
         print(render_table(result), file=out)
     return result
 
