@@ -7,7 +7,8 @@ Two steps: ``front_data`` reads the study through optuna and returns plain data 
 front ``nas-fair pareto`` prints), ``draw_svg`` turns that data into hand-written SVG, so the
 picture needs nothing beyond the project's own dependencies (no browser, no kaleido).
 Three panels: macro-F1 (the accuracy objective) against size and against latency, and the bias
-objective against size; size and latency are ratios to the reference.
+objective against size; size and latency are ratios to the reference. The front is the one in
+all four objectives, so a front point can look dominated in one panel's two.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def draw_svg(data: dict[str, Any], caption: str = "") -> str:
         f'{legend_y - 1} 632,{legend_y - 5} 638,{legend_y - 5}" fill="{REF}"/>',
         f'<text x="652" y="{legend_y}">reference (uncompressed)</text>',
     ]
-    title = (f'study {data["study"]}: {len(data["trials"])} completed trials'
+    title = (f'study {data["study"]}: Pareto front in all four objectives, '
+             f'{len(data["trials"])} completed trials'
              + (f" ({caption})" if caption else ""))
     return "\n".join([
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
