@@ -3,11 +3,12 @@
 A checkpoint folder holds
 
 * ``model.safetensors``: every stored tensor once (shared layers once; packed 4-bit as packed;
-  int8 Linear as int8 weight + per-channel scales / zero points + bias);
+  int8 Linear as int8 weight (in, out) + per-channel scales + bias; old exports with torch's
+  dynamic int8 Linear, int8 weight + per-channel scales / zero points + bias, still load);
 * ``config.json``: the Hugging Face config (layer count already updated by layer dropping);
 * ``structure.json``: what turns the config's skeleton into the compressed architecture: the
   encoder's layer slots (sharing ties), each layer's attention head attributes, and the type and
-  shape of every weight-bearing module (Linear, LowRankLinear, DynamicInt8Linear, Fp16Linear,
+  shape of every weight-bearing module (Linear, LowRankLinear, RowInt8Linear, Fp16Linear,
   Packed4Linear, Embedding, HalfEmbedding, QuantEmbedding);
 * ``nas_fair.json``: caller's metadata; the tokenizer's files when given;
 * ``postprocess.json``, when the model has group-aware decision offsets (bias mitigation's

@@ -1,20 +1,24 @@
 """ONNX export of a compressed model, for ONNX Runtime (CPU).
 
 The graph takes ``input_ids`` and ``attention_mask`` (int64, dynamic batch and sequence axes)
-and returns ``logits``. torch's exporter cannot trace torch's dynamic int8 Linear nor the packed
+and returns ``logits``. torch's exporter cannot trace the int8 matmul nor the packed
 4-bit modules, so the model is first turned into an *export view* (a deep copy; the caller's
 model is never touched) in which every compressed linear is an ``nn.Linear`` holding exactly the
 weights the compressed module computes with. That view is exported (torch's TorchScript
 exporter; its dynamo exporter where the former is gone), and the stored precision is then put
 back into the file by rewriting the matching weight initializers. What is kept, and what not:
 
-* 8-bit linears (torch's fbgemm dynamic int8). ``int8=True``: ONNX Runtime's dynamic int8
-  MatMul (``quantize_dynamic``, per output channel, symmetric); the int8 integers are exactly
-  torch's, but ORT quantizes activations over the full uint8 range where fbgemm uses a reduced
-  (7-bit) range, so logits are *not* torch's int8 logits: on the test models they are within
-  ~2% of them and about half as far from the fp32 function. ``int8=False``: stored dequantized
-  in fp32, a plain float graph of the same weights (4x the bytes). The switch is for 8-bit
-  linears only: everything else below is exact either way, so it is always stored compactly.
+* 8-bit linears (:class:`RowInt8Linear`). ``int8=True``: the same per-row scheme as torch, in
+  standard ops: each activation row's scale from ``ReduceMax(Abs(x))``, ``Round``/``Clip`` to
+  int8, ``MatMulInteger`` with torch's very int8 weights (exact int32 accumulation), then the row
+  and per-channel weight scales. So a row's logits do not depend on its batch or padding, and
+  they match torch's int8 logits up to float rounding in the other ops (same argmax).
+  (ONNX Runtime's own dynamic quantization, ``DynamicQuantizeLinear``, takes one scale per
+  tensor, i.e. per batch, so it is not used.) ``int8=False``: stored dequantized in fp32, a
+  plain float graph of the same weights (4x the bytes; the fp32 function of the int8 weights,
+  not the int8 function torch runs). Old exports with torch's dynamic int8 Linear export the
+  same per-row graph from their integers. The switch is for 8-bit linears only: everything
+  else below is exact either way, so it is always stored compactly.
 * 8-bit embeddings: int8 rows + per-row scales; only looked-up rows are dequantized (exact).
 * 16-bit linears: fp16 initializers with a Cast that ORT folds once at load (fp32 compute on
   the same weights, as torch does). fp16 embeddings: fp16 table, looked-up rows cast.
@@ -36,7 +40,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import logging
 import os
 import tempfile
 import warnings
@@ -49,10 +52,13 @@ from torch import nn
 
 from nas_fair.errors import UserError
 from nas_fair.spaces._modules import (
+    INT8_MAX,
+    ROW_SCALE_FLOOR,
     DynamicInt8Linear,
     Fp16Linear,
     Packed4Linear,
     QuantEmbedding,
+    RowInt8Linear,
     quiet_quantized_deprecation,
 )
 
@@ -71,8 +77,23 @@ def export_onnx(model: nn.Module, path: Path, *, int8: bool, max_length: int) ->
     onnxruntime runs. ``int8``: the recipe's 8-bit linears run as ORT int8 MatMuls (True) or
     as fp32 MatMuls on their dequantized weights (False); everything else is the same.
     ``max_length`` is the sequence length traced with and recorded in the file's metadata;
-    any length up to the model's position limit runs."""
+    any length up to the model's position limit runs. A model with group-aware decision
+    offsets (post-processing) is refused: see :func:`refuse_group_postprocessing`."""
+    refuse_group_postprocessing(model)
     _export(model, Path(path), int8=int8, max_length=max_length, exporter="auto")
+
+
+def refuse_group_postprocessing(model: nn.Module) -> None:
+    """The graph is (input_ids, attention_mask) -> logits; a model whose decisions add
+    per-group offsets would silently lose them there, so it is not exported."""
+    from nas_fair.spaces import postprocess
+
+    if postprocess.get(model) is not None:
+        raise UserError(
+            "no ONNX export for a model with group-aware decision offsets (postprocess.json): "
+            "the graph takes no group input, so its predictions would not be the scored ones; "
+            "load the folder with nas_fair.load and pass groups="
+        )
 
 
 # --------------------------------------------------------------------------- export view
@@ -136,6 +157,10 @@ def _view_module(mod: nn.Module, tags: dict[str, _Tagged]) -> nn.Module | None:
         lin = _plain_linear(weight, bias)
         tags[_digest(lin.weight.detach().numpy())] = _Tagged("int8", mod)
         return lin
+    if type(mod) is RowInt8Linear:
+        lin = _plain_linear(mod.dequantized_weight(), mod.bias)
+        tags[_digest(lin.weight.detach().numpy())] = _Tagged("int8", mod)
+        return lin
     if type(mod) is Fp16Linear:
         lin = _plain_linear(mod.weight.float(), mod.bias)
         tags[_digest(lin.weight.detach().numpy())] = _Tagged("fp16", mod)
@@ -178,7 +203,6 @@ def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
-        from onnxruntime.quantization import quantize_dynamic  # noqa: F401
     except ImportError as exc:
         raise UserError(INSTALL_HINT) from exc
 
@@ -262,10 +286,10 @@ def _export(model: nn.Module, path: Path, *, int8: bool, max_length: int, export
         _dedupe_initializers(proto)  # a shared layer's positions now use the same tensors
         int8_nodes = _retag_gemms(proto, tags)
         if int8 and int8_nodes:
-            proto = _quantize_int8(proto, int8_nodes, Path(tmp))
+            _rowwise_int8(proto, int8_nodes, tags)
         _compact_weights(proto, tags)
         _dedupe_initializers(proto)
-        del proto.graph.value_info[:]  # shape hints from quantize_dynamic; ORT infers them
+        del proto.graph.value_info[:]  # stale shape hints after the rewrites; ORT infers them
         _set_metadata(proto, int8=int8, max_length=max_length)
         onnx.checker.check_model(proto)
         out = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -288,7 +312,7 @@ def _digest(array: np.ndarray) -> str:
 
 
 def _name_nodes(proto: onnx.ModelProto) -> None:
-    """Give every node a unique name (quantize_dynamic selects nodes by name)."""
+    """Give every node a unique name (the int8 rewrite selects nodes by name)."""
     seen: set[str] = set()
     for i, node in enumerate(proto.graph.node):
         if not node.name or node.name in seen:
@@ -348,7 +372,7 @@ def _linear_weight(
 
 def _retag_gemms(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> list[str]:
     """Make every tagged linear a ``MatMul(x, W^T initializer)`` (+ ``Add`` bias) and return the
-    names of the int8 ones: one shape for the rewrites below and for quantize_dynamic."""
+    names of the int8 ones: one shape for the rewrites below."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -395,28 +419,71 @@ def _retag_gemms(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> list[str]:
     return int8_nodes
 
 
-def _quantize_int8(proto: onnx.ModelProto, nodes: list[str], tmp: Path) -> onnx.ModelProto:
-    """ONNX Runtime's dynamic int8 MatMul for exactly the recipe's 8-bit linears."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _int8_integers(mod: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weight (in, out), fp32 per-output-channel scales) of an 8-bit linear."""
+    import numpy as np
 
-    src, dst = tmp / "float.onnx", tmp / "int8.onnx"
-    onnx.save(proto, str(src))
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # its "consider pre-processing" advice is not for users
-    try:
-        quantize_dynamic(
-            src,
-            dst,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=nodes,
-            per_channel=True,
-            reduce_range=False,
-            weight_type=QuantType.QInt8,
-        )
-    finally:
-        logging.disable(previous)
-    return onnx.load(str(dst))
+    if isinstance(mod, RowInt8Linear):
+        return mod.qweight_t.numpy().copy(), mod.weight_scales.float().numpy().copy()
+    assert isinstance(mod, DynamicInt8Linear)
+    with quiet_quantized_deprecation():
+        w = mod.weight()
+        q = w.int_repr().numpy().T.copy()
+        scales = w.q_per_channel_scales().float().numpy().copy()
+    return np.ascontiguousarray(q), scales
+
+
+def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tagged]) -> None:
+    """Each named ``MatMul(x, W^T)`` becomes the per-row int8 product of
+    :class:`RowInt8Linear`, op for op in the same order (see the module doc)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = _initializers(proto)
+    wanted = set(nodes)
+    done: set[str] = set()
+    const = "nasfair.int8"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(ROW_SCALE_FLOOR, dtype=np.float32), f"{const}.floor"),
+        numpy_helper.from_array(np.array(INT8_MAX, dtype=np.float32), f"{const}.max"),
+        numpy_helper.from_array(np.array(-INT8_MAX, dtype=np.float32), f"{const}.min"),
+    ])
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.name not in wanted or node.op_type != "MatMul":
+            new_nodes.append(node)
+            continue
+        key = _digest(numpy_helper.to_array(inits[node.input[1]]).T)
+        if key not in done:
+            q, scales = _int8_integers(tags[key].module)
+            graph.initializer.append(numpy_helper.from_array(q, f"{key}.int8"))
+            graph.initializer.append(numpy_helper.from_array(scales, f"{key}.int8_scales"))
+            done.add(key)
+        p = node.name
+
+        def n(op: str, inputs: list[str], out: str, p: str = p, **attrs: Any) -> onnx.NodeProto:
+            return helper.make_node(op, inputs, [out], f"{p}.{out.rsplit('.', 1)[-1]}", **attrs)
+
+        x = node.input[0]
+        new_nodes += [
+            n("Abs", [x], f"{p}.abs"),
+            n("ReduceMax", [f"{p}.abs"], f"{p}.amax", axes=[-1], keepdims=1),
+            n("Max", [f"{p}.amax", f"{const}.floor"], f"{p}.floored"),
+            n("Div", [f"{p}.floored", f"{const}.max"], f"{p}.row_scale"),
+            n("Div", [x, f"{p}.row_scale"], f"{p}.scaled"),
+            n("Round", [f"{p}.scaled"], f"{p}.rounded"),
+            n("Clip", [f"{p}.rounded", f"{const}.min", f"{const}.max"], f"{p}.clipped"),
+            n("Cast", [f"{p}.clipped"], f"{p}.q", to=TensorProto.INT8),
+            n("MatMulInteger", [f"{p}.q", f"{key}.int8"], f"{p}.acc"),
+            n("Cast", [f"{p}.acc"], f"{p}.accf", to=TensorProto.FLOAT),
+            n("Mul", [f"{p}.accf", f"{p}.row_scale"], f"{p}.rowed"),
+            helper.make_node("Mul", [f"{p}.rowed", f"{key}.int8_scales"], [node.output[0]],
+                             f"{p}.out"),
+        ]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(proto)
 
 
 def _compact_weights(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> None:

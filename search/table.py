@@ -17,6 +17,9 @@ from optuna.trial import FrozenTrial, TrialState
 from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError, one_of
 from nas_fair.search.study import OBJECTIVE_KEYS, limit_constraints, pareto_front
+from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
+
+NEEDS_GROUP_NOTE = "needs the sensitive attribute at inference"
 
 # --sort accepts these short names as well as the study's own objective names.
 SORT_KEYS = ("size", "latency", "accuracy", "bias")
@@ -55,6 +58,8 @@ def status_note(row: dict[str, Any]) -> str:
         parts.append("infeasible: " + ", ".join(names))
     elif not parts and not row.get("feasible", True):
         parts.append("infeasible")
+    if row.get("needs_group"):
+        parts.append(NEEDS_GROUP_NOTE)
     return "; ".join(parts)
 
 
@@ -73,6 +78,8 @@ def trial_row(values: list[float], attrs: dict[str, Any], reference: dict[str, A
     row["violated"] = violated(constraints)
     row["feasible"] = not row["violated"]
     row["params_count"] = attrs.get("params")
+    # group-aware decision offsets: predicting needs each row's sensitive attribute
+    row["needs_group"] = bool(attrs.get("postprocess"))
     return row
 
 
@@ -226,6 +233,8 @@ def render_table(result: dict[str, Any]) -> str:
             count += (f"; {_filter_text(filters)} kept {result['passing_filters']} of "
                       f"{result['completed_trials']} completed trials")
         out.append(count)
+    if any(row.get("needs_group") for row in result["pareto"]):
+        out.append(f"{NEEDS_GROUP_NOTE}: {DISPARATE_TREATMENT}")
     cost = result.get("mean_trial_cost_s") or {}
     if cost:
         parts = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in cost.items() if k != "total_s")
