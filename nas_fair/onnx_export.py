@@ -9,7 +9,7 @@ exporter; its dynamo exporter where the former is gone), and the stored precisio
 back into the file by rewriting the matching weight initializers. What is kept, and what not:
 
 * 8-bit linears (:class:`RowInt8Linear`). ``int8=True``: the same per-row scheme as torch, in
-  standard ops: each activation row's scale from ``ReduceMax(Abs(x))``, ``Round``/``Clip`` to
+  standard ops: each activation row's scale from ``ReduceMax(Abs(x))``, ``Mul``/``Round`` to
   int8, ``MatMulInteger`` with torch's very int8 weights (exact int32 accumulation), then the row
   and per-channel weight scales. So a row's logits do not depend on its batch or padding, and
   they match torch's int8 logits up to float rounding in the other ops (same argmax).
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask")
+GROUP_INPUT = "group_index"  # int64 (batch,): index into the metadata's nas_fair.groups
 OUTPUT_NAME = "logits"
 INSTALL_HINT = "--onnx needs onnx and onnxruntime: pip install 'nas-fair[onnx]'"
 
@@ -78,22 +79,10 @@ def export_onnx(model: nn.Module, path: Path, *, int8: bool, max_length: int) ->
     as fp32 MatMuls on their dequantized weights (False); everything else is the same.
     ``max_length`` is the sequence length traced with and recorded in the file's metadata;
     any length up to the model's position limit runs. A model with group-aware decision
-    offsets (post-processing) is refused: see :func:`refuse_group_postprocessing`."""
-    refuse_group_postprocessing(model)
+    offsets (post-processing) gets a third input, ``group_index`` (int64, one per row: the
+    position of the row's group in the metadata's ``nas_fair.groups``; -1 for a group not seen
+    in fitting), and its ``logits`` output is the float64 decision scores."""
     _export(model, Path(path), int8=int8, max_length=max_length, exporter="auto")
-
-
-def refuse_group_postprocessing(model: nn.Module) -> None:
-    """The graph is (input_ids, attention_mask) -> logits; a model whose decisions add
-    per-group offsets would silently lose them there, so it is not exported."""
-    from nas_fair.spaces import postprocess
-
-    if postprocess.get(model) is not None:
-        raise UserError(
-            "no ONNX export for a model with group-aware decision offsets (postprocess.json): "
-            "the graph takes no group input, so its predictions would not be the scored ones; "
-            "load the folder with nas_fair.load and pass groups="
-        )
 
 
 # --------------------------------------------------------------------------- export view
@@ -108,15 +97,39 @@ class _Tagged:
 
 
 class _Logits(nn.Module):
-    """(input_ids, attention_mask) -> logits, the graph's whole interface."""
+    """(input_ids, attention_mask) -> logits, the graph's whole interface; for a model with
+    group-aware offsets (input_ids, attention_mask, group_index) -> float64 decision scores
+    ``logits + offsets[group_index]``, the arithmetic of ``GroupAwareClassifier``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        offsets = _offsets(model)
+        self.table: torch.Tensor | None = None
+        if offsets is not None:
+            rows = torch.tensor(offsets.offsets, dtype=torch.float64)
+            # the last row (index -1 or len(groups)) is "a group not seen in fitting": no offset
+            self.table = torch.cat([rows, torch.zeros(1, rows.shape[1], dtype=torch.float64)])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                group_index: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits if hasattr(out, "logits") else out[0]
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if self.table is None:
+            return logits
+        assert group_index is not None
+        return logits.to(torch.float64) + self.table[group_index]
+
+
+def _offsets(model: nn.Module) -> Any:
+    from nas_fair.spaces import postprocess
+
+    return postprocess.get(model)
+
+
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The graph's inputs for ``model``: with group-aware offsets, also ``group_index``."""
+    return INPUT_NAMES + ((GROUP_INPUT,) if _offsets(model) is not None else ())
 
 
 class _Packed4Embedding(nn.Module):
@@ -226,7 +239,10 @@ def _dummy_inputs(model: nn.Module, max_length: int) -> tuple[torch.Tensor, torc
 
 def _torch_export(view: nn.Module, file: Path, max_length: int, exporter: str) -> None:
     wrapped = _Logits(view).eval()
-    args = _dummy_inputs(view, max_length)
+    args: tuple[torch.Tensor, ...] = _dummy_inputs(view, max_length)
+    names = input_names(view)
+    if len(names) > len(INPUT_NAMES):
+        args = (*args, torch.tensor([0, -1], dtype=torch.long))
     try:
         with torch.no_grad():
             wrapped(*args)
@@ -242,10 +258,11 @@ def _torch_export(view: nn.Module, file: Path, max_length: int, exporter: str) -
                 wrapped,
                 args,
                 str(file),
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={
                     **{n: {i: a for a, i in axes.items()} for n in INPUT_NAMES},
+                    **({GROUP_INPUT: {0: "batch"}} if GROUP_INPUT in names else {}),
                     OUTPUT_NAME: {0: "batch"},
                 },
                 opset_version=OPSET,
@@ -258,9 +275,10 @@ def _torch_export(view: nn.Module, file: Path, max_length: int, exporter: str) -
             program = torch.onnx.export(
                 wrapped,
                 args,
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes={n: {0: batch, 1: seq} for n in INPUT_NAMES},
+                dynamic_shapes={**{n: {0: batch, 1: seq} for n in INPUT_NAMES},
+                                **({GROUP_INPUT: {0: batch}} if GROUP_INPUT in names else {})},
                 opset_version=OPSET,
                 dynamo=True,
                 verbose=False,
@@ -290,7 +308,8 @@ def _export(model: nn.Module, path: Path, *, int8: bool, max_length: int, export
         _compact_weights(proto, tags)
         _dedupe_initializers(proto)
         del proto.graph.value_info[:]  # stale shape hints after the rewrites; ORT infers them
-        _set_metadata(proto, int8=int8, max_length=max_length)
+        _set_metadata(proto, int8=int8, max_length=max_length, groups=(
+            None if _offsets(model) is None else list(_offsets(model).groups)))
         onnx.checker.check_model(proto)
         out = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -447,7 +466,6 @@ def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tag
     graph.initializer.extend([
         numpy_helper.from_array(np.array(ROW_SCALE_FLOOR, dtype=np.float32), f"{const}.floor"),
         numpy_helper.from_array(np.array(INT8_MAX, dtype=np.float32), f"{const}.max"),
-        numpy_helper.from_array(np.array(-INT8_MAX, dtype=np.float32), f"{const}.min"),
     ])
     new_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -470,11 +488,11 @@ def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tag
             n("Abs", [x], f"{p}.abs"),
             n("ReduceMax", [f"{p}.abs"], f"{p}.amax", axes=[-1], keepdims=1),
             n("Max", [f"{p}.amax", f"{const}.floor"], f"{p}.floored"),
-            n("Div", [f"{p}.floored", f"{const}.max"], f"{p}.row_scale"),
-            n("Div", [x, f"{p}.row_scale"], f"{p}.scaled"),
+            n("Div", [f"{const}.max", f"{p}.floored"], f"{p}.inv_scale"),
+            n("Mul", [x, f"{p}.inv_scale"], f"{p}.scaled"),
             n("Round", [f"{p}.scaled"], f"{p}.rounded"),
-            n("Clip", [f"{p}.rounded", f"{const}.min", f"{const}.max"], f"{p}.clipped"),
-            n("Cast", [f"{p}.clipped"], f"{p}.q", to=TensorProto.INT8),
+            n("Cast", [f"{p}.rounded"], f"{p}.q", to=TensorProto.INT8),
+            n("Div", [f"{p}.floored", f"{const}.max"], f"{p}.row_scale"),
             n("MatMulInteger", [f"{p}.q", f"{key}.int8"], f"{p}.acc"),
             n("Cast", [f"{p}.acc"], f"{p}.accf", to=TensorProto.FLOAT),
             n("Mul", [f"{p}.accf", f"{p}.row_scale"], f"{p}.rowed"),
@@ -652,14 +670,23 @@ def _dedupe_initializers(proto: onnx.ModelProto) -> None:
     _drop_unused_initializers(proto)
 
 
-def _set_metadata(proto: onnx.ModelProto, *, int8: bool, max_length: int) -> None:
+def _set_metadata(proto: onnx.ModelProto, *, int8: bool, max_length: int,
+                  groups: list[str] | None = None) -> None:
+    import json
+
     from onnx import helper
 
     proto.producer_name = "nas-fair"
-    proto.doc_string = "nas-fair compressed classifier: (input_ids, attention_mask) -> logits"
-    helper.set_model_props(
-        proto, {"nas_fair.int8": str(int8).lower(), "nas_fair.max_length": str(max_length)}
-    )
+    props = {"nas_fair.int8": str(int8).lower(), "nas_fair.max_length": str(max_length)}
+    if groups is None:
+        proto.doc_string = "nas-fair compressed classifier: (input_ids, attention_mask) -> logits"
+    else:
+        proto.doc_string = (
+            "nas-fair compressed classifier with group-aware decision offsets: (input_ids, "
+            "attention_mask, group_index) -> logits (decision scores); group_index indexes "
+            "nas_fair.groups, -1 for a group not seen in fitting")
+        props["nas_fair.groups"] = json.dumps(groups)
+    helper.set_model_props(proto, props)
 
 
 def _smoke_test(file: Path, view: nn.Module, max_length: int) -> None:
@@ -669,11 +696,12 @@ def _smoke_test(file: Path, view: nn.Module, max_length: int) -> None:
 
     ids, mask = _dummy_inputs(view, max_length)
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(
-        [OUTPUT_NAME], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    )
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    if GROUP_INPUT in input_names(view):
+        feed[GROUP_INPUT] = np.array([0, -1], dtype=np.int64)
+    (logits,) = session.run([OUTPUT_NAME], feed)
     if logits.shape[0] != 2 or not np.isfinite(logits).all():
         raise RuntimeError(f"the exported ONNX model produced bad logits for {file}")
 
 
-__all__ = ["export_onnx", "export_view"]
+__all__ = ["GROUP_INPUT", "export_onnx", "export_view", "input_names"]

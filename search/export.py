@@ -220,10 +220,6 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     recipe = build_recipe(session, study, trial)
     (dest / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     (dest / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
-    if onnx and offsets is not None:
-        log(f"trial {trial.number}: no {ONNX_FILE}: its decisions add group-aware offsets, "
-            "which the ONNX graph cannot take (it has no group input)")
-        onnx = False
     if onnx:
         from nas_fair.onnx_export import export_onnx
 
@@ -582,12 +578,15 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
                   f"Its predictions include group-aware decision offsets fitted on the "
                   f"validation split (groups: {', '.join(offsets)}): {DISPARATE_TREATMENT}. "
                   "The test figures above were computed with each row's group; "
-                  "`nas_fair.load` refuses to predict without `groups=`, and there is no ONNX "
-                  "export of this model (the graph has no group input). A study can forbid "
+                  "`nas_fair.load` refuses to predict without `groups=`, and the ONNX export "
+                  "takes each row's group as the input `group_index`. A study can forbid "
                   "such models: `[search] allow_group_postprocessing = false`."]
     if onnx:
-        lines.append(f"`{ONNX_FILE}` is the same model exported to ONNX (inputs `input_ids`, "
-                     "`attention_mask`; output `logits`), int8 as in torch, one scale per row.")
+        inputs = "`input_ids`, `attention_mask`" + (
+            ", `group_index` (position of the row's group in the metadata's `nas_fair.groups`, "
+            "-1 for another group)" if offsets else "")
+        lines.append(f"`{ONNX_FILE}` is the same model exported to ONNX (inputs {inputs}; "
+                     "output `logits`), int8 as in torch, one activation scale per row.")
     search = ["nas-fair", "search", *study_args, "--budget", str(budget)]
     export = ["nas-fair", "export", *study_args, "--trials", str(n), "--out", str(final.parent)]
     if onnx:

@@ -323,10 +323,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns (q int8 (rows, width), scale float32 (rows, 1)). Each row's result depends on that
     row alone, which is what makes int8 predictions independent of batch composition and
-    padding (a padding token is a row of its own). Rounds half to even, as ONNX ``Round``."""
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=ROW_SCALE_FLOOR) / INT8_MAX
-    q = torch.round(x / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+    padding (a padding token is a row of its own). Rounds half to even, as ONNX ``Round``; the
+    ONNX export repeats these ops in this order (``nas_fair.onnx_export._rowwise_int8``)."""
+    # Few full-size temporaries: max |x| as max(max x, -min x) (two fast reductions, no abs
+    # copy; bit-identical to ONNX's ReduceMax(Abs(x))), one multiply, rounding in place.
+    # |x * 127 / amax| <= 127 up to rounding, so no clamp is needed.
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    amax = amax.clamp_(min=ROW_SCALE_FLOOR)
+    q = (x * (INT8_MAX / amax)).round_().to(torch.int8)
+    return q, amax / INT8_MAX
 
 
 class RowInt8Linear(nn.Module):
@@ -366,10 +371,10 @@ class RowInt8Linear(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).float()
         q, scale = quantize_rows(rows)
-        acc = torch._int_mm(q, self.qweight_t).to(torch.float32)
-        y = acc * scale * self.weight_scales
+        y = torch._int_mm(q, self.qweight_t).to(torch.float32)
+        y.mul_(scale).mul_(self.weight_scales)  # in place: no extra (rows, out) buffers
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def spec(self) -> dict[str, Any]:

@@ -93,3 +93,22 @@ def test_row_int8_linear_is_exact_per_row() -> None:
     assert (ours(x) - lin(x)).abs().max() <= 0.05 * lin(x).abs().max()
     legacy = int8_dynamic_linear(lin)
     assert not torch.equal(legacy(x), torch.cat([legacy(x[i : i + 1]) for i in range(len(x))]))
+
+
+def test_old_exports_with_torch_dynamic_int8_still_load(tmp_path: Path) -> None:
+    """Folders saved before the per-row scheme hold torch's dynamic int8 Linear: they load
+    (and compute as they did), and their ONNX export runs the per-row graph on their integers."""
+    from nas_fair.checkpoint import load_compressed, save_compressed
+
+    from conftest import random_batch, tiny_model
+
+    model = tiny_model("bert")
+    for layer in model.bert.encoder.layer:
+        layer.intermediate.dense = int8_dynamic_linear(layer.intermediate.dense)
+    path = save_compressed(model, tmp_path / "old")
+    back = load_compressed(path)
+    ids, mask = random_batch(4, 10)
+    assert np.array_equal(torch_runner(back)(ids, mask), torch_runner(model)(ids, mask))
+    sess = session(export(back, tmp_path, int8=True))
+    ours = torch_runner(back)(ids, mask)
+    assert np.abs(run_onnx(sess, ids, mask) - ours).max() <= 0.05 * np.abs(ours).max()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 from test_export import study_toml
@@ -172,9 +173,23 @@ def test_a_post_processed_model_needs_groups(tmp_path: Path) -> None:
         raw = model(input_ids=ids, attention_mask=mask).logits
     want = postprocess.predict(model, raw, groups)
     assert (loaded.predict(ids, mask, groups) == want).all()
-    with pytest.raises(UserError, match="no ONNX export for a model with group-aware"):
-        export_onnx(model, tmp_path / "m.onnx", int8=True, max_length=8)
-    assert not (tmp_path / "m.onnx").exists()
+    # the ONNX export takes the group as an input and decides as the loaded model does
+    import onnx
+    import onnxruntime as ort
+
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, int8=True, max_length=8)
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "group_index"]
+    names = json.loads({p.key: p.value for p in proto.metadata_props}["nas_fair.groups"])
+    index = [names.index(g) if g in names else -1 for g in groups]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (scores,) = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                      "group_index": np.array(index, dtype=np.int64)})
+    assert (scores.argmax(1) == want).all()
+    with torch.no_grad():
+        ours = loaded(input_ids=ids, attention_mask=mask, groups=groups).logits.numpy()
+    assert np.abs(scores - ours).max() <= 1e-5
 
 
 def test_pareto_marks_models_that_need_the_group() -> None:

@@ -274,7 +274,7 @@ def test_the_family_was_really_applied(world: dict[str, Any], key: str) -> None:
     if key in ("sharing", "all"):
         assert len(set(slots)) < len(slots)
     if key in ("int8", "all"):
-        assert {"DynamicInt8Linear", "QuantEmbedding"} <= types_
+        assert {"RowInt8Linear", "QuantEmbedding"} <= types_
     if key in ("4bit", "all"):
         assert "Packed4Linear" in types_
     if key == "fp16":
