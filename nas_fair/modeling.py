@@ -165,8 +165,8 @@ def first_token_only(model: nn.Module) -> Iterator[bool]:
     :class:`_FirstTokenLayer`); yields whether it applied. The logits and their gradients are
     the same up to float rounding, at a fraction of the last layer's cost: for MiniLM (6 layers,
     ~35 tokens per row) about an eighth of a forward pass. Other architectures, and a last
-    layer with dynamically quantized (int8) linears, whose outputs depend on the other rows
-    of the call, run unchanged. Used for training (recovery), where rounding is part of the
+    layer with torch's dynamic int8 linears (old exports), whose outputs depend on the other
+    rows of the call, run unchanged (nas-fair's per-row int8 narrows like fp32). Used for training (recovery), where rounding is part of the
     path anyway; predictions stay on the plain forward pass, bit for bit what users run."""
     layers = _first_token_layers(model)
     if layers is None:
