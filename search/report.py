@@ -290,7 +290,7 @@ def _page(data: dict[str, Any], parts: list[str]) -> str:
     rows = []
     for t in table_order(data["trials"]):
         status = {"front": "Pareto front", "dominated": "dominated"}.get(t["group"], t["note"])
-        if t.get("needs_group") and NEEDS_GROUP_NOTE not in status:
+        if t.get("needs_group"):
             status += f"; {NEEDS_GROUP_NOTE}"
         params = html.escape(json.dumps(t["params"]))
         rows.append(f"<tr class='{t['group']}'><td data-v='{t['number']}'>{t['number']}</td>"

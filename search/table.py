@@ -58,9 +58,16 @@ def status_note(row: dict[str, Any]) -> str:
         parts.append("infeasible: " + ", ".join(names))
     elif not parts and not row.get("feasible", True):
         parts.append("infeasible")
-    if row.get("needs_group"):
-        parts.append(NEEDS_GROUP_NOTE)
     return "; ".join(parts)
+
+
+def display_note(row: dict[str, Any]) -> str:
+    """What the table's note column shows: the status, and whether predicting needs the
+    sensitive attribute (group-aware decision offsets)."""
+    note = row.get("note", status_note(row))
+    if row.get("needs_group"):
+        note = f"{note}; {NEEDS_GROUP_NOTE}" if note else NEEDS_GROUP_NOTE
+    return note
 
 
 def trial_row(values: list[float], attrs: dict[str, Any], reference: dict[str, Any],
@@ -205,7 +212,7 @@ def render_table(result: dict[str, Any]) -> str:
 
     lines.append(fmt("ref", result["reference"], "reference (uncompressed)"))
     for row in result["pareto"]:
-        lines.append(fmt(str(row["trial"]), row, row.get("note", status_note(row))))
+        lines.append(fmt(str(row["trial"]), row, display_note(row)))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     n_feasible = result.get("feasible_on_front", len(result["pareto"]))
     n_infeasible = result.get("infeasible_not_dominated", 0)
@@ -250,7 +257,7 @@ def format_trial_line(trial: FrozenTrial, reference: dict[str, Any], names: list
     flags = ["on front"] if on_front else []
     if "same_recipe_as" in trial.user_attrs:
         flags.append(f"same recipe as trial {trial.user_attrs['same_recipe_as']}: scores reused")
-    note = status_note(row)
+    note = display_note(row)
     if note:
         flags.append(note)
     return (

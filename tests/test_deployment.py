@@ -193,10 +193,13 @@ def test_a_post_processed_model_needs_groups(tmp_path: Path) -> None:
 
 
 def test_pareto_marks_models_that_need_the_group() -> None:
-    from nas_fair.search.table import NEEDS_GROUP_NOTE, status_note
+    from nas_fair.search.table import NEEDS_GROUP_NOTE, display_note, status_note
 
-    assert NEEDS_GROUP_NOTE in status_note({"needs_group": True, "feasible": True})
-    assert status_note({"needs_group": False, "feasible": True}) == ""
+    assert display_note({"needs_group": True, "feasible": True}) == NEEDS_GROUP_NOTE
+    assert display_note({"needs_group": False, "feasible": True}) == ""
+    assert status_note({"needs_group": True, "feasible": True}) == ""  # feasibility only
+    infeasible = {"needs_group": True, "feasible": False, "violated": ["accuracy_floor"]}
+    assert display_note(infeasible) == f"infeasible: accuracy_floor; {NEEDS_GROUP_NOTE}"
 
 
 def test_a_study_can_forbid_group_postprocessing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,3 +226,22 @@ def test_a_study_can_forbid_group_postprocessing(monkeypatch: pytest.MonkeyPatch
         study.Session._space_options(types.SimpleNamespace(cfg=both))
     with pytest.raises(UserError, match="allow_group_postprocessing must be bool"):
         parse_study(STUDY.format(extra='allow_group_postprocessing = "no"'))
+
+
+def test_report_marks_models_that_need_the_group() -> None:
+    from nas_fair.search.report import _page, _summary
+    from nas_fair.search.table import NEEDS_GROUP_NOTE
+
+    def trial(number: int, needs: bool) -> dict[str, Any]:
+        return {"number": number, "values": [1.0, 1.0, 0.5, 0.1], "params": {}, "group": "front",
+                "collapsed": False, "feasible": True, "note": "", "bias_ci": None,
+                "needs_group": needs}
+
+    data = {"study": "s", "names": ["size_mb", "latency_ms", "macro_f1", "tpr_gap_rms"],
+            "reference": [1.0, 1.0, 0.5, 0.1], "trials": [trial(0, True), trial(1, False)]}
+    summary = _summary(data)
+    assert f"1 marked '{NEEDS_GROUP_NOTE}'" in summary and "disparate treatment" in summary
+    page = _page(data, [])
+    assert page.count(NEEDS_GROUP_NOTE) == 2  # the summary and trial 0's row
+    data["trials"] = [trial(1, False)]
+    assert NEEDS_GROUP_NOTE not in _summary(data)
