@@ -71,7 +71,28 @@ class LowRankLinear(nn.Module):
 # --------------------------------------------------------------------------- weight-only formats
 
 
-class Fp16Linear(nn.Module):
+class _LinearShape:
+    """``spec`` and ``logical_params`` of a linear replacement with in/out features and an
+    optional ``bias``."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    def logical_params(self) -> int:
+        return self.in_features * self.out_features + (
+            0 if self.bias is None else self.out_features
+        )
+
+
+class Fp16Linear(_LinearShape, nn.Module):
     """Weight stored in fp16 (half the bytes), upcast to fp32 for the matmul on every call.
 
     This saves storage only: on CPU there is no fp16 GEMM speed-up, and the upcast costs a little.
@@ -94,18 +115,6 @@ class Fp16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype), self.bias)
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
-
-    def logical_params(self) -> int:
-        return self.in_features * self.out_features + (
-            0 if self.bias is None else self.out_features
-        )
 
 
 def _group_layout(width: int, group_size: int) -> tuple[int, int]:
@@ -334,7 +343,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, amax / INT8_MAX
 
 
-class RowInt8Linear(nn.Module):
+class RowInt8Linear(_LinearShape, nn.Module):
     """int8 Linear with one activation scale per row (token) instead of one per call.
 
     Weights: symmetric per-output-channel int8 (``qweight_t``, stored (in, out) because the int8
@@ -376,18 +385,6 @@ class RowInt8Linear(nn.Module):
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
-
-    def logical_params(self) -> int:
-        return self.in_features * self.out_features + (
-            0 if self.bias is None else self.out_features
-        )
 
 
 # --------------------------------------------------------------------------- int8 (legacy kernel)
