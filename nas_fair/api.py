@@ -524,7 +524,12 @@ def load(directory: str | os.PathLike[str]) -> torch.nn.Module:
     """Load a model folder written by :func:`export` / ``nas-fair export`` (safetensors + JSON
     only, nothing unpickled), in eval mode; its tokenizer is
     ``AutoTokenizer.from_pretrained(directory)``. A missing or damaged file raises
-    ``nas_fair.errors.UserError``: one line naming the file."""
-    from nas_fair.checkpoint import load_compressed
+    ``nas_fair.errors.UserError``: one line naming the file.
 
-    return load_compressed(directory)
+    A folder with ``postprocess.json`` (group-aware decision offsets, part of what the study
+    scored) loads as a ``GroupAwareClassifier``: call it with ``groups=[...]`` (one per row);
+    without them it raises a ``UserError`` naming the argument. Others load as the network."""
+    from nas_fair.checkpoint import load_compressed
+    from nas_fair.spaces.postprocess import for_inference
+
+    return for_inference(load_compressed(directory))

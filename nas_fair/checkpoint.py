@@ -3,14 +3,15 @@
 A checkpoint folder holds
 
 * ``model.safetensors``: every stored tensor once (shared layers once; packed 4-bit as packed;
-  int8 Linear as int8 weight + per-channel scales / zero points + bias);
+  int8 Linear as int8 weight (in, out) + per-channel scales + bias; old exports with torch's
+  dynamic int8 Linear, int8 weight + per-channel scales / zero points + bias, still load);
 * ``config.json``: nas-fair's own ``model_type`` ("nas-fair-compressed"), so plain
   ``transformers`` refuses the folder instead of building the original architecture with random
   weights; the Hugging Face config (layer count already updated by layer dropping) is nested
   under ``original_config``. Folders written before hold the plain config, and still load;
 * ``structure.json``: what turns the config's skeleton into the compressed architecture: the
   encoder's layer slots (sharing ties), each layer's attention head attributes, and the type and
-  shape of every weight-bearing module (Linear, LowRankLinear, DynamicInt8Linear, Fp16Linear,
+  shape of every weight-bearing module (Linear, LowRankLinear, RowInt8Linear, Fp16Linear,
   Packed4Linear, Embedding, HalfEmbedding, QuantEmbedding);
 * ``nas_fair.json``: caller's metadata; the tokenizer's files when given;
 * ``postprocess.json``, when the model has group-aware decision offsets (bias mitigation's

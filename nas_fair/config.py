@@ -95,6 +95,10 @@ class SearchConfig:
     # three seeds (README, "Recovery without dropout"), so on is the default; with masks drawn
     # from random bits a step with dropout costs about what one without does (README).
     recovery_dropout: bool = True
+    # Group-aware decision offsets (mitigation.thresholds > 0) make a model's predictions need
+    # each row's sensitive attribute at inference (disparate treatment in many jurisdictions).
+    # false keeps them out of the study: the thresholds knob is fixed at 0.
+    allow_group_postprocessing: bool = True
     # A new study first runs one trial per family anchor (int8 everywhere, FFN pruning 25%, ...:
     # see Family.anchor), inside NSGA-II's first generation and inside the budget.
     anchors: bool = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -207,8 +207,8 @@ def first_token_only(model: nn.Module) -> Iterator[bool]:
     :class:`_FirstTokenLayer`); yields whether it applied. The logits and their gradients are
     the same up to float rounding, at a fraction of the last layer's cost: for MiniLM (6 layers,
     ~35 tokens per row) about an eighth of a forward pass. Other architectures, and a last
-    layer with dynamically quantized (int8) linears, whose outputs depend on the other rows
-    of the call, run unchanged. Used for training (recovery), where rounding is part of the
+    layer with torch's dynamic int8 linears (old exports), whose outputs depend on the other
+    rows of the call, run unchanged (nas-fair's per-row int8 narrows like fp32). Used for training (recovery), where rounding is part of the
     path anyway; predictions stay on the plain forward pass, bit for bit what users run."""
     layers = _first_token_layers(model)
     if layers is None:
@@ -374,10 +374,14 @@ def fast_dropout(model: nn.Module) -> Iterator[bool]:
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 128,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", groups: Sequence[Any] | None = None,
 ) -> torch.Tensor:
-    """Logits row-aligned with the input, computed in length-sorted batches (no padding waste)."""
+    """Logits row-aligned with the input, computed in length-sorted batches (no padding waste).
+
+    ``groups`` (one per row) go to a model that needs them (``nas_fair.load`` of a folder with
+    group-aware offsets; its "logits" are then the float64 decision scores)."""
     model.eval()
+    needs = bool(getattr(model, "needs_groups", False))
     order = torch.argsort(mask.sum(1), descending=True)
     chunks: list[torch.Tensor] = []
     # The plain forward pass, not first_token_only: a test prediction must be exactly what a
@@ -385,8 +389,10 @@ def predict_logits(
     for start in range(0, len(ids), batch_size):
         idx = order[start : start + batch_size]
         b_ids, b_mask = _trim(ids[idx], mask[idx])
-        logits = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device)).logits
-        chunks.append(logits.float().cpu())
+        extra = {"groups": None if groups is None else [groups[int(i)] for i in idx]} if needs else {}
+        logits = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device),
+                       **extra).logits
+        chunks.append(logits.cpu() if logits.dtype == torch.float64 else logits.float().cpu())
     if not chunks:
         return torch.empty(0, getattr(getattr(model, "config", None), "num_labels", 0))
     stacked = torch.cat(chunks)

@@ -1,20 +1,24 @@
 """ONNX export of a compressed model, for ONNX Runtime (CPU).
 
 The graph takes ``input_ids`` and ``attention_mask`` (int64, dynamic batch and sequence axes)
-and returns ``logits``. torch's exporter cannot trace torch's dynamic int8 Linear nor the packed
+and returns ``logits``. torch's exporter cannot trace the int8 matmul nor the packed
 4-bit modules, so the model is first turned into an *export view* (a deep copy; the caller's
 model is never touched) in which every compressed linear is an ``nn.Linear`` holding exactly the
 weights the compressed module computes with. That view is exported (torch's TorchScript
 exporter; its dynamo exporter where the former is gone), and the stored precision is then put
 back into the file by rewriting the matching weight initializers. What is kept, and what not:
 
-* 8-bit linears (torch's fbgemm dynamic int8). ``int8=True``: ONNX Runtime's dynamic int8
-  MatMul (``quantize_dynamic``, per output channel, symmetric); the int8 integers are exactly
-  torch's, but ORT quantizes activations over the full uint8 range where fbgemm uses a reduced
-  (7-bit) range, so logits are *not* torch's int8 logits: on the test models they are within
-  ~2% of them and about half as far from the fp32 function. ``int8=False``: stored dequantized
-  in fp32, a plain float graph of the same weights (4x the bytes). The switch is for 8-bit
-  linears only: everything else below is exact either way, so it is always stored compactly.
+* 8-bit linears (:class:`RowInt8Linear`). ``int8=True``: the same per-row scheme as torch, in
+  standard ops: each activation row's scale from ``ReduceMax(Abs(x))``, ``Mul``/``Round`` to
+  int8, ``MatMulInteger`` with torch's very int8 weights (exact int32 accumulation), then the row
+  and per-channel weight scales. So a row's logits do not depend on its batch or padding, and
+  they match torch's int8 logits up to float rounding in the other ops (same argmax).
+  (ONNX Runtime's own dynamic quantization, ``DynamicQuantizeLinear``, takes one scale per
+  tensor, i.e. per batch, so it is not used.) ``int8=False``: stored dequantized in fp32, a
+  plain float graph of the same weights (4x the bytes; the fp32 function of the int8 weights,
+  not the int8 function torch runs). Old exports with torch's dynamic int8 Linear export the
+  same per-row graph from their integers. The switch is for 8-bit linears only: everything
+  else below is exact either way, so it is always stored compactly.
 * 8-bit embeddings: int8 rows + per-row scales; only looked-up rows are dequantized (exact).
 * 16-bit linears: fp16 initializers with a Cast that ORT folds once at load (fp32 compute on
   the same weights, as torch does). fp16 embeddings: fp16 table, looked-up rows cast.
@@ -36,7 +40,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import logging
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -49,10 +52,13 @@ from torch import nn
 from nas_fair.errors import UserError
 from nas_fair.io import atomic_path
 from nas_fair.spaces._modules import (
+    INT8_MAX,
+    ROW_SCALE_FLOOR,
     DynamicInt8Linear,
     Fp16Linear,
     Packed4Linear,
     QuantEmbedding,
+    RowInt8Linear,
     quiet_quantized_deprecation,
 )
 
@@ -62,6 +68,7 @@ if TYPE_CHECKING:
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask")
+GROUP_INPUT = "group_index"  # int64 (batch,): index into the metadata's nas_fair.groups
 OUTPUT_NAME = "logits"
 INSTALL_HINT = "--onnx needs onnx and onnxruntime: pip install 'nas-fair[onnx]'"
 
@@ -71,7 +78,10 @@ def export_onnx(model: nn.Module, path: Path, *, int8: bool, max_length: int) ->
     onnxruntime runs. ``int8``: the recipe's 8-bit linears run as ORT int8 MatMuls (True) or
     as fp32 MatMuls on their dequantized weights (False); everything else is the same.
     ``max_length`` is the sequence length traced with and recorded in the file's metadata;
-    any length up to the model's position limit runs."""
+    any length up to the model's position limit runs. A model with group-aware decision
+    offsets (post-processing) gets a third input, ``group_index`` (int64, one per row: the
+    position of the row's group in the metadata's ``nas_fair.groups``; -1 for a group not seen
+    in fitting), and its ``logits`` output is the float64 decision scores."""
     _export(model, Path(path), int8=int8, max_length=max_length, exporter="auto")
 
 
@@ -87,15 +97,39 @@ class _Tagged:
 
 
 class _Logits(nn.Module):
-    """(input_ids, attention_mask) -> logits, the graph's whole interface."""
+    """(input_ids, attention_mask) -> logits, the graph's whole interface; for a model with
+    group-aware offsets (input_ids, attention_mask, group_index) -> float64 decision scores
+    ``logits + offsets[group_index]``, the arithmetic of ``GroupAwareClassifier``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        offsets = _offsets(model)
+        self.table: torch.Tensor | None = None
+        if offsets is not None:
+            rows = torch.tensor(offsets.offsets, dtype=torch.float64)
+            # the last row (index -1 or len(groups)) is "a group not seen in fitting": no offset
+            self.table = torch.cat([rows, torch.zeros(1, rows.shape[1], dtype=torch.float64)])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                group_index: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits if hasattr(out, "logits") else out[0]
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if self.table is None:
+            return logits
+        assert group_index is not None
+        return logits.to(torch.float64) + self.table[group_index]
+
+
+def _offsets(model: nn.Module) -> Any:
+    from nas_fair.spaces import postprocess
+
+    return postprocess.get(model)
+
+
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The graph's inputs for ``model``: with group-aware offsets, also ``group_index``."""
+    return INPUT_NAMES + ((GROUP_INPUT,) if _offsets(model) is not None else ())
 
 
 class _Packed4Embedding(nn.Module):
@@ -134,6 +168,10 @@ def _view_module(mod: nn.Module, tags: dict[str, _Tagged]) -> nn.Module | None:
         with quiet_quantized_deprecation():
             weight, bias = mod.weight().dequantize(), mod.bias()
         lin = _plain_linear(weight, bias)
+        tags[_digest(lin.weight.detach().numpy())] = _Tagged("int8", mod)
+        return lin
+    if type(mod) is RowInt8Linear:
+        lin = _plain_linear(mod.dequantized_weight(), mod.bias)
         tags[_digest(lin.weight.detach().numpy())] = _Tagged("int8", mod)
         return lin
     if type(mod) is Fp16Linear:
@@ -178,7 +216,6 @@ def _require_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
-        from onnxruntime.quantization import quantize_dynamic  # noqa: F401
     except ImportError as exc:
         raise UserError(INSTALL_HINT) from exc
 
@@ -202,7 +239,10 @@ def _dummy_inputs(model: nn.Module, max_length: int) -> tuple[torch.Tensor, torc
 
 def _torch_export(view: nn.Module, file: Path, max_length: int, exporter: str) -> None:
     wrapped = _Logits(view).eval()
-    args = _dummy_inputs(view, max_length)
+    args: tuple[torch.Tensor, ...] = _dummy_inputs(view, max_length)
+    names = input_names(view)
+    if len(names) > len(INPUT_NAMES):
+        args = (*args, torch.tensor([0, -1], dtype=torch.long))
     try:
         with torch.no_grad():
             wrapped(*args)
@@ -218,10 +258,11 @@ def _torch_export(view: nn.Module, file: Path, max_length: int, exporter: str) -
                 wrapped,
                 args,
                 str(file),
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={
                     **{n: {i: a for a, i in axes.items()} for n in INPUT_NAMES},
+                    **({GROUP_INPUT: {0: "batch"}} if GROUP_INPUT in names else {}),
                     OUTPUT_NAME: {0: "batch"},
                 },
                 opset_version=OPSET,
@@ -234,9 +275,10 @@ def _torch_export(view: nn.Module, file: Path, max_length: int, exporter: str) -
             program = torch.onnx.export(
                 wrapped,
                 args,
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes={n: {0: batch, 1: seq} for n in INPUT_NAMES},
+                dynamic_shapes={**{n: {0: batch, 1: seq} for n in INPUT_NAMES},
+                                **({GROUP_INPUT: {0: batch}} if GROUP_INPUT in names else {})},
                 opset_version=OPSET,
                 dynamo=True,
                 verbose=False,
@@ -262,11 +304,12 @@ def _export(model: nn.Module, path: Path, *, int8: bool, max_length: int, export
         _dedupe_initializers(proto)  # a shared layer's positions now use the same tensors
         int8_nodes = _retag_gemms(proto, tags)
         if int8 and int8_nodes:
-            proto = _quantize_int8(proto, int8_nodes, Path(tmp))
+            _rowwise_int8(proto, int8_nodes, tags)
         _compact_weights(proto, tags)
         _dedupe_initializers(proto)
-        del proto.graph.value_info[:]  # shape hints from quantize_dynamic; ORT infers them
-        _set_metadata(proto, int8=int8, max_length=max_length)
+        del proto.graph.value_info[:]  # stale shape hints after the rewrites; ORT infers them
+        _set_metadata(proto, int8=int8, max_length=max_length, groups=(
+            None if _offsets(model) is None else list(_offsets(model).groups)))
         onnx.checker.check_model(proto)
         with atomic_path(path) as out:
             onnx.save(proto, str(out))
@@ -284,7 +327,7 @@ def _digest(array: np.ndarray) -> str:
 
 
 def _name_nodes(proto: onnx.ModelProto) -> None:
-    """Give every node a unique name (quantize_dynamic selects nodes by name)."""
+    """Give every node a unique name (the int8 rewrite selects nodes by name)."""
     seen: set[str] = set()
     for i, node in enumerate(proto.graph.node):
         if not node.name or node.name in seen:
@@ -344,7 +387,7 @@ def _linear_weight(
 
 def _retag_gemms(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> list[str]:
     """Make every tagged linear a ``MatMul(x, W^T initializer)`` (+ ``Add`` bias) and return the
-    names of the int8 ones: one shape for the rewrites below and for quantize_dynamic."""
+    names of the int8 ones: one shape for the rewrites below."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -391,28 +434,70 @@ def _retag_gemms(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> list[str]:
     return int8_nodes
 
 
-def _quantize_int8(proto: onnx.ModelProto, nodes: list[str], tmp: Path) -> onnx.ModelProto:
-    """ONNX Runtime's dynamic int8 MatMul for exactly the recipe's 8-bit linears."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _int8_integers(mod: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weight (in, out), fp32 per-output-channel scales) of an 8-bit linear."""
+    import numpy as np
 
-    src, dst = tmp / "float.onnx", tmp / "int8.onnx"
-    onnx.save(proto, str(src))
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # its "consider pre-processing" advice is not for users
-    try:
-        quantize_dynamic(
-            src,
-            dst,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=nodes,
-            per_channel=True,
-            reduce_range=False,
-            weight_type=QuantType.QInt8,
-        )
-    finally:
-        logging.disable(previous)
-    return onnx.load(str(dst))
+    if isinstance(mod, RowInt8Linear):
+        return mod.qweight_t.numpy().copy(), mod.weight_scales.float().numpy().copy()
+    assert isinstance(mod, DynamicInt8Linear)
+    with quiet_quantized_deprecation():
+        w = mod.weight()
+        q = w.int_repr().numpy().T.copy()
+        scales = w.q_per_channel_scales().float().numpy().copy()
+    return np.ascontiguousarray(q), scales
+
+
+def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tagged]) -> None:
+    """Each named ``MatMul(x, W^T)`` becomes the per-row int8 product of
+    :class:`RowInt8Linear`, op for op in the same order (see the module doc)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = _initializers(proto)
+    wanted = set(nodes)
+    done: set[str] = set()
+    const = "nasfair.int8"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(ROW_SCALE_FLOOR, dtype=np.float32), f"{const}.floor"),
+        numpy_helper.from_array(np.array(INT8_MAX, dtype=np.float32), f"{const}.max"),
+    ])
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.name not in wanted or node.op_type != "MatMul":
+            new_nodes.append(node)
+            continue
+        key = _digest(numpy_helper.to_array(inits[node.input[1]]).T)
+        if key not in done:
+            q, scales = _int8_integers(tags[key].module)
+            graph.initializer.append(numpy_helper.from_array(q, f"{key}.int8"))
+            graph.initializer.append(numpy_helper.from_array(scales, f"{key}.int8_scales"))
+            done.add(key)
+        p = node.name
+
+        def n(op: str, inputs: list[str], out: str, p: str = p, **attrs: Any) -> onnx.NodeProto:
+            return helper.make_node(op, inputs, [out], f"{p}.{out.rsplit('.', 1)[-1]}", **attrs)
+
+        x = node.input[0]
+        new_nodes += [
+            n("Abs", [x], f"{p}.abs"),
+            n("ReduceMax", [f"{p}.abs"], f"{p}.amax", axes=[-1], keepdims=1),
+            n("Max", [f"{p}.amax", f"{const}.floor"], f"{p}.floored"),
+            n("Div", [f"{const}.max", f"{p}.floored"], f"{p}.inv_scale"),
+            n("Mul", [x, f"{p}.inv_scale"], f"{p}.scaled"),
+            n("Round", [f"{p}.scaled"], f"{p}.rounded"),
+            n("Cast", [f"{p}.rounded"], f"{p}.q", to=TensorProto.INT8),
+            n("Div", [f"{p}.floored", f"{const}.max"], f"{p}.row_scale"),
+            n("MatMulInteger", [f"{p}.q", f"{key}.int8"], f"{p}.acc"),
+            n("Cast", [f"{p}.acc"], f"{p}.accf", to=TensorProto.FLOAT),
+            n("Mul", [f"{p}.accf", f"{p}.row_scale"], f"{p}.rowed"),
+            helper.make_node("Mul", [f"{p}.rowed", f"{key}.int8_scales"], [node.output[0]],
+                             f"{p}.out"),
+        ]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(proto)
 
 
 def _compact_weights(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> None:
@@ -581,14 +666,23 @@ def _dedupe_initializers(proto: onnx.ModelProto) -> None:
     _drop_unused_initializers(proto)
 
 
-def _set_metadata(proto: onnx.ModelProto, *, int8: bool, max_length: int) -> None:
+def _set_metadata(proto: onnx.ModelProto, *, int8: bool, max_length: int,
+                  groups: list[str] | None = None) -> None:
+    import json
+
     from onnx import helper
 
     proto.producer_name = "nas-fair"
-    proto.doc_string = "nas-fair compressed classifier: (input_ids, attention_mask) -> logits"
-    helper.set_model_props(
-        proto, {"nas_fair.int8": str(int8).lower(), "nas_fair.max_length": str(max_length)}
-    )
+    props = {"nas_fair.int8": str(int8).lower(), "nas_fair.max_length": str(max_length)}
+    if groups is None:
+        proto.doc_string = "nas-fair compressed classifier: (input_ids, attention_mask) -> logits"
+    else:
+        proto.doc_string = (
+            "nas-fair compressed classifier with group-aware decision offsets: (input_ids, "
+            "attention_mask, group_index) -> logits (decision scores); group_index indexes "
+            "nas_fair.groups, -1 for a group not seen in fitting")
+        props["nas_fair.groups"] = json.dumps(groups)
+    helper.set_model_props(proto, props)
 
 
 def _smoke_test(file: Path, view: nn.Module, max_length: int) -> None:
@@ -598,11 +692,12 @@ def _smoke_test(file: Path, view: nn.Module, max_length: int) -> None:
 
     ids, mask = _dummy_inputs(view, max_length)
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(
-        [OUTPUT_NAME], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    )
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    if GROUP_INPUT in input_names(view):
+        feed[GROUP_INPUT] = np.array([0, -1], dtype=np.int64)
+    (logits,) = session.run([OUTPUT_NAME], feed)
     if logits.shape[0] != 2 or not np.isfinite(logits).all():
         raise RuntimeError(f"the exported ONNX model produced bad logits for {file}")
 
 
-__all__ = ["export_onnx", "export_view"]
+__all__ = ["GROUP_INPUT", "export_onnx", "export_view", "input_names"]

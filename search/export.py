@@ -25,11 +25,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.errors import UserError
 from nas_fair.io import dumps_json
+from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
 
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
 ONNX_FILE = "model.onnx"
+NEEDS_GROUP_TITLE = "Needs the sensitive attribute at inference"
 # The bundled package's folder holds this Hugging Face model (see nas_fair.config.BUNDLED_MODEL).
 BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -515,7 +517,10 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
     front.append("datasets:")
     front += [f"- {_yaml(d)}" for d in _datasets(cfg)]
     front.append("tags:")
-    front += [f"- {_yaml(t)}" for t in ["nas-fair", "compressed", "bias-evaluation", *on]]
+    tags = ["nas-fair", "compressed", "bias-evaluation", *on]
+    if offsets:
+        tags.append("needs-sensitive-attribute")
+    front += [f"- {_yaml(t)}" for t in tags]
     front += [
         "model-index:",
         f"- name: {_yaml(f'{cfg.name}-trial-{n}')}",
@@ -612,17 +617,17 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
         f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
         f"batch = tokenizer([\"some text\"], truncation=True, max_length={cfg.model.max_length}, "
         "padding=True, return_tensors=\"pt\")",
-        "logits = model(input_ids=batch[\"input_ids\"], "
-        "attention_mask=batch[\"attention_mask\"]).logits",
     ]
     if offsets:
         lines += [
-            "# this model adds per-group offsets to its logits (postprocess.json): give each "
-            "row's group",
-            "from nas_fair.spaces.postprocess import predict",
-            f"label = model.config.id2label[int(predict(model, logits, [{offsets[0]!r}])[0])]",
+            "# group-aware decisions (postprocess.json): each row's group is required",
+            "logits = model(input_ids=batch[\"input_ids\"], "
+            f"attention_mask=batch[\"attention_mask\"], groups=[{offsets[0]!r}]).logits",
+            "label = model.config.id2label[int(logits.argmax(-1))]",
         ]
     else:
+        lines.append("logits = model(input_ids=batch[\"input_ids\"], "
+                     "attention_mask=batch[\"attention_mask\"]).logits")
         lines.append("label = model.config.id2label[int(logits.argmax(-1))]")
     lines += [
         "```",
@@ -631,13 +636,19 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
         "from structure.json); plain `transformers` cannot load this folder.",
     ]
     if offsets:
-        lines.append(f"Its predictions include group-aware decision offsets fitted on the "
-                     f"validation split (groups: {', '.join(offsets)}); predicting a row needs "
-                     "its group, as the test figures above did.")
+        lines += ["", f"## {NEEDS_GROUP_TITLE}", "",
+                  f"Its predictions include group-aware decision offsets fitted on the "
+                  f"validation split (groups: {', '.join(offsets)}): {DISPARATE_TREATMENT}. "
+                  "The test figures above were computed with each row's group; "
+                  "`nas_fair.load` refuses to predict without `groups=`, and the ONNX export "
+                  "takes each row's group as the input `group_index`. A study can forbid "
+                  "such models: `[search] allow_group_postprocessing = false`."]
     if onnx:
-        lines.append(f"`{ONNX_FILE}` is the same model exported to ONNX"
-                     + (" (logits only: add the offsets of postprocess.json per group)."
-                        if offsets else "."))
+        inputs = "`input_ids`, `attention_mask`" + (
+            ", `group_index` (position of the row's group in the metadata's `nas_fair.groups`, "
+            "-1 for another group)" if offsets else "")
+        lines.append(f"`{ONNX_FILE}` is the same model exported to ONNX (inputs {inputs}; "
+                     "output `logits`), int8 as in torch, one activation scale per row.")
     search = ["nas-fair", "search", *study_args, "--budget", str(budget)]
     export = ["nas-fair", "export", *study_args, "--trials", str(n), "--out",
               relative(final.parent, reproduce_base)]

@@ -17,7 +17,8 @@ import optuna
 from optuna.trial import TrialState
 
 from nas_fair.search.study import pareto_front
-from nas_fair.search.table import status_note, trial_constraints, violated
+from nas_fair.search.table import NEEDS_GROUP_NOTE, status_note, trial_constraints, violated
+from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
 
 # Each trial is drawn in one of these groups; the table sorts them in this order too.
 GROUPS = {
@@ -75,6 +76,7 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
                                                         else "infeasible"),
             "bias_ci": t.user_attrs.get("bias_ci"),
             "disparity": t.user_attrs.get("disparity"),
+            "needs_group": bool(t.user_attrs.get("postprocess")),
         }
         row["note"] = status_note(row)
         trials.append(row)
@@ -257,10 +259,12 @@ def _summary(data: dict[str, Any]) -> str:
     trials = data["trials"]
     count = {g: sum(t["group"] == g for t in trials) for g in GROUPS}
     collapsed = sum(t["collapsed"] for t in trials)
+    needs = sum(bool(t.get("needs_group")) for t in trials)
     return (f"{len(trials)} completed trials: {count['front']} on the feasible Pareto front, "
             f"{count['dominated']} dominated, {count['infeasible']} infeasible "
             f"({collapsed} collapsed). Infeasible trials never count for the front or the "
-            "hypervolume; the table lists feasible trials first.")
+            "hypervolume; the table lists feasible trials first."
+            + (f" {needs} marked '{NEEDS_GROUP_NOTE}': {DISPARATE_TREATMENT}." if needs else ""))
 
 
 def _page(data: dict[str, Any], parts: list[str]) -> str:
@@ -286,6 +290,8 @@ def _page(data: dict[str, Any], parts: list[str]) -> str:
     rows = []
     for t in table_order(data["trials"]):
         status = {"front": "Pareto front", "dominated": "dominated"}.get(t["group"], t["note"])
+        if t.get("needs_group"):
+            status += f"; {NEEDS_GROUP_NOTE}"
         params = html.escape(json.dumps(t["params"]))
         rows.append(f"<tr class='{t['group']}'><td data-v='{t['number']}'>{t['number']}</td>"
                     f"{value_cells(t['values'])}{ci_cell(t['bias_ci'])}"

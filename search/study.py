@@ -169,7 +169,8 @@ def config_dict(cfg: StudyConfig) -> dict[str, Any]:
     return d
 
 
-ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_dropout": True}
+ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_dropout": True,
+                                       "allow_group_postprocessing": True}
 
 
 def search_fingerprint(cfg: StudyConfig) -> str:
@@ -244,6 +245,17 @@ class Session:
         opts.setdefault("distillation", {}).setdefault("steps", [self.cfg.search.recovery_steps])
         if self.cfg.families is not None and "distillation" not in self.cfg.families:
             opts.pop("distillation")
+        if not self.cfg.search.allow_group_postprocessing:
+            opts.setdefault("mitigation", {})
+            thresholds = opts["mitigation"].get("thresholds", [0.0])
+            thresholds = thresholds if isinstance(thresholds, list) else [thresholds]
+            if any(v != 0 for v in thresholds if isinstance(v, (int, float))):
+                raise UserError(
+                    "[search] allow_group_postprocessing = false forbids group-aware thresholds, "
+                    f"but [space.mitigation] thresholds is {thresholds}; drop it or set it to [0.0]")
+            opts["mitigation"]["thresholds"] = [0.0]
+            if self.cfg.families is not None and "mitigation" not in self.cfg.families:
+                opts.pop("mitigation")
         return opts
 
     # ------------------------------------------------------------------ preparation (cached)

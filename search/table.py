@@ -17,6 +17,9 @@ from optuna.trial import FrozenTrial, TrialState
 from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError, one_of
 from nas_fair.search.study import OBJECTIVE_KEYS, limit_constraints, pareto_front
+from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
+
+NEEDS_GROUP_NOTE = "needs the sensitive attribute at inference"
 
 # --sort accepts these short names as well as the study's own objective names.
 SORT_KEYS = ("size", "latency", "accuracy", "bias")
@@ -58,6 +61,15 @@ def status_note(row: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def display_note(row: dict[str, Any]) -> str:
+    """What the table's note column shows: the status, and whether predicting needs the
+    sensitive attribute (group-aware decision offsets)."""
+    note = row.get("note", status_note(row))
+    if row.get("needs_group"):
+        note = f"{note}; {NEEDS_GROUP_NOTE}" if note else NEEDS_GROUP_NOTE
+    return note
+
+
 def trial_row(values: list[float], attrs: dict[str, Any], reference: dict[str, Any],
               names: list[str], constraints: dict[str, float] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {}
@@ -73,6 +85,8 @@ def trial_row(values: list[float], attrs: dict[str, Any], reference: dict[str, A
     row["violated"] = violated(constraints)
     row["feasible"] = not row["violated"]
     row["params_count"] = attrs.get("params")
+    # group-aware decision offsets: predicting needs each row's sensitive attribute
+    row["needs_group"] = bool(attrs.get("postprocess"))
     return row
 
 
@@ -198,7 +212,7 @@ def render_table(result: dict[str, Any]) -> str:
 
     lines.append(fmt("ref", result["reference"], "reference (uncompressed)"))
     for row in result["pareto"]:
-        lines.append(fmt(str(row["trial"]), row, row.get("note", status_note(row))))
+        lines.append(fmt(str(row["trial"]), row, display_note(row)))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     n_feasible = result.get("feasible_on_front", len(result["pareto"]))
     n_infeasible = result.get("infeasible_not_dominated", 0)
@@ -226,6 +240,8 @@ def render_table(result: dict[str, Any]) -> str:
             count += (f"; {_filter_text(filters)} kept {result['passing_filters']} of "
                       f"{result['completed_trials']} completed trials")
         out.append(count)
+    if any(row.get("needs_group") for row in result["pareto"]):
+        out.append(f"{NEEDS_GROUP_NOTE}: {DISPARATE_TREATMENT}")
     cost = result.get("mean_trial_cost_s") or {}
     if cost:
         parts = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in cost.items() if k != "total_s")
@@ -241,7 +257,7 @@ def format_trial_line(trial: FrozenTrial, reference: dict[str, Any], names: list
     flags = ["on front"] if on_front else []
     if "same_recipe_as" in trial.user_attrs:
         flags.append(f"same recipe as trial {trial.user_attrs['same_recipe_as']}: scores reused")
-    note = status_note(row)
+    note = display_note(row)
     if note:
         flags.append(note)
     return (

@@ -3,8 +3,11 @@
 Every module here stores its compressed form as plain tensors (state_dict / safetensors-ready)
 and describes its own shape with ``spec()``; ``build_module(spec)`` makes an empty module of the
 same shape, which is how ``nas_fair.checkpoint`` rebuilds a compressed architecture without
-pickling anything. The int8 linear layer is torch's own dynamic quantized Linear (fbgemm/x86
-kernel), handled here by adapter functions because its weights live in packed params.
+pickling anything. The int8 linear layer is :class:`RowInt8Linear` (int8 weights, each
+activation row quantized with its own scale, an exact int8 x int8 -> int32 matmul), so a row's
+output never depends on the other rows of its batch. torch's dynamic quantized Linear (one
+activation scale per call) is still read from old exports, through adapter functions because its
+weights live in packed params.
 """
 
 from __future__ import annotations
@@ -68,7 +71,28 @@ class LowRankLinear(nn.Module):
 # --------------------------------------------------------------------------- weight-only formats
 
 
-class Fp16Linear(nn.Module):
+class _LinearShape:
+    """``spec`` and ``logical_params`` of a linear replacement with in/out features and an
+    optional ``bias``."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    def logical_params(self) -> int:
+        return self.in_features * self.out_features + (
+            0 if self.bias is None else self.out_features
+        )
+
+
+class Fp16Linear(_LinearShape, nn.Module):
     """Weight stored in fp16 (half the bytes), upcast to fp32 for the matmul on every call.
 
     This saves storage only: on CPU there is no fp16 GEMM speed-up, and the upcast costs a little.
@@ -91,18 +115,6 @@ class Fp16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype), self.bias)
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
-
-    def logical_params(self) -> int:
-        return self.in_features * self.out_features + (
-            0 if self.bias is None else self.out_features
-        )
 
 
 def _group_layout(width: int, group_size: int) -> tuple[int, int]:
@@ -307,12 +319,82 @@ class QuantEmbedding(nn.Module):
         return self.num_embeddings * self.embedding_dim
 
 
-# --------------------------------------------------------------------------- int8 (torch kernel)
+# --------------------------------------------------------------------------- int8, per row
+
+# Floor of an activation row's absolute maximum before it becomes a scale: an all-zero row
+# quantizes to zeros instead of dividing by zero. The ONNX export uses the same constant.
+ROW_SCALE_FLOOR = 1e-8
+INT8_MAX = 127.0
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of each row of ``x`` (rows, width) with its own scale.
+
+    Returns (q int8 (rows, width), scale float32 (rows, 1)). Each row's result depends on that
+    row alone, which is what makes int8 predictions independent of batch composition and
+    padding (a padding token is a row of its own). Rounds half to even, as ONNX ``Round``; the
+    ONNX export repeats these ops in this order (``nas_fair.onnx_export._rowwise_int8``)."""
+    # Few full-size temporaries: max |x| as max(max x, -min x) (two fast reductions, no abs
+    # copy; bit-identical to ONNX's ReduceMax(Abs(x))), one multiply, rounding in place.
+    # |x * 127 / amax| <= 127 up to rounding, so no clamp is needed.
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    amax = amax.clamp_(min=ROW_SCALE_FLOOR)
+    q = (x * (INT8_MAX / amax)).round_().to(torch.int8)
+    return q, amax / INT8_MAX
+
+
+class RowInt8Linear(_LinearShape, nn.Module):
+    """int8 Linear with one activation scale per row (token) instead of one per call.
+
+    Weights: symmetric per-output-channel int8 (``qweight_t``, stored (in, out) because the int8
+    matmul reads it that way fastest) and fp32 scales. Forward: quantize each input row
+    (:func:`quantize_rows`), ``torch._int_mm`` (exact int32 accumulation), then
+    ``acc * row_scale * weight_scale + bias``. Integer accumulation is exact, so a row's output
+    is bit-identical whatever else is in the batch."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("qweight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
+        self.register_buffer("weight_scales", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> RowInt8Linear:
+        w = linear.weight.detach().float()
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        scales = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=1e-8)
+        q = torch.round(w / scales[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        mod.qweight_t.copy_(q.t())
+        mod.weight_scales.copy_(scales)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach().float())
+        return mod.to(linear.weight.device)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (out, in) fp32 weight the integers stand for."""
+        return self.qweight_t.t().float() * self.weight_scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features).float()
+        q, scale = quantize_rows(rows)
+        y = torch._int_mm(q, self.qweight_t).to(torch.float32)
+        y.mul_(scale).mul_(self.weight_scales)  # in place: no extra (rows, out) buffers
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- int8 (legacy kernel)
 
 
 def int8_dynamic_linear(linear: nn.Linear) -> DynamicInt8Linear:
-    """A real fbgemm/x86 dynamic int8 Linear: symmetric per-output-channel int8 weights, the
-    activations quantized per call by the kernel itself."""
+    """torch's fbgemm/x86 dynamic int8 Linear: symmetric per-output-channel int8 weights, the
+    activations quantized per call (one scale for all rows) by the kernel itself. Kept for
+    measurements against :class:`RowInt8Linear` and for reading old exports; the search no longer
+    builds it, since its outputs depend on batch composition."""
     w = linear.weight.detach().float()
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
     zero_points = torch.zeros(w.shape[0], dtype=torch.long)
@@ -370,6 +452,7 @@ CUSTOM_TYPES: dict[str, type[nn.Module]] = {
     "LowRankLinear": LowRankLinear,
     "Fp16Linear": Fp16Linear,
     "Packed4Linear": Packed4Linear,
+    "RowInt8Linear": RowInt8Linear,
     "HalfEmbedding": HalfEmbedding,
     "QuantEmbedding": QuantEmbedding,
 }

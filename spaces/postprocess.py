@@ -152,6 +152,76 @@ def predict(model: nn.Module, logits: torch.Tensor | np.ndarray,
     return pp.predict(z, groups)
 
 
+GROUPS_ARG = "groups"
+DISPARATE_TREATMENT = (
+    "its predictions need each row's sensitive attribute (group) at inference: using a "
+    "protected attribute at decision time is disparate treatment in many jurisdictions "
+    "(Hardt et al. 2016 discuss this cost of group-specific thresholds)"
+)
+
+
+class GroupAwareClassifier(nn.Module):
+    """A loaded model whose predictions include group-aware decision offsets: what the study
+    scored. ``nas_fair.load`` returns this for a folder with ``postprocess.json``.
+
+    ``model(input_ids=..., attention_mask=..., groups=[...])`` returns the network's output
+    with ``logits`` replaced by the decision scores ``logits + offsets[group]`` (float64), so
+    ``logits.argmax(-1)`` is the scored prediction; ``groups`` (one per row) is required.
+    ``raw_logits`` holds the network's own logits. ``.network`` is the bare network (its argmax
+    is *not* the model that was scored)."""
+
+    needs_groups = True
+
+    def __init__(self, network: nn.Module, offsets: GroupOffsets) -> None:
+        super().__init__()
+        self.network = network
+        self.offsets = offsets
+        self.config = getattr(network, "config", None)
+
+    @property
+    def groups(self) -> list[str]:
+        """The group names the offsets were fitted for (others get no offset)."""
+        return list(self.offsets.groups)
+
+    def forward(self, *args: Any, groups: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+        if groups is None:
+            raise UserError(
+                f"this model needs the argument {GROUPS_ARG}= (one group per row, e.g. "
+                f"{self.offsets.groups[:2]}): its decisions add group-aware offsets "
+                "(postprocess.json)"
+            )
+        out = self.network(*args, **kwargs)
+        raw = out.logits if hasattr(out, "logits") else out[0]
+        if isinstance(groups, (str, bytes)) or len(groups) != raw.shape[0]:
+            n = 1 if isinstance(groups, (str, bytes)) else len(groups)
+            raise UserError(f"{GROUPS_ARG} must give one group per row: {n} groups for "
+                            f"{raw.shape[0]} rows")
+        table = np.vstack([np.asarray(self.offsets.offsets, dtype=np.float64),
+                           np.zeros(raw.shape[1])])
+        where = {g: i for i, g in enumerate(self.offsets.groups)}
+        idx = [where.get(str(g), len(self.offsets.groups)) for g in groups]
+        shift = torch.from_numpy(table[idx]).to(raw.device)
+        scores = raw.detach().to(torch.float64) + shift  # the arithmetic of GroupOffsets.predict
+        if hasattr(out, "logits"):
+            out["raw_logits"] = raw
+            out["logits"] = scores
+            return out
+        return (scores, *out[1:])
+
+    def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                groups: Sequence[Any] | None = None) -> np.ndarray:
+        """Class indices, one per row (the scored predictions)."""
+        with torch.no_grad():
+            logits = self(input_ids=input_ids, attention_mask=attention_mask, groups=groups).logits
+        return logits.argmax(-1).cpu().numpy().astype(np.int64)
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a :class:`GroupAwareClassifier` when it has offsets."""
+    pp = get(model)
+    return model if pp is None else GroupAwareClassifier(model, pp).eval()
+
+
 def counterfactual_groups(groups: Sequence[Any]) -> np.ndarray:
     """Groups of gender-swapped rows: with exactly two groups that are each other's swap
     (female/male, woman/man, f/m, ...), each row gets the other; otherwise unchanged."""

@@ -23,7 +23,7 @@ from nas_fair.checkpoint import (
 )
 from nas_fair.errors import UserError
 from nas_fair.spaces import REGISTRY, compress
-from nas_fair.spaces._modules import DynamicInt8Linear, Packed4Linear, QuantEmbedding
+from nas_fair.spaces._modules import Packed4Linear, QuantEmbedding, RowInt8Linear
 
 from conftest import random_batch, tiny_context, tiny_model
 
@@ -136,12 +136,12 @@ def test_structure_describes_every_replacement(compressed, tmp_path: Path) -> No
     assert [s["ffn"] for s in summary] == [32, 32, 32]
     assert all(1 <= s["heads"] <= 4 for s in summary)
     types = {m["type"] for m in structure["modules"]}
-    assert {"LowRankLinear", "DynamicInt8Linear", "Packed4Linear", "QuantEmbedding"} <= types
+    assert {"LowRankLinear", "RowInt8Linear", "Packed4Linear", "QuantEmbedding"} <= types
     assert all(set(v) >= {"n_heads"} for v in structure["attention"].values())
     back = load_compressed(path)
     layers = back.distilbert.transformer.layer
     assert layers[0] is layers[1] and layers[2] is not layers[0]
-    assert any(isinstance(m, DynamicInt8Linear) for m in back.modules())
+    assert any(isinstance(m, RowInt8Linear) for m in back.modules())
     assert any(isinstance(m, Packed4Linear) for m in back.modules())
     assert isinstance(back.distilbert.embeddings.word_embeddings, QuantEmbedding)
 

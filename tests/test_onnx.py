@@ -5,10 +5,11 @@ Tolerances (max |onnx - torch| over the logits, relative to the largest |logit|)
 * float paths (pruning, low-rank, sharing, fp16, 4-bit, quantized embeddings, and 8-bit linears
   exported with ``int8=False``, compared with their dequantized fp32 function): 1e-4
   (measured about 4e-7);
-* 8-bit linears with ``int8=True``: ORT's int8 MatMul quantizes activations differently from
-  torch's fbgemm kernel, so: within 5% of torch's int8 logits (measured about 2%), no further
-  from the fp32 function than 1.5x torch's own int8 error (measured about 0.5x), and the same
-  argmax on at least 90% of 64 random rows (measured 98-100%).
+* 8-bit linears with ``int8=True``: the graph quantizes each activation row as torch's
+  RowInt8Linear does and multiplies the same integers exactly, so the only differences are
+  float rounding elsewhere, which may move a value across a rounding boundary: within 1% of
+  torch's int8 logits (measured below 1e-6), no further from the fp32 function than 1.5x
+  torch's own int8 error, and the same argmax on every one of 64 random rows.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from nas_fair.spaces._modules import (
     HalfEmbedding,
     Packed4Linear,
     QuantEmbedding,
+    RowInt8Linear,
 )
 
 from conftest import RandomTrial, random_batch, tiny_context, tiny_model
 
 FLOAT_RTOL = 1e-4
-INT8_RTOL = 0.05
+INT8_RTOL = 0.01
 MAX_LENGTH = 16
 SHAPES = ((8, 12, 0), (3, 21, 1), (1, 5, 2))  # (batch, sequence, seed): traced at 2 x 16
 
@@ -104,7 +106,7 @@ def run_torch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> np.nda
 
 
 def has_int8(model: nn.Module) -> bool:
-    return any(isinstance(m, DynamicInt8Linear) for m in model.modules())
+    return any(isinstance(m, (DynamicInt8Linear, RowInt8Linear)) for m in model.modules())
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
@@ -144,6 +146,12 @@ def assert_stored_precision(model: nn.Module, path: Path, int8: bool) -> None:
                 assert not both_ways(w.dequantize()) & fp32, "fp32 copy of an int8 weight"
             else:
                 assert both_ways(w.dequantize()) & fp32, "dequantized int8 weight missing"
+        elif type(mod) is RowInt8Linear:
+            if int8:
+                assert both_ways(mod.qweight_t) & i8, "int8 weight missing"
+                assert not both_ways(mod.dequantized_weight()) & fp32, "fp32 copy of int8"
+            else:
+                assert both_ways(mod.dequantized_weight()) & fp32, "dequantized int8 missing"
         elif type(mod) is Fp16Linear:
             assert both_ways(mod.weight) & fp16, "fp16 weight missing"
             assert not both_ways(mod.weight.float()) & fp32, "fp32 copy of an fp16 weight"
@@ -175,7 +183,7 @@ def check_matches(model: nn.Module, path: Path, int8: bool) -> None:
         exact = run_torch(fp32, ids, mask)
         assert rel_err(ours, theirs) <= INT8_RTOL
         assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-7
-        assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9
+        assert (ours.argmax(1) == theirs.argmax(1)).all()
         return
     # a float graph of the same function: torch's own, or its dequantized fp32 view for int8
     ref = export_view(model)[0] if has_int8(model) else model

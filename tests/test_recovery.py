@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -374,25 +375,39 @@ def test_first_token_only_gives_the_same_logits_and_gradients(kind: str) -> None
 
 
 def test_first_token_only_leaves_a_dynamic_int8_last_layer_alone() -> None:
-    """int8 dynamic quantization scales a linear's input by its range over the whole call, so
-    narrowing would change the model's predictions: such a layer runs in full, and
-    prediction gives exactly the unwrapped model's logits."""
+    """torch's dynamic int8 Linear (old exports) scales a linear's input by its range over the
+    whole call, so narrowing would change the model's predictions: such a layer runs in full,
+    and prediction gives exactly the unwrapped model's logits. The per-row int8 linear the
+    search builds depends on each row alone, so narrowing applies and computes the same."""
     from nas_fair.modeling import first_token_only, predict_logits
     from nas_fair.spaces import compress
+    from nas_fair.spaces._modules import int8_dynamic_linear
     from nas_fair.spaces.quantization import QuantizationConfig
 
     from conftest import random_batch
 
     base = tiny_model("bert")
     ctx = CompressionContext(reference=base, train=None, seed=0)
-    int8 = compress(base, {"quantization": QuantizationConfig(attention_bits=8, ffn_bits=8)},
-                    ctx)
+    legacy = copy.deepcopy(base)
+    for layer in legacy.bert.encoder.layer:
+        layer.intermediate.dense = int8_dynamic_linear(layer.intermediate.dense)
+        layer.output.dense = int8_dynamic_linear(layer.output.dense)
     ids, mask = random_batch()
-    with first_token_only(int8) as applied:
+    with first_token_only(legacy) as applied:
         assert not applied
     with torch.inference_mode():
+        full = legacy(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(predict_logits(legacy, ids, mask, batch_size=len(ids)), full)
+
+    int8 = compress(base, {"quantization": QuantizationConfig(attention_bits=8, ffn_bits=8)},
+                    ctx)
+    with torch.inference_mode():
         full = int8(input_ids=ids, attention_mask=mask).logits
-    assert torch.equal(predict_logits(int8, ids, mask, batch_size=len(ids)), full)
+        with first_token_only(int8) as applied:
+            assert applied
+            narrow = int8(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(narrow.argmax(-1), full.argmax(-1))
+    assert (narrow - full).abs().max() <= 1e-2 * full.abs().max()
 
 
 def test_first_token_only_restores_the_layer_on_error_and_does_not_nest() -> None:

@@ -24,6 +24,7 @@ from nas_fair.spaces._modules import (
     LowRankLinear,
     Packed4Linear,
     QuantEmbedding,
+    RowInt8Linear,
     pack_int4,
     unpack_int4,
 )
@@ -448,14 +449,14 @@ def _modules(model: nn.Module, cls: type) -> list[nn.Module]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_quantization_int8_is_the_real_kernel(kind: str) -> None:
+def test_quantization_int8_is_per_row_int8(kind: str) -> None:
     ref, ctx = model_and_ctx(kind)
     cfg = REGISTRY["quantization"].config_class(8, 8, 8)
     out = compress(ref, {"quantization": cfg}, ctx)
-    int8 = _modules(out, DynamicInt8Linear)
-    assert isinstance(int8[0], torch.ao.nn.quantized.dynamic.Linear)
-    assert int8[0].weight().dtype == torch.qint8
-    assert int8[0].weight().qscheme() == torch.per_channel_affine
+    int8 = _modules(out, RowInt8Linear)
+    assert not _modules(out, DynamicInt8Linear)  # one activation scale per batch: not used
+    assert int8[0].qweight_t.dtype == torch.int8
+    assert int8[0].weight_scales.shape == (int8[0].out_features,)
     # 4 layers x (4 attention + 2 ffn) + pooler / pre-classifier / classification dense.
     assert len(int8) == 4 * 6 + 1
     assert sum(type(m) is nn.Linear for m in out.modules()) == 1  # the output projection
@@ -511,6 +512,6 @@ def test_quantization_keeps_sharing_and_quantizes_lowrank_factors(kind: str) -> 
     lowrank = _modules(out, LowRankLinear)
     assert len(lowrank) == 2 * 6  # two distinct layers, 6 matrices each
     kinds = {type(m.down) for m in lowrank} | {type(m.up) for m in lowrank}
-    assert kinds == {DynamicInt8Linear, Packed4Linear}
+    assert kinds == {RowInt8Linear, Packed4Linear}
     ids = [id(m) for m in layers[0].modules()]
     assert ids == [id(m) for m in layers[1].modules()]
