@@ -43,6 +43,12 @@ from nas_fair.search.table import format_trial_line, pareto_rows, render_table
 from nas_fair.spaces import anchor_trials
 
 
+# Far beyond any study that finishes (a trial takes seconds to minutes): a larger budget is a
+# typo, and one of 10^23 hours would run until killed. docs/limits.md lists them.
+MAX_BUDGET_TRIALS = 1_000_000
+MAX_BUDGET_SECONDS = 366 * 86400
+
+
 @dataclass(frozen=True)
 class Budget:
     trials: int | None = None  # completed trials for the study in total
@@ -56,11 +62,18 @@ class Budget:
             value = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
             if value <= 0:
                 raise UserError(f"--budget must be a positive duration, got {text!r}")
+            if value > MAX_BUDGET_SECONDS:
+                raise UserError(f"--budget must be a duration of at most "
+                                f"{MAX_BUDGET_SECONDS // 86400} days, got {text!r}")
             return cls(seconds=value)
         if re.fullmatch(r"-?\d+", text):
+            if len(text.lstrip("-")) > 12:  # int() of a huge digit string is itself slow
+                raise UserError(f"--budget must be at most {MAX_BUDGET_TRIALS} trials, got {text!r}")
             n = int(text)
             if n <= 0:
                 raise UserError(f"--budget must be a positive number of trials, got {n}")
+            if n > MAX_BUDGET_TRIALS:
+                raise UserError(f"--budget must be at most {MAX_BUDGET_TRIALS} trials, got {n}")
             return cls(trials=n)
         raise UserError(
             f"--budget must be a number of trials (e.g. 8) or a duration (e.g. 45m, 2h), got {text!r}"

@@ -52,6 +52,7 @@ from torch import nn
 from nas_fair.errors import UserError, one_of
 from nas_fair.spaces import postprocess
 from nas_fair.spaces.base import (
+    MAX_STEPS,
     STAGE_MITIGATE,
     Categorical,
     CompressionContext,
@@ -91,10 +92,13 @@ class MitigationConfig(FamilyConfig):
                 raise one_of(f"mitigation.{name}", getattr(self, name), choices)
         for name in ("strength", "thresholds"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise UserError(f"mitigation.{name} must be a number >= 0, got {value!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise UserError(f"mitigation.steps must be an integer >= 0, got {self.steps!r}")
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0 <= value <= 1000):
+                raise UserError(f"mitigation.{name} must be a number in [0, 1000], got {value!r}")
+        if (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                or not 0 <= self.steps <= MAX_STEPS):
+            raise UserError(f"mitigation.steps must be an integer in [0, {MAX_STEPS}], "
+                            f"got {self.steps!r}")
 
     @property
     def trains(self) -> bool:

@@ -477,3 +477,64 @@ def test_trust_remote_code_is_off_unless_the_study_turns_it_on(
         names = {name for name, _ in calls}
         assert {"AutoTokenizer", "AutoModelForSequenceClassification"} <= names, calls
         assert all(value is flag for _, value in calls), calls
+
+
+# ------------------------------------------------------------------ checked when the study is read
+
+_FILE = 'source = "file"'
+PARSE_TIME_CASES: list[tuple[str, str, tuple[str, str] | None, tuple[str, ...]]] = [
+    # (case, extra TOML, (old, new) replacement, needles of the one error line)
+    ("families int", "[space]\nfamilies = 5", None, ("families", "5")),
+    ("families nested", '[space]\nfamilies = [["pruning"]]', None, ("families", "[['pruning']]")),
+    ("families twice", '[space]\nfamilies = ["pruning", "pruning"]', None, ("once",)),
+    ("family not a table", "[space]\npruning = 5", None, ("[space] pruning", "table", "5")),
+    ("ffn above 1", "[space.pruning]\nffn = [0.5, 3.0]", None, ("[space.pruning] ffn", "3.0")),
+    ("ffn nan", "[space.pruning]\nffn = [nan, 0.5]", None, ("[space.pruning] ffn", "nan")),
+    ("inf choice", "[space.distillation]\ntemperature = [inf]", None, ("temperature", "inf")),
+    ("huge temperature", "[space.distillation]\ntemperature = [1e9]", None, ("temperature",)),
+    ("huge mitigation steps", "[space.mitigation]\nsteps = [2000000000]", None, ("steps",)),
+    ("bootstrap 0", "", ("bootstrap = 50", "bootstrap = 0"), ("bootstrap", "0")),
+    ("long name", "", ('name = "tiny"', 'name = "' + "x" * 300 + '"'), ("name", "300")),
+    ("non-ascii name", "", ('name = "tiny"', 'name = "tïny"'), ("name",)),
+    ("professions int", "", (_FILE, 'source = "bug-bios"\noptions = {professions = 5}'),
+     ("professions", "5")),
+    ("types 9", "", (_FILE, 'source = "winobias"\noptions = {types = [9]}'), ("types", "[9]")),
+    ("pro_share text", "", (_FILE, 'source = "winobias"\noptions = {pro_share = "lots"}'),
+     ("pro_share", "lots")),
+    ("window float", "", (_FILE, 'source = "bug-bios"\noptions = {window_words = 4.5}'),
+     ("window_words", "4.5")),
+    ("epochs 1e300", "", ("epochs = 20", "epochs = 1e300"), ("epochs", "1e+300")),
+    ("latency repeats", "", ("latency_repeats = 2", "latency_repeats = 2147483647"),
+     ("latency_repeats", "2147483647")),
+    ("recovery steps", "", ("recovery_steps = 4", "recovery_steps = 2000000000"),
+     ("recovery_steps",)),
+]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in PARSE_TIME_CASES])
+def test_bad_values_are_refused_when_the_study_is_read(case: str, tmp_path: Path,
+                                                       tiny_checkpoint: Path, capsys) -> None:
+    """Types and ranges of [space], [data.options] and every number: one line naming the key,
+    before anything is trained or written (not a traceback, nor a failure after the reference
+    was trained and the definition stored)."""
+    _, extra, repl, needles = next(c for c in PARSE_TIME_CASES if c[0] == case)
+    toml = write_study(tmp_path, tiny_checkpoint, extra=extra)
+    if repl is not None:
+        assert repl[0] in toml.read_text()
+        toml.write_text(toml.read_text().replace(*repl))
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", "1", "--run-dir",
+                       str(run_dir), "--quiet")
+    assert_one_line_error(code, err, *needles)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("budget", ["99999999999999999999999999999", "2000000",
+                                    "100000000000000000000000h", "9000h"])
+def test_budget_has_an_upper_bound(budget: str, tmp_path: Path, tiny_checkpoint: Path,
+                                   capsys) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint)
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", budget, "--run-dir",
+                       str(tmp_path / "run"), "--quiet")
+    assert_one_line_error(code, err, "--budget", "at most")
+    assert not (tmp_path / "run").exists()
