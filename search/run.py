@@ -42,7 +42,6 @@ from nas_fair.search.study import (
 from nas_fair.search.table import format_trial_line, pareto_rows, render_table
 from nas_fair.spaces import anchor_trials
 
-
 # Far beyond any study that finishes (a trial takes seconds to minutes): a larger budget is a
 # typo, and one of 10^23 hours would run until killed. docs/limits.md lists them.
 MAX_BUDGET_TRIALS = 1_000_000

@@ -44,6 +44,7 @@ from nas_fair.modeling import (
 )
 from nas_fair.objectives import ACCURACY, BIAS, EvalRecord, get
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
+from nas_fair.spaces._util import check_architecture
 from nas_fair.spaces.distillation import recovery_logs
 
 OBJECTIVE_KEYS = ("size_mb", "latency_ms", "accuracy", "bias")
@@ -174,6 +175,18 @@ def search_fingerprint(cfg: StudyConfig) -> str:
     return _hash(d)
 
 
+def model_type(model_path: Path, cfg: StudyConfig) -> str:
+    """The checkpoint's ``model_type``, from its config.json alone ("" when unreadable: loading
+    the model reports that problem properly)."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001
+        return ""
+    return str(getattr(mc, "model_type", ""))
+
+
 def check_lengths(model_path: Path, cfg: StudyConfig) -> None:
     """Token lengths beyond the model's position table fail at start, not in the first batch."""
     from transformers import AutoConfig
@@ -222,6 +235,7 @@ class Session:
         self.timings["load_data_s"] = time.perf_counter() - t
         self.recorded = check_objectives(cfg, self.data)
         self.space = build_space(cfg.families, self._space_options())
+        check_architecture(model_type(self.model_path, cfg), [fam.name for fam in self.space])
 
     def _space_options(self) -> dict[str, dict[str, Any]]:
         opts = {k: dict(v) for k, v in self.cfg.family_options.items()}

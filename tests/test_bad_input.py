@@ -538,3 +538,55 @@ def test_budget_has_an_upper_bound(budget: str, tmp_path: Path, tiny_checkpoint:
                        str(tmp_path / "run"), "--quiet")
     assert_one_line_error(code, err, "--budget", "at most")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ the model, checked up front
+
+
+def _foreign_checkpoint(tmp: Path, kind: str, ckpt: Path) -> Path:
+    """A tiny checkpoint of another architecture (built from its config class, no download),
+    with the BERT test tokenizer beside it."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, DebertaV2Config, ModernBertConfig
+
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 64, "vocab_size": 64, "max_position_embeddings": 64}
+    config = (DebertaV2Config(**size) if kind == "deberta-v2"
+              else ModernBertConfig(**size, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                    cls_token_id=2, sep_token_id=3))
+    out = tmp / kind
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    for f in ckpt.iterdir():
+        if "token" in f.name or f.name.startswith(("vocab", "special")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["deberta-v2", "modernbert"])
+def test_unsupported_architecture_is_refused_before_training(kind: str, tmp_path: Path,
+                                                             tiny_checkpoint: Path,
+                                                             capsys) -> None:
+    ckpt = _foreign_checkpoint(tmp_path, kind, tiny_checkpoint)
+    capsys.readouterr()  # the save's progress bar
+    toml = write_study(tmp_path, ckpt, extra='[space]\nfamilies = ["pruning", "distillation"]')
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", "1", "--run-dir",
+                       str(tmp_path / "run"), "--quiet")
+    assert_one_line_error(code, err, kind, "pruning", "drop it from [space] families",
+                          "['distillation']")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_folder_without_tokenizer_is_refused(tmp_path: Path, tiny_checkpoint: Path,
+                                                   capsys) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_checkpoint / name, bare / name)
+    toml = write_study(tmp_path, bare)
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", "1", "--run-dir",
+                       str(tmp_path / "run"), "--quiet")
+    assert_one_line_error(code, err, "tokenizer")
+    assert not (tmp_path / "run").exists()
