@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from nas_fair import __version__
 from nas_fair.config import StudyConfig
-from nas_fair.errors import UserError
+from nas_fair.errors import UserError, disk_full
 from nas_fair.search.export import drop_stale_artifacts
 from nas_fair.search.study import (
     Session,
@@ -357,6 +357,7 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
     stop_at = None if budget.seconds is None else time.monotonic() + budget.seconds
     failures = 0
     last_error = "?"
+    full: list[BaseException] = []
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal failures, last_error
@@ -391,6 +392,9 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            if disk_full(exc):  # every next trial would fail the same way: stop, say so once
+                full.append(exc)
+                study.stop()
             raise
 
     try:
@@ -398,5 +402,7 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
                        catch=(Exception,), gc_after_trial=True, show_progress_bar=False)
     finally:
         bar.close()
+    if full:
+        raise full[0]
     if failures >= 3:
         raise UserError(f"stopped after 3 failed trials in a row; last error: {last_error}")

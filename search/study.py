@@ -208,6 +208,11 @@ def check_lengths(model_path: Path, cfg: StudyConfig) -> None:
                             f"got {value}")
 
 
+# Tensors every cache file holds (the rest depend on the data: validation, counterfactuals).
+CACHED_KEYS = frozenset({"train_ids", "train_mask", "train_labels", "test_ids", "test_mask",
+                         "train_logits", "test_logits"})
+
+
 class Session:
     """A prepared study: everything trials share, computed once and cached in the run folder."""
 
@@ -350,7 +355,18 @@ class Session:
     def _cached_tensors(self) -> dict[str, torch.Tensor]:
         path = self.cache_dir / f"tensors-{self.fingerprint()}.safetensors"
         if path.is_file():
-            return load_file(path)
+            try:
+                cached = load_file(path)
+            except Exception as exc:  # noqa: BLE001 - a truncated cache is rebuilt, not fatal
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                cached = {}
+                self.log(f"warning: the cache file {path} is corrupt ({reason}); rebuilding it")
+            else:
+                if not CACHED_KEYS <= set(cached):
+                    self.log(f"warning: the cache file {path} is incomplete; rebuilding it")
+            if CACHED_KEYS <= set(cached):
+                return cached
+            path.unlink(missing_ok=True)
         L = self.cfg.model.max_length
         d = self.data
         t: dict[str, torch.Tensor] = {}
@@ -595,7 +611,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    """The run folder's SQLite URL; an existing 0-byte study.db (a truncated copy, a full disk)
+    is refused: SQLite would silently start a new study in it beside the old reference."""
+    path = (run_dir / "study.db").resolve()
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes), so the study's trials are gone from it: "
+                        "restore it from a backup, or delete it to start the study again")
+    return f"sqlite:///{path}"
 
 
 _SECRET_IN_URL = re.compile(r"(?P<head>://[^:/@?#]*):(?P<pw>[^@/?#]*)@")

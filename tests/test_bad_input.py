@@ -590,3 +590,77 @@ def test_model_folder_without_tokenizer_is_refused(tmp_path: Path, tiny_checkpoi
                        str(tmp_path / "run"), "--quiet")
     assert_one_line_error(code, err, "tokenizer")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ broken run folders, full disks
+
+
+def test_truncated_cache_file_is_rebuilt(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    toml = write_study(tmp_path, tiny_checkpoint)
+    run_dir = tmp_path / "run"
+    argv = ["search", "--config", str(toml), "--run-dir", str(run_dir), "--quiet"]
+    assert run(capsys, *argv, "--budget", "1")[0] == 0
+    (cache,) = (run_dir / "cache").glob("tensors-*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:100])
+    code, out, err = run(capsys, *argv[:-1], "--budget", "2")
+    assert code == 0, err
+    assert "corrupt" in out + err and str(cache) in out + err
+    assert len(load_file(cache)["test_logits"]) > 0
+
+
+def test_empty_study_db_is_refused(tmp_path: Path, done_study: tuple[Path, Path],
+                                   capsys) -> None:
+    import shutil
+
+    toml, done_run = done_study
+    run_dir = tmp_path / "run"
+    shutil.copytree(done_run, run_dir)
+    (run_dir / "study.db").write_bytes(b"")
+    for command in ("search", "pareto"):
+        argv = [command, "--config", str(toml), "--run-dir", str(run_dir)]
+        code, _, err = run(capsys, *argv, *(["--budget", "2", "--quiet"] * (command == "search")))
+        assert_one_line_error(code, err, "study.db", "empty")
+        assert (run_dir / "study.db").stat().st_size == 0
+
+
+def _no_space(path: Path) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_disk_full_during_search_is_one_line(tmp_path: Path, tiny_checkpoint: Path,
+                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from nas_fair.search.study import Session
+
+    calls = []
+
+    def full(self: Session, trial: Any, reference: Any) -> list[float]:
+        calls.append(trial.number)
+        raise _no_space(self.run_dir / "artifacts" / "trial-0")
+
+    monkeypatch.setattr(Session, "run_trial", full)
+    toml = write_study(tmp_path, tiny_checkpoint)
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", "3", "--run-dir",
+                       str(tmp_path / "run"), "--quiet")
+    assert_one_line_error(code, err, "no space left", str(tmp_path / "run" / "artifacts"),
+                          "free space and re-run; the study resumes")
+    assert len(calls) == 1  # stopped at the first full-disk trial
+
+
+def test_disk_full_during_export_is_one_line(tmp_path: Path, done_study: tuple[Path, Path],
+                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import nas_fair.search.export as export_module
+
+    out = tmp_path / "exports"
+
+    def full(*args: Any, **kwargs: Any) -> list[Any]:
+        raise _no_space(out / ".trial-0.tmp" / "model.safetensors")
+
+    monkeypatch.setattr(export_module, "export_trials", full)
+    toml, run_dir = done_study
+    code, _, err = run(capsys, "export", "--config", str(toml), "--run-dir", str(run_dir),
+                       "--trials", "0", "--out", str(out))
+    assert_one_line_error(code, err, "no space left", "free space and re-run")
