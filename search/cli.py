@@ -188,6 +188,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nas_fair.search.export import (
         check_onnx_available,
         check_out,
+        clean_debris,
         export_trials,
         parse_trials,
         study_args_for,
@@ -195,6 +196,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     numbers = None if args.all_pareto else parse_trials(args.trials)
     out = Path(args.out)
+    # A previous export killed while replacing --out is put back first, so the check sees it.
+    clean_debris(out, lambda msg: print(msg, file=sys.stderr))
     check_out(out, force=args.force)  # every check that needs no study comes first
     if args.onnx:
         check_onnx_available()

@@ -664,3 +664,56 @@ def test_disk_full_during_export_is_one_line(tmp_path: Path, done_study: tuple[P
     code, _, err = run(capsys, "export", "--config", str(toml), "--run-dir", str(run_dir),
                        "--trials", "0", "--out", str(out))
     assert_one_line_error(code, err, "no space left", "free space and re-run")
+
+
+# ------------------------------------------------------------------ debris of a killed export
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_export_leaves_nothing_behind(tmp_path: Path, done_study: tuple[Path, Path],
+                                               capsys) -> None:
+    """Hidden folders of an export killed with SIGKILL: stale ``.tmp`` ones are removed by the
+    next export into the same parent, a running export's are kept, and a previous export that
+    only survives in ``.old`` (a kill during --force) is put back, never lost."""
+    import os
+    import shutil
+    import socket
+    import time
+
+    toml, run_dir = done_study
+    out = tmp_path / "exp"
+    host, dead = socket.gethostname(), _dead_pid()
+    stale = tmp_path / f".exp.tmp-0000dead-{dead}-{host}"
+    legacy = tmp_path / ".exp.tmp-1234abcd"  # an older version's name, an hour old
+    live = tmp_path / f".exp.tmp-0000beef-{os.getpid()}-{host}"
+    for d in (stale, legacy, live):
+        (d / "trial-0").mkdir(parents=True)
+        (d / "trial-0" / "model.safetensors").write_text("complete-looking")
+    hour_ago = time.time() - 7200
+    os.utime(legacy, (hour_ago, hour_ago))
+    previous = tmp_path / f".exp.old-0000aaaa-{dead}-{host}"
+    (previous / "trial-7").mkdir(parents=True)
+    (previous / "trial-7" / "mine.txt").write_text("the user's previous export")
+
+    argv = ["export", "--config", str(toml), "--run-dir", str(run_dir), "--trials", "0",
+            "--out", str(out)]
+    code, _, err = run(capsys, *argv)
+    # The previous export is back at --out, so without --force the export is refused.
+    assert code == 2 and "restored" in err and "not empty" in err, err
+    assert (out / "trial-7" / "mine.txt").read_text() == "the user's previous export"
+    assert not stale.exists() and not legacy.exists() and not previous.exists()
+    assert live.exists()
+    shutil.rmtree(live)
+
+    code, _, err = run(capsys, *argv, "--force")
+    assert code == 0, err
+    assert (out / "trial-0").is_dir() and not (out / "trial-7").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exp.")] == []
