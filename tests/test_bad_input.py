@@ -717,3 +717,9 @@ def test_a_killed_export_leaves_nothing_behind(tmp_path: Path, done_study: tuple
     assert code == 0, err
     assert (out / "trial-0").is_dir() and not (out / "trial-7").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exp.")] == []
+
+
+def test_limits_page_is_generated_from_the_checks() -> None:
+    from nas_fair.limits import DOC, markdown
+
+    assert DOC.read_text() == markdown(), "run python -m nas_fair.limits to update docs/limits.md"
