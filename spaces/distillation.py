@@ -95,7 +95,8 @@ class DistillationConfig(FamilyConfig):
             raise UserError(f"distillation.steps must be an integer in [0, {MAX_STEPS}], "
                             f"got {self.steps!r}")
         for name, ok, rule in (
-            ("temperature", lambda v: 0 < v <= 100, "a number in (0, 100]"),
+            ("temperature", lambda v: v > 0, "a number > 0"),
+            ("temperature", lambda v: v <= 100, "at most 100"),  # also inf: a typo
             ("alpha", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         ):
             value = getattr(self, name)

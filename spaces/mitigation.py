@@ -92,9 +92,10 @@ class MitigationConfig(FamilyConfig):
                 raise one_of(f"mitigation.{name}", getattr(self, name), choices)
         for name in ("strength", "thresholds"):
             value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not 0 <= value <= 1000):
-                raise UserError(f"mitigation.{name} must be a number in [0, 1000], got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise UserError(f"mitigation.{name} must be a number >= 0, got {value!r}")
+            if not value <= 1000:  # also inf: a typo, not a setting
+                raise UserError(f"mitigation.{name} must be at most 1000, got {value!r}")
         if (isinstance(self.steps, bool) or not isinstance(self.steps, int)
                 or not 0 <= self.steps <= MAX_STEPS):
             raise UserError(f"mitigation.steps must be an integer in [0, {MAX_STEPS}], "
