@@ -432,8 +432,15 @@ def export_checked(load_cfg: Callable[[], StudyConfig], numbers: list[int] | Non
                    study_args: list[str], reproduce_base: Path | None,
                    log: Callable[[str], None]) -> list[Any]:
     """``nas-fair export``'s checks (those that need no study first), then the export."""
-    from nas_fair.search.export import check_onnx_available, check_out, export_trials
+    from nas_fair.search.export import (
+        check_onnx_available,
+        check_out,
+        clean_debris,
+        export_trials,
+    )
 
+    # A previous export killed while replacing `out` is put back first, so the check sees it.
+    clean_debris(out, log)
     check_out(out, force=force)
     if onnx:
         check_onnx_available()

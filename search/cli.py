@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from nas_fair.errors import UserError
+from nas_fair.errors import UserError, disk_full
 
 EXIT_USAGE = 2
 
@@ -171,6 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"nas-fair: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or getattr(args, "out", None) or \
+            getattr(args, "run_dir", None) or "the run folder"
+        folder = where if os.path.isdir(str(where)) else os.path.dirname(str(where)) or where
+        print(f"nas-fair: error: no space left on the device of {folder}: free space and "
+              "re-run; the study resumes", file=sys.stderr)
+        return EXIT_USAGE
+
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,8 +13,11 @@ folder next to it and renamed at the end.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -147,6 +150,7 @@ def export_trials(
 
     from nas_fair.search.study import Session, directions
 
+    clean_debris(out, log)
     check_out(out, force=force)
     if onnx:
         check_onnx_available()
@@ -154,7 +158,7 @@ def export_trials(
     session = Session(cfg, run_dir, quiet=True, log=log)
     session.prepare()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _debris_path(out, "tmp")
     tmp.mkdir()
     threads = torch.get_num_threads()
     done: list[Exported] = []
@@ -175,11 +179,59 @@ def export_trials(
     return done
 
 
+# Hidden folders beside --out while an export runs: ".<out>.tmp-…" (the new export being
+# written) and ".<out>.old-…" (the previous one, moved aside by --force until the new one is in
+# place). Their names carry the owner's pid and host, so a later export can tell the debris of
+# a killed export from the folders of one still running.
+LEGACY_DEBRIS_AGE_S = 3600  # names without a pid (older versions): stale after an hour
+
+
+def _debris_path(out: Path, kind: str) -> Path:
+    return out.parent / (f".{out.name}.{kind}-{uuid.uuid4().hex[:8]}-{os.getpid()}-"
+                         f"{socket.gethostname()}")
+
+
+def _owner_gone(path: Path, prefix: str) -> bool:
+    """Whether the export that made ``path`` is no longer running (on this host)."""
+    from nas_fair.search.study import _alive
+
+    parts = path.name[len(prefix):].split("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[2] == socket.gethostname() and not _alive(int(parts[1]))
+    try:
+        return time.time() - path.stat().st_mtime > LEGACY_DEBRIS_AGE_S
+    except OSError:
+        return False
+
+
+def clean_debris(out: Path, log: Callable[[str], None]) -> None:
+    """Tidy what a killed export into ``out`` left beside it: remove stale ``.tmp`` folders;
+    put a previous export that only survives in an ``.old`` folder back at ``out`` (a kill
+    during --force), or remove the ``.old`` folder once ``out`` holds the export replacing it."""
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        stale = sorted((p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir()
+                        and _owner_gone(p, prefix)), key=lambda p: p.stat().st_mtime,
+                       reverse=True)
+        for path in stale:
+            if kind == "old" and not out.exists():
+                path.rename(out)
+                log(f"restored the previous export {out} from {path.name}, left by an export "
+                    "that was stopped while replacing it")
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            what = "unfinished export" if kind == "tmp" else "replaced previous export"
+            log(f"removed {path.name}, the {what} of an export that was stopped")
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` (empty, or --force) is moved aside first."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _debris_path(out, "old")
         out.rename(old)
     try:
         tmp.rename(out)

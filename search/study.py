@@ -44,6 +44,7 @@ from nas_fair.modeling import (
 )
 from nas_fair.objectives import ACCURACY, BIAS, EvalRecord, get
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
+from nas_fair.spaces._util import check_architecture
 from nas_fair.spaces.distillation import recovery_logs
 
 OBJECTIVE_KEYS = ("size_mb", "latency_ms", "accuracy", "bias")
@@ -191,6 +192,18 @@ def search_fingerprint(cfg: StudyConfig) -> str:
     return _hash(d)
 
 
+def model_type(model_path: Path, cfg: StudyConfig) -> str:
+    """The checkpoint's ``model_type``, from its config.json alone ("" when unreadable: loading
+    the model reports that problem properly)."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001
+        return ""
+    return str(getattr(mc, "model_type", ""))
+
+
 def check_lengths(model_path: Path, cfg: StudyConfig) -> None:
     """Token lengths beyond the model's position table fail at start, not in the first batch."""
     from transformers import AutoConfig
@@ -210,6 +223,11 @@ def check_lengths(model_path: Path, cfg: StudyConfig) -> None:
         if value > positions:
             raise UserError(f"{where} must be at most {positions} (the model's positions), "
                             f"got {value}")
+
+
+# Tensors every cache file holds (the rest depend on the data: validation, counterfactuals).
+CACHED_KEYS = frozenset({"train_ids", "train_mask", "train_labels", "test_ids", "test_mask",
+                         "train_logits", "test_logits"})
 
 
 class Session:
@@ -239,6 +257,7 @@ class Session:
         self.timings["load_data_s"] = time.perf_counter() - t
         self.recorded = check_objectives(cfg, self.data)
         self.space = build_space(cfg.families, self._space_options())
+        check_architecture(model_type(self.model_path, cfg), [fam.name for fam in self.space])
 
     def _space_options(self) -> dict[str, dict[str, Any]]:
         opts = {k: dict(v) for k, v in self.cfg.family_options.items()}
@@ -370,7 +389,18 @@ class Session:
     def _cached_tensors(self) -> dict[str, torch.Tensor]:
         path = self.cache_dir / f"tensors-{self.fingerprint()}.safetensors"
         if path.is_file():
-            return load_file(path)
+            try:
+                cached = load_file(path)
+            except Exception as exc:  # noqa: BLE001 - a truncated cache is rebuilt, not fatal
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                cached = {}
+                self.log(f"warning: the cache file {path} is corrupt ({reason}); rebuilding it")
+            else:
+                if not CACHED_KEYS <= set(cached):
+                    self.log(f"warning: the cache file {path} is incomplete; rebuilding it")
+            if CACHED_KEYS <= set(cached):
+                return cached
+            path.unlink(missing_ok=True)
         L = self.cfg.model.max_length
         d = self.data
         t: dict[str, torch.Tensor] = {}
@@ -617,7 +647,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    """The run folder's SQLite URL; an existing 0-byte study.db (a truncated copy, a full disk)
+    is refused: SQLite would silently start a new study in it beside the old reference."""
+    path = (run_dir / "study.db").resolve()
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes), so the study's trials are gone from it: "
+                        "restore it from a backup, or delete it to start the study again")
+    return f"sqlite:///{path}"
 
 
 _QUERY_SECRETS = frozenset({"password", "passwd", "pwd"})

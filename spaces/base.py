@@ -8,6 +8,7 @@ takes for the search, the CLI and the contract tests to pick it up.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from nas_fair.config import MAX_STEPS as MAX_STEPS  # training steps a family may ask for
 from nas_fair.errors import UserError, did_you_mean
 
 # Fixed order of application: prune -> low-rank -> share -> distil (recover) -> quantize.
@@ -41,6 +43,11 @@ class Categorical:
     def override(self, value: Any, where: str) -> Categorical:
         if not isinstance(value, list) or not value:
             raise UserError(f"{where} must be a non-empty list of choices, got {value!r}")
+        for v in value:
+            if isinstance(v, (list, dict)):
+                raise UserError(f"{where} must be a list of plain values, got {v!r} in it")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{where} must hold finite numbers, got {v}")
         return Categorical(tuple(value))
 
 
@@ -65,10 +72,12 @@ class FloatRange:
         if (
             not isinstance(value, list)
             or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v) for v in value)
             or value[0] > value[1]
         ):
-            raise UserError(f"{where} must be a range [low, high] with low <= high, got {value!r}")
+            raise UserError(f"{where} must be a range [low, high] of finite numbers with "
+                            f"low <= high, got {value!r}")
         return FloatRange(float(value[0]), float(value[1]), self.step)
 
 
@@ -238,6 +247,9 @@ class Family(ABC):
     # macro-F1 at 4.2x smaller and 2.6x faster on the default study). NSGA-II's offspring of
     # the single-family anchors never reached such a mild combination in 20 trials.
     combined_anchor: ClassVar[Mapping[str, Any] | None] = None
+    # Whether the family edits the encoder's layers (through spaces/_util.py): it then supports
+    # only the architectures of ``_util.LAYER_MODEL_TYPES``, checked before anything is trained.
+    edits_layers: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         """``options`` is the study's ``[space.<name>]`` table: overrides of the ranges."""
@@ -251,9 +263,14 @@ class Family(ABC):
             self.space[key] = self.space[key].override(value, f"[space.{self.name}] {key}")
         # Validate every corner of the range early: a bad range is a bad study, not a bad trial.
         for key, spec in self.space.items():
-            if isinstance(spec, Categorical):
-                for choice in spec.choices:
+            corners = spec.choices if isinstance(spec, Categorical) else (spec.low, spec.high)
+            for choice in corners:
+                try:
                     self.config_class.from_dict({**self.off().to_dict(), key: choice})
+                except UserError as exc:
+                    if key not in (options or {}):
+                        raise
+                    raise UserError(f"[space.{self.name}] {key} = {options[key]!r}: {exc}") from None
 
     @classmethod
     def off(cls) -> FamilyConfig:

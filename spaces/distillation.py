@@ -53,6 +53,7 @@ from nas_fair.errors import UserError, one_of
 from nas_fair.modeling import fast_dropout, first_token_only
 from nas_fair.spaces._util import length_bucketed_batches, row_lengths
 from nas_fair.spaces.base import (
+    MAX_STEPS,
     STAGE_RECOVER,
     Categorical,
     CompressionContext,
@@ -89,10 +90,13 @@ class DistillationConfig(FamilyConfig):
     alpha: float = 0.9
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise UserError(f"distillation.steps must be an integer >= 0, got {self.steps!r}")
+        if (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                or not 0 <= self.steps <= MAX_STEPS):
+            raise UserError(f"distillation.steps must be an integer in [0, {MAX_STEPS}], "
+                            f"got {self.steps!r}")
         for name, ok, rule in (
             ("temperature", lambda v: v > 0, "a number > 0"),
+            ("temperature", lambda v: v <= 100, "at most 100"),  # also inf: a typo
             ("alpha", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         ):
             value = getattr(self, name)

@@ -77,6 +77,7 @@ class LowRank(Family):
         "ffn_rank": Categorical((1.0, 0.75, 0.5, 0.25)),
         "activation_aware": Categorical((False, True)),
     }
+    edits_layers = True
     composes_with = frozenset({"pruning", "sharing", "distillation", "quantization"})
     anchor: ClassVar = {"attention_rank": 0.75, "ffn_rank": 0.75, "activation_aware": True}
 

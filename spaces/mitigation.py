@@ -52,6 +52,7 @@ from torch import nn
 from nas_fair.errors import UserError, one_of
 from nas_fair.spaces import postprocess
 from nas_fair.spaces.base import (
+    MAX_STEPS,
     STAGE_MITIGATE,
     Categorical,
     CompressionContext,
@@ -93,8 +94,12 @@ class MitigationConfig(FamilyConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise UserError(f"mitigation.{name} must be a number >= 0, got {value!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise UserError(f"mitigation.steps must be an integer >= 0, got {self.steps!r}")
+            if not value <= 1000:  # also inf: a typo, not a setting
+                raise UserError(f"mitigation.{name} must be at most 1000, got {value!r}")
+        if (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                or not 0 <= self.steps <= MAX_STEPS):
+            raise UserError(f"mitigation.steps must be an integer in [0, {MAX_STEPS}], "
+                            f"got {self.steps!r}")
 
     @property
     def trains(self) -> bool:

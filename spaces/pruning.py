@@ -83,6 +83,7 @@ class Pruning(Family):
         "ffn": FloatRange(0.0, 0.75, step=0.125),
         "layers": IntRange(0, 3),
     }
+    edits_layers = True
     composes_with = frozenset({"lowrank", "sharing", "distillation", "quantization"})
     anchor: ClassVar = {"heads": 0.25, "ffn": 0.25, "layers": 0}
     combined_anchor: ClassVar = {"heads": 0.0, "ffn": 0.25, "layers": 0}

@@ -93,6 +93,7 @@ class Quantization(Family):
         "ffn_bits": Categorical(BITS),
         "embedding_bits": Categorical(BITS),
     }
+    edits_layers = True
     composes_with = frozenset({"pruning", "lowrank", "sharing", "distillation"})
     # int8 everywhere: the one-call compression most users try first.
     anchor: ClassVar = {"attention_bits": 8, "ffn_bits": 8, "embedding_bits": 8}

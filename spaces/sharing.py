@@ -46,6 +46,7 @@ class Sharing(Family):
     stage = STAGE_SHARE
     config_class = SharingConfig
     params: ClassVar = {"group_size": Categorical((1, 2, 3))}
+    edits_layers = True
     composes_with = frozenset({"pruning", "lowrank", "distillation", "quantization"})
     anchor: ClassVar = {"group_size": 2}
 
