@@ -72,7 +72,7 @@ BASELINES = {
 
 def every_other_layer(session: Any, steps: int) -> Any:
     """DistilBERT's student initialization (layers 0, 2, 4, ...) recovered by distillation."""
-    from nas_fair.spaces._util import encoder_layers, set_encoder_layers
+    from nas_fair.encoder import encoder_layers, set_encoder_layers
     from nas_fair.spaces.distillation import recover
 
     model = copy.deepcopy(session.reference)

@@ -537,6 +537,6 @@ def load(directory: str | os.PathLike[str]) -> torch.nn.Module:
     scored) loads as a ``GroupAwareClassifier``: call it with ``groups=[...]`` (one per row);
     without them it raises a ``UserError`` naming the argument. Others load as the network."""
     from nas_fair.checkpoint import load_compressed
-    from nas_fair.spaces.postprocess import for_inference
+    from nas_fair.postprocess import for_inference
 
     return for_inference(load_compressed(directory))

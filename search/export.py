@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.errors import UserError
 from nas_fair.io import dumps_json
-from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
+from nas_fair.postprocess import DISPARATE_TREATMENT
 
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.json"
@@ -248,8 +248,8 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
                 base: Path) -> str:
     import torch
 
+    from nas_fair import postprocess
     from nas_fair.checkpoint import MODEL_FILE, load_compressed
-    from nas_fair.spaces import postprocess
 
     runtime = trial.user_attrs.get("runtime") or {}
     # "threads" is where studies made before "runtime" recorded the count.

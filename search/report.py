@@ -16,9 +16,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from nas_fair.postprocess import DISPARATE_TREATMENT
 from nas_fair.search.study import pareto_front
 from nas_fair.search.table import NEEDS_GROUP_NOTE, status_note, trial_constraints, violated
-from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
 
 # Each trial is drawn in one of these groups; the table sorts them in this order too.
 GROUPS = {

@@ -44,7 +44,7 @@ from nas_fair.modeling import (
 )
 from nas_fair.objectives import ACCURACY, BIAS, EvalRecord, get
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
-from nas_fair.spaces._util import check_architecture
+from nas_fair.spaces.base import check_architecture
 from nas_fair.spaces.distillation import recovery_logs
 
 OBJECTIVE_KEYS = ("size_mb", "latency_ms", "accuracy", "bias")
@@ -319,7 +319,7 @@ class Session:
         )
         val = self.data.validation
         if "val_ids" in self.tensors and val is not None and len(val):
-            from nas_fair.spaces.postprocess import ValidationData
+            from nas_fair.postprocess import ValidationData
 
             # Post-processing (group thresholds) is fitted here, never on the test split.
             self.ctx.extras["validation"] = ValidationData(
@@ -433,7 +433,7 @@ class Session:
 
         With group-aware post-processing a swapped row is predicted as the swapped gender's
         (with two gender groups; see ``postprocess.counterfactual_groups``)."""
-        from nas_fair.spaces.postprocess import counterfactual_groups, predict
+        from nas_fair.postprocess import counterfactual_groups, predict
 
         if "cf_rows" not in self.tensors:
             return None
@@ -459,7 +459,7 @@ class Session:
     def evaluate(self, model: torch.nn.Module) -> EvalRecord:
         """Test-split predictions, through the model's group-aware post-processing if it has
         any (which is why the test groups are passed: they must be known at prediction time)."""
-        from nas_fair.spaces.postprocess import predict
+        from nas_fair.postprocess import predict
 
         logits = predict_logits(model, self.tensors["test_ids"], self.tensors["test_mask"],
                                 batch_size=self.cfg.search.eval_batch_size, device=self.device)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nas_fair.config import MAX_STEPS as MAX_STEPS  # training steps a family may ask for
+from nas_fair.encoder import LAYER_MODEL_TYPES
 from nas_fair.errors import UserError, did_you_mean
 
 # Fixed order of application: prune -> low-rank -> share -> distil (recover) -> quantize.
@@ -248,7 +249,7 @@ class Family(ABC):
     # the single-family anchors never reached such a mild combination in 20 trials.
     combined_anchor: ClassVar[Mapping[str, Any] | None] = None
     # Whether the family edits the encoder's layers (through spaces/_util.py): it then supports
-    # only the architectures of ``_util.LAYER_MODEL_TYPES``, checked before anything is trained.
+    # only the architectures of ``nas_fair.encoder.LAYER_MODEL_TYPES``, checked before anything is trained.
     edits_layers: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
@@ -318,3 +319,18 @@ def register(cls: type[Family]) -> type[Family]:
 
 def ordered(names: Sequence[str]) -> list[type[Family]]:
     return sorted((REGISTRY[n] for n in names), key=lambda c: c.stage)
+
+
+def check_architecture(model_type: str, families: list[str]) -> None:
+    """Refuse, in one line, families that cannot edit this architecture's layers."""
+    if not model_type or model_type in LAYER_MODEL_TYPES:
+        return  # "" = no readable config: loading the model reports that properly
+    bad = [f for f in families if REGISTRY[f].edits_layers]
+    if bad:
+        keep = [f for f in families if f not in bad]
+        raise UserError(
+            f"{model_type} models cannot be compressed by {', '.join(bad)} (these "
+            f"families edit encoder layers of {', '.join(LAYER_MODEL_TYPES)} models only); drop "
+            f"{'it' if len(bad) == 1 else 'them'} from [space] families (e.g. families = "
+            f"{keep!r}) or use a checkpoint of a supported architecture"
+        )

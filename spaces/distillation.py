@@ -49,9 +49,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nas_fair.config import PRECISIONS
+from nas_fair.encoder import length_bucketed_batches, row_lengths
 from nas_fair.errors import UserError, one_of
 from nas_fair.modeling import fast_dropout, first_token_only
-from nas_fair.spaces._util import length_bucketed_batches, row_lengths
 from nas_fair.spaces.base import (
     MAX_STEPS,
     STAGE_RECOVER,

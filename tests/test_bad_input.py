@@ -793,6 +793,6 @@ def test_a_killed_export_leaves_nothing_behind(tmp_path: Path, done_study: tuple
 
 
 def test_limits_page_is_generated_from_the_checks() -> None:
-    from nas_fair.limits import DOC, markdown
+    from nas_fair.search.limits import DOC, markdown
 
-    assert DOC.read_text() == markdown(), "run python -m nas_fair.limits to update docs/limits.md"
+    assert DOC.read_text() == markdown(), "run python -m nas_fair.search.limits to update docs/limits.md"

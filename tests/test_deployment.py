@@ -60,7 +60,7 @@ from nas_fair.modeling import predict_logits, tokenize
 from nas_fair.objectives import ACCURACY, EvalRecord
 from nas_fair.objectives.stats import score_bias
 from nas_fair.search.study import check_objectives
-from nas_fair.spaces.postprocess import counterfactual_groups
+from nas_fair.postprocess import counterfactual_groups
 
 out = {}
 for item in json.loads(sys.argv[1]):
@@ -152,9 +152,9 @@ def test_a_post_processed_model_needs_groups(tmp_path: Path) -> None:
     import torch
 
     import nas_fair
+    from nas_fair import postprocess
     from nas_fair.checkpoint import save_compressed
     from nas_fair.onnx_export import export_onnx
-    from nas_fair.spaces import postprocess
 
     from conftest import random_batch, tiny_model
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+from nas_fair import postprocess as pp
 from nas_fair.checkpoint import load_compressed, save_compressed
 from nas_fair.errors import UserError
 from nas_fair.spaces import REGISTRY, CompressionContext, RecoveryData, RecoveryOptions, compress
-from nas_fair.spaces import postprocess as pp
 from nas_fair.spaces.base import STAGE_SHARE, Categorical, Family, FamilyConfig
 from nas_fair.spaces.distillation import recovery_logs
 from nas_fair.spaces.mitigation import (

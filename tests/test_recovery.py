@@ -13,9 +13,9 @@ from test_search import write_study
 from torch import nn
 
 from nas_fair.config import parse_study
+from nas_fair.encoder import length_bucketed_batches, row_lengths
 from nas_fair.errors import UserError
 from nas_fair.spaces import CompressionContext, RecoveryData
-from nas_fair.spaces._util import length_bucketed_batches, row_lengths
 from nas_fair.spaces.distillation import Batch, EarlyStop, recover, recovery_log
 
 from conftest import tiny_model
@@ -380,8 +380,8 @@ def test_first_token_only_leaves_a_dynamic_int8_last_layer_alone() -> None:
     and prediction gives exactly the unwrapped model's logits. The per-row int8 linear the
     search builds depends on each row alone, so narrowing applies and computes the same."""
     from nas_fair.modeling import first_token_only, predict_logits
+    from nas_fair.modules import int8_dynamic_linear
     from nas_fair.spaces import compress
-    from nas_fair.spaces._modules import int8_dynamic_linear
     from nas_fair.spaces.quantization import QuantizationConfig
 
     from conftest import random_batch

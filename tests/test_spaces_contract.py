@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from nas_fair.checkpoint import load_compressed, param_count, save_compressed, stored_bytes
+from nas_fair.encoder import encoder_layers, layer_parts, num_heads
 from nas_fair.errors import UserError
-from nas_fair.spaces import REGISTRY, CompressionContext, RecoveryData, compress
-from nas_fair.spaces._modules import (
+from nas_fair.modules import (
     DynamicInt8Linear,
     Fp16Linear,
     HalfEmbedding,
@@ -28,7 +28,7 @@ from nas_fair.spaces._modules import (
     pack_int4,
     unpack_int4,
 )
-from nas_fair.spaces._util import encoder_layers, layer_parts, num_heads
+from nas_fair.spaces import REGISTRY, CompressionContext, RecoveryData, compress
 from nas_fair.spaces.base import Categorical, FloatRange, IntRange
 
 from conftest import RandomTrial, random_batch, tiny_context, tiny_model
