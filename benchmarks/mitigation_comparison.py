@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from nas_fair.config import find_study, load_study
     from nas_fair.objectives import ACCURACY
     from nas_fair.objectives.stats import paired_difference
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     for what, chosen, known in (("recipe", args.recipes, RECIPES),
                                 ("setting", args.settings, SETTINGS)):

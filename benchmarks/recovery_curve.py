@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "recovery_curve.json"))
     args = ap.parse_args()
 
-    from nas_fair.search.study import objective_names
+    from nas_fair.objectives.scores import objective_names
     from nas_fair.spaces import compress
     from nas_fair.spaces.pruning import PruningConfig
 

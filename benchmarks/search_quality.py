@@ -60,8 +60,8 @@ def hv_curve(trials: list[Any], reference: list[float], dirs: list[str]) -> list
     import numpy as np
     from optuna.trial import TrialState
 
+    from nas_fair.search.front import pareto_front
     from nas_fair.search.report import HV_REFERENCE_POINT, hypervolume, normalized
-    from nas_fair.search.study import pareto_front
 
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     ref_pt = np.full(len(dirs), HV_REFERENCE_POINT)
@@ -81,7 +81,8 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
             ) -> dict[str, Any]:
     import optuna
 
-    from nas_fair.search.study import directions, make_sampler, population_for
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.sampling import make_sampler, population_for
     from nas_fair.spaces import anchor_trials
 
     cfg = session.cfg
@@ -227,7 +228,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _names(session: Any) -> list[str]:
-    from nas_fair.search.study import objective_names
+    from nas_fair.objectives.scores import objective_names
 
     return objective_names(session.cfg)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from _common import RESULTS, add_study_args, load_cfg, run_dir, shown_storage, table, write_json
 
-from nas_fair.search.study import COST_PHASES as PHASES
+from nas_fair.search.session import COST_PHASES as PHASES
 
 
 def stored_trials(storage: str, name: str) -> list[Any]:

@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nas_fair.postprocess import DISPARATE_TREATMENT
-from nas_fair.search.study import pareto_front
+from nas_fair.search.front import pareto_front
 from nas_fair.search.table import NEEDS_GROUP_NOTE, status_note, trial_constraints, violated
 
 # Each trial is drawn in one of these groups; the table sorts them in this order too.

@@ -16,8 +16,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError, one_of
+from nas_fair.objectives.scores import OBJECTIVE_KEYS, limit_constraints
 from nas_fair.postprocess import DISPARATE_TREATMENT
-from nas_fair.search.study import OBJECTIVE_KEYS, limit_constraints, pareto_front
+from nas_fair.search.front import pareto_front
 
 NEEDS_GROUP_NOTE = "needs the sensitive attribute at inference"
 

@@ -248,7 +248,7 @@ class Family(ABC):
     # macro-F1 at 4.2x smaller and 2.6x faster on the default study). NSGA-II's offspring of
     # the single-family anchors never reached such a mild combination in 20 trials.
     combined_anchor: ClassVar[Mapping[str, Any] | None] = None
-    # Whether the family edits the encoder's layers (through spaces/_util.py): it then supports
+    # Whether the family edits the encoder's layers (through nas_fair/encoder.py): it then supports
     # only the architectures of ``nas_fair.encoder.LAYER_MODEL_TYPES``, checked before anything is trained.
     edits_layers: ClassVar[bool] = False
 

@@ -81,7 +81,7 @@ def _toy_objective(trial: optuna.Trial) -> list[float]:
 def test_the_study_searches_with_nsga2_and_the_computed_population(tmp_path: Path) -> None:
     from nas_fair.config import parse_study
     from nas_fair.search.run import Budget, open_study
-    from nas_fair.search.study import population_for
+    from nas_fair.search.sampling import population_for
 
     cfg = parse_study('name = "toy"\n')
     assert cfg.search.sampler == "nsga2"

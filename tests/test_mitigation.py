@@ -1,4 +1,4 @@
-"""Bias mitigation (spaces/mitigation.py) and group-aware post-processing (spaces/postprocess.py).
+"""Bias mitigation (spaces/mitigation.py) and group-aware post-processing (nas_fair/postprocess.py).
 
 Each mitigation is checked to change the recovery data or loss exactly as it claims, on small
 hand-checked cases; the off setting is the identity (also covered by the contract tests); the
@@ -566,7 +566,7 @@ def session(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     tmp = tmp_path_factory.mktemp("mitigation")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "person"]

@@ -193,7 +193,8 @@ def test_trial_records_recovery_steps_run(tmp_path: Path, tiny_checkpoint: Path)
     import optuna
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session, directions
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.session import Session
 
     toml = write_study(tmp_path, tiny_checkpoint, steps=40,
                        extra='[space]\nfamilies = ["pruning", "distillation"]\n'
@@ -298,9 +299,9 @@ def test_bf16_native_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def fingerprint_before(monkeypatch: pytest.MonkeyPatch, cfg: object, field: str) -> str:
     """The search fingerprint of ``cfg`` as a version without the [search] ``field`` made it."""
-    from nas_fair.search import study
+    from nas_fair.search import session
 
-    real = study.config_dict
+    real = session.config_dict
 
     def before_the_field(c: object) -> dict:
         d = real(c)
@@ -308,20 +309,20 @@ def fingerprint_before(monkeypatch: pytest.MonkeyPatch, cfg: object, field: str)
         return d
 
     with monkeypatch.context() as m:
-        m.setattr(study, "config_dict", before_the_field)
-        return study.search_fingerprint(cfg)
+        m.setattr(session, "config_dict", before_the_field)
+        return session.search_fingerprint(cfg)
 
 
 def test_recovery_precision_in_the_study_and_its_fingerprint(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from nas_fair.search import study
+    from nas_fair.search import session
 
     cfg = parse_study(STUDY.format(extra=""))
     assert cfg.search.recovery_precision == "fp32"
     bf16 = parse_study(STUDY.format(extra='recovery_precision = "bf16"'))
     auto = parse_study(STUDY.format(extra='recovery_precision = "auto"'))
-    now = study.search_fingerprint(cfg)
-    assert len({now, study.search_fingerprint(bf16), study.search_fingerprint(auto)}) == 3
+    now = session.search_fingerprint(cfg)
+    assert len({now, session.search_fingerprint(bf16), session.search_fingerprint(auto)}) == 3
     # A study made before the field existed still resumes: its stored fingerprint was taken
     # from a definition without the field, and fp32 (the old behaviour) hashes the same.
     assert fingerprint_before(monkeypatch, cfg, "recovery_precision") == now
@@ -457,14 +458,14 @@ def test_recovery_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_recovery_dropout_in_the_study_and_its_fingerprint(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from nas_fair.search import study
+    from nas_fair.search import session
 
     cfg = parse_study(STUDY.format(extra=""))
     assert cfg.search.recovery_dropout is True
     off = parse_study(STUDY.format(extra="recovery_dropout = false"))
     assert off.search.recovery_dropout is False
-    now = study.search_fingerprint(cfg)
-    assert study.search_fingerprint(off) != now
+    now = session.search_fingerprint(cfg)
+    assert session.search_fingerprint(off) != now
     assert fingerprint_before(monkeypatch, cfg, "recovery_dropout") == now  # old ones resume
     with pytest.raises(UserError, match=r"^\[search\] recovery_dropout must be bool, got str 'no'$"):
         parse_study(STUDY.format(extra='recovery_dropout = "no"'))
