@@ -43,16 +43,7 @@ from _common import (
     write_json,
 )
 
-
-def _constraint_prefix() -> str:
-    try:
-        from optuna.trial._trial import _CONSTRAINTS_KEY
-    except ImportError:  # pragma: no cover - the key Optuna 3-5 use
-        _CONSTRAINTS_KEY = "constraints"
-    return f"{_CONSTRAINTS_KEY}:"
-
-
-CONSTRAINT_PREFIX = _constraint_prefix()
+from nas_fair.search._optuna import named_constraints, stored_trial
 
 
 def hv_curve(trials: list[Any], reference: list[float], dirs: list[str]) -> list[float]:
@@ -113,10 +104,9 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
             return values
         values = session.run_trial(trial, reference)
         if cache is not None:
-            fr = trial.study._storage.get_trial(trial._trial_id)
+            fr = stored_trial(trial.study, trial)
             # set_constraint stores "<prefix>:<name>" system attributes; replay them as set.
-            cons = {k.split(":", 1)[1]: v for k, v in fr.system_attrs.items()
-                    if k.startswith(CONSTRAINT_PREFIX)}
+            cons = named_constraints(fr)
             attrs = {k: fr.user_attrs[k] for k in ("bias_ci", "accuracy_ci", "collapse", "cost")
                      if k in fr.user_attrs}
             cache[key] = (values, cons, attrs)

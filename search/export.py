@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.errors import UserError
 from nas_fair.io import dumps_json
+from nas_fair.search._optuna import named_constraints
 from nas_fair.search.artifacts import CARD_FILE, METRICS_FILE, ONNX_FILE, RECIPE_FILE
 from nas_fair.search.card import base_model_name, model_card, relative
 
@@ -400,8 +401,7 @@ def build_metrics(session: Any, study: Any, trial: FrozenTrial,
     bias.update(metric=cfg.objectives.bias, ci=attrs.get("bias_ci"),
                 reference_ci=ref.get("bias_ci"),
                 signed=names[3] != cfg.objectives.bias)  # objective = |value| of a signed gap
-    constraints = {k.split(":", 1)[1]: v for k, v in sorted(trial.system_attrs.items())
-                   if k.startswith("constraints:")}
+    constraints = dict(sorted(named_constraints(trial).items()))
     if not constraints:
         constraints = {str(i): v for i, v in enumerate(attrs.get("constraints", []))}
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -12,6 +12,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nas_fair.search._optuna import fail_trial, stored_trial
+
 
 def worker_identity() -> dict[str, Any]:
     """Who runs a trial: host and pid, plus the kernel boot and pid namespace where known.
@@ -44,7 +46,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
         if _alive(int(w.get("pid", -1))):
             continue
         try:
-            if not study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL):
+            if not fail_trial(study, tr):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first (and queued the retry)
@@ -73,7 +75,7 @@ def requeue_interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
     """A trial stopped by Ctrl-C (KeyboardInterrupt): Optuna fails it, and it is queued again
     like a dead worker's trial, so the next run finishes the anchors and the budget (a failed
     trial never counts against the budget). Call before re-raising."""
-    frozen = study._storage.get_trial(trial._trial_id)
+    frozen = stored_trial(study, trial)
     trial.set_user_attr("interrupted", True)
     trial.set_user_attr("error", "KeyboardInterrupt: interrupted; queued to run again")
     queue_retry(study, frozen)

@@ -8,6 +8,7 @@ the reverse, so the core can be read, tested and reused alone. Checked on the so
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,27 @@ def test_core_imports_no_plugin(path: Path) -> None:
         found = [f for f in found if allowed is not None
                  and not any(f[1].startswith(p) for p in allowed)]
     assert not found, f"nas_fair/{path.name} imports a plugin: {found}"
+
+
+ROOT = CORE.parent
+PRIVATE_OPTUNA = re.compile(r"\boptuna(?:\.\w+)*\._\w+|\._storage\b|\._trial_id\b")
+OPTUNA_GATE = "search/_optuna.py"
+
+
+def test_private_optuna_only_in_one_module() -> None:
+    """Optuna's private API (``optuna._*``, ``study._storage``, ``trial._trial_id``, the
+    constraints' attribute prefix) is used in search/_optuna.py only: an Optuna release that
+    changes it breaks one file."""
+    assert PRIVATE_OPTUNA.search("from optuna.trial._trial import _CONSTRAINTS_KEY")
+    assert PRIVATE_OPTUNA.search("study._storage.get_trial(t._trial_id)")
+    assert not PRIVATE_OPTUNA.search("optuna.trial.FrozenTrial")
+    found = []
+    for d in ("nas_fair", "search", "spaces", "objectives", "benchmarks", "docs"):
+        for path in sorted((ROOT / d).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            if rel == OPTUNA_GATE:
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if PRIVATE_OPTUNA.search(line) or '"constraints:' in line:
+                    found.append(f"{rel}:{n}: {line.strip()}")
+    assert not found, "private Optuna access outside search/_optuna.py:\n" + "\n".join(found)
