@@ -73,7 +73,7 @@ BASELINES = {
 def every_other_layer(session: Any, steps: int) -> Any:
     """DistilBERT's student initialization (layers 0, 2, 4, ...) recovered by distillation."""
     from nas_fair.encoder import encoder_layers, set_encoder_layers
-    from nas_fair.spaces.distillation import recover
+    from nas_fair.spaces.recovery import recover
 
     model = copy.deepcopy(session.reference)
     layers = list(encoder_layers(model))
@@ -95,7 +95,7 @@ def measure(session: Any, model: Any, reference: dict[str, Any],
             records: dict[str, Any], key: str) -> dict[str, Any]:
     """Scores of one model; its evaluation record goes into ``records[key]`` (for pairing)."""
     from nas_fair.search.session import predictions_digest
-    from nas_fair.spaces.distillation import recovery_logs
+    from nas_fair.spaces.recovery import recovery_logs
 
     record = records[key] = session.evaluate(model)
     scores = session.score(model, record, paired=True)

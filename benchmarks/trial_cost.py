@@ -150,10 +150,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "trial_cost.json"))
     args = ap.parse_args()
     if args.torch_masks:
-        from nas_fair.spaces import distillation
+        from nas_fair.spaces import recovery
 
         # recover() enters this context manager; torch's masks are what it runs without it.
-        distillation.fast_dropout = lambda model: contextlib.nullcontext(False)
+        recovery.fast_dropout = lambda model: contextlib.nullcontext(False)
 
     cfg = load_cfg(args)
     folder = run_dir(args, cfg)

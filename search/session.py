@@ -44,8 +44,8 @@ from nas_fair.search.artifacts import artifact_path
 from nas_fair.search.retry import worker_identity
 from nas_fair.search.storage import preparation_lock
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
-from nas_fair.spaces.base import check_architecture
-from nas_fair.spaces.distillation import recovery_logs
+from nas_fair.spaces.base import RecoveryConfig, check_architecture
+from nas_fair.spaces.recovery import recovery_logs
 
 
 def predictions_digest(y_pred: np.ndarray) -> str:
@@ -203,12 +203,8 @@ class Session:
             recovery_steps=self.cfg.search.recovery_steps,
             cache_dir=self.cache_dir,
             tokenizer=self.tokenizer,
-            extras={"recovery_lr": self.cfg.search.recovery_lr,
-                    "recovery_early_stop": self.cfg.search.recovery_early_stop,
-                    "recovery_tolerance": self.cfg.search.recovery_tolerance,
-                    "recovery_precision": self.cfg.search.recovery_precision,
-                    "recovery_dropout": self.cfg.search.recovery_dropout,
-                    "eval_batch_size": self.cfg.search.eval_batch_size},
+            recovery_config=RecoveryConfig.from_search(self.cfg.search),
+            extras={"eval_batch_size": self.cfg.search.eval_batch_size},
         )
         val = self.data.validation
         if "val_ids" in self.tensors and val is not None and len(val):

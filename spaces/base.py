@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nas_fair.config import MAX_STEPS as MAX_STEPS  # training steps a family may ask for
+from nas_fair.config import SearchConfig
 from nas_fair.encoder import LAYER_MODEL_TYPES
 from nas_fair.errors import UserError, did_you_mean
 
@@ -144,7 +145,7 @@ class RecoveryData:
 
 
 # extra_loss(model, batch, logits) -> scalar tensor added to a recovery batch's loss; ``batch`` is
-# a ``nas_fair.spaces.distillation.Batch`` (its ``index`` rows point into the recovery data).
+# a ``nas_fair.spaces.recovery.Batch`` (its ``index`` rows point into the recovery data).
 ExtraLoss = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
 RECOVERY_OPTION_KEYS = ("data", "sample_weights", "extra_loss")
 
@@ -207,6 +208,25 @@ class RecoveryOptions:
         return total
 
 
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """The study's recovery settings (``[search] recovery_*``): the defaults of every
+    :func:`~nas_fair.spaces.recovery.recover` call made with this context. The defaults are
+    :class:`~nas_fair.config.SearchConfig`'s, so they are written once."""
+
+    lr: float = SearchConfig.recovery_lr
+    early_stop: bool = SearchConfig.recovery_early_stop
+    tolerance: float = SearchConfig.recovery_tolerance
+    precision: str = SearchConfig.recovery_precision
+    dropout: bool = SearchConfig.recovery_dropout
+
+    @classmethod
+    def from_search(cls, search: SearchConfig) -> RecoveryConfig:
+        return cls(lr=search.recovery_lr, early_stop=search.recovery_early_stop,
+                   tolerance=search.recovery_tolerance, precision=search.recovery_precision,
+                   dropout=search.recovery_dropout)
+
+
 @dataclass
 class CompressionContext:
     """Everything a family may need beyond the model; built once per study, shared by trials."""
@@ -219,6 +239,7 @@ class CompressionContext:
     recovery_steps: int = 0
     cache_dir: Path | None = None  # families may cache reference-only computations here
     tokenizer: Any = None
+    recovery_config: RecoveryConfig = field(default_factory=RecoveryConfig)
     extras: dict[str, Any] = field(default_factory=dict)
     # Per trial, set by ``compress`` on its private copy of the context (never on the shared one).
     recovery: RecoveryOptions | None = None

@@ -149,7 +149,7 @@ class Mitigation(Family):
             if update is None:
                 return model
             opts = RecoveryOptions().merged(update)
-        from nas_fair.spaces.distillation import recover
+        from nas_fair.spaces.recovery import recover
 
         opts.used = True
         return recover(model, opts.context(ctx), steps=config.steps, temperature=PASS_TEMPERATURE,

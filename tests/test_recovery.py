@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from nas_fair.config import parse_study
 from nas_fair.encoder import length_bucketed_batches, row_lengths
 from nas_fair.errors import UserError
 from nas_fair.spaces import CompressionContext, RecoveryData
-from nas_fair.spaces.distillation import Batch, EarlyStop, recover, recovery_log
+from nas_fair.spaces.recovery import Batch, EarlyStop, recover, recovery_log
 
 from conftest import tiny_model
 
@@ -131,7 +132,7 @@ def test_early_stop_truncates_the_same_run_and_reads_the_study_settings() -> Non
     ref = tiny_model("bert")
     # A student that starts at its teacher: only dropout noise, so the loss flattens early.
     ctx = varied_context(ref, noise=0.0)
-    ctx.extras["recovery_lr"] = 3e-3
+    ctx.recovery_config = replace(ctx.recovery_config, lr=3e-3)
     stopped = recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05)
     log = recovery_log(stopped)
     assert log is not None and log["stopped_early"] and 60 <= log["steps_run"] < 120
@@ -153,15 +154,15 @@ def test_early_stop_truncates_the_same_run_and_reads_the_study_settings() -> Non
     assert full_log["losses"][:k] == log["losses"]
     for name, p in stopped.named_parameters():
         assert torch.equal(p, snapshot[name]), name
-    # The study's switch (ctx.extras) turns it off; an explicit argument wins over it.
-    ctx.extras["recovery_early_stop"] = False
+    # The study's switch (ctx.recovery_config) turns it off; an explicit argument wins over it.
+    ctx.recovery_config = replace(ctx.recovery_config, early_stop=False)
     off = recovery_log(recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05))
     assert off is not None and off["steps_run"] == 120 and not off["stopped_early"]
     on = recovery_log(recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05,
                               early_stop=True))
     assert on is not None and on["steps_run"] == k
     # A tolerance of 0 only stops on a rising loss: here it runs longer than at 0.05.
-    ctx.extras.update(recovery_early_stop=True, recovery_tolerance=0.0)
+    ctx.recovery_config = replace(ctx.recovery_config, early_stop=True, tolerance=0.0)
     strict = recovery_log(recover(tiny_model("bert"), ctx, steps=120))
     assert strict is not None and strict["steps_run"] > k
 
@@ -202,7 +203,7 @@ def test_trial_records_recovery_steps_run(tmp_path: Path, tiny_checkpoint: Path)
     cfg = load_study(toml)
     session = Session(cfg, tmp_path / "run", quiet=True)
     session.prepare()
-    assert session.ctx.extras["recovery_early_stop"] is True
+    assert session.ctx.recovery_config.early_stop is True
     ref = session.score_reference()
     reference = {"values": ref.values(), "accuracy": ref.accuracy, "bias": ref.bias}
     study = optuna.create_study(directions=directions(cfg))
@@ -219,7 +220,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_bf16_recovery_is_mixed_precision_deterministic_and_logged(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from nas_fair.spaces import distillation
+    from nas_fair.spaces import recovery
 
     ctx = varied_context(tiny_model("bert"))
     start = tiny_model("bert").state_dict()
@@ -243,12 +244,12 @@ def test_bf16_recovery_is_mixed_precision_deterministic_and_logged(
     # Same objective: it trains as fp32 does (final losses within 10%).
     assert bf16_log["losses"][-1] == pytest.approx(fp32_log["losses"][-1], rel=0.1)
     assert bf16_log["losses"][-1] < 0.9 * bf16_log["losses"][0]
-    # "auto" follows the hardware check; the study's setting (ctx.extras) is the default.
-    monkeypatch.setattr(distillation, "bf16_native", lambda device: False)
+    # "auto" follows the hardware check; the study's setting (ctx.recovery_config) is the default.
+    monkeypatch.setattr(recovery, "bf16_native", lambda device: False)
     auto, auto_log = run(precision="auto")
     assert auto_log["precision"] == "fp32" and all(torch.equal(v, fp32[k]) for k, v in auto.items())
-    monkeypatch.setattr(distillation, "bf16_native", lambda device: True)
-    ctx.extras["recovery_precision"] = "auto"
+    monkeypatch.setattr(recovery, "bf16_native", lambda device: True)
+    ctx.recovery_config = replace(ctx.recovery_config, precision="auto")
     auto, auto_log = run()
     assert auto_log["precision"] == "bf16" and all(torch.equal(v, bf16[k]) for k, v in auto.items())
     with pytest.raises(UserError, match=r"^recovery precision must be one of fp32, bf16, auto, "
@@ -279,7 +280,7 @@ def test_extra_loss_runs_under_the_recovery_precision() -> None:
 def test_bf16_native_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import builtins
 
-    from nas_fair.spaces.distillation import bf16_native
+    from nas_fair.spaces.recovery import bf16_native
 
     real_open = builtins.open
 
@@ -426,7 +427,7 @@ def test_first_token_only_restores_the_layer_on_error_and_does_not_nest() -> Non
 def test_recovery_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
     """Off: the student trains in eval mode (no dropout anywhere) and, on a CPU, attention
     runs through the math kernel; deterministic, a different model from training with
-    dropout, logged. The study's setting (ctx.extras) is the default; on is the built-in one."""
+    dropout, logged. The study's setting (ctx.recovery_config) is the default; on is the built-in one."""
     ctx = varied_context(tiny_model("bert"))
     seen: list[tuple[bool, bool]] = []
 
@@ -449,7 +450,7 @@ def test_recovery_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any(not torch.equal(v, on[k]) for k, v in off.items())
     run()
     assert seen == [(True, True)] * 6  # the default: dropout, SDPA chooses its kernel
-    ctx.extras["recovery_dropout"] = False
+    ctx.recovery_config = replace(ctx.recovery_config, dropout=False)
     study_off, study_log = run()
     assert study_log["dropout"] is False
     assert all(torch.equal(v, off[k]) for k, v in study_off.items())
