@@ -7,12 +7,15 @@ A trial is scored on size, latency, accuracy and one bias metric (``[objectives]
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nas_fair.config import StudyConfig
 from nas_fair.data import TaskData
 from nas_fair.errors import UserError
 from nas_fair.objectives import ACCURACY, BIAS, get
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 OBJECTIVE_KEYS = ("size_mb", "latency_ms", "accuracy", "bias")
 
@@ -28,7 +31,16 @@ class Scores:
     attrs: dict[str, Any] = field(default_factory=dict)
 
     def values(self) -> list[float]:
-        return [self.size_mb, self.latency_ms, self.accuracy, self.bias]
+        """The objectives in the study's order (``OBJECTIVE_KEYS``), as Optuna stores them."""
+        return [getattr(self, k) for k in OBJECTIVE_KEYS]
+
+    @classmethod
+    def of_trial(cls, trial: FrozenTrial) -> Scores:
+        """A stored trial's scores, each objective by name (Optuna keeps them by position)."""
+        if trial.values is None or len(trial.values) != len(OBJECTIVE_KEYS):
+            raise ValueError(f"trial {trial.number} has no {len(OBJECTIVE_KEYS)} objective "
+                             f"values: {trial.values!r}")
+        return cls(**dict(zip(OBJECTIVE_KEYS, trial.values)), attrs=dict(trial.user_attrs))
 
 
 def _signed(cfg: StudyConfig) -> bool:

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.errors import UserError
 from nas_fair.io import dumps_json
+from nas_fair.objectives.scores import Scores
 from nas_fair.search._optuna import named_constraints
 from nas_fair.search.artifacts import CARD_FILE, METRICS_FILE, ONNX_FILE, RECIPE_FILE
 from nas_fair.search.card import base_model_name, model_card, relative
@@ -327,8 +328,9 @@ def _verify(session: Any, trial: FrozenTrial, record: Any, runtime: dict[str, An
     problems = []
     if want is not None and digest != want:
         problems.append(f"predictions sha256 {digest[:12]} vs recorded {want[:12]}")
-    if acc != trial.values[2]:
-        problems.append(f"{cfg.objectives.accuracy} {acc!r} vs recorded {trial.values[2]!r}")
+    recorded_acc = Scores.of_trial(trial).accuracy
+    if acc != recorded_acc:
+        problems.append(f"{cfg.objectives.accuracy} {acc!r} vs recorded {recorded_acc!r}")
     if recorded_bias is not None and bias != recorded_bias:
         problems.append(f"{cfg.objectives.bias} {bias!r} vs recorded {recorded_bias!r}")
     if not problems:

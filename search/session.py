@@ -479,8 +479,7 @@ class Session:
         for key, value in same.user_attrs.items():
             if key not in NOT_REUSED:
                 trial.set_user_attr(key, value)
-        assert same.values is not None
-        scores = Scores(*same.values, attrs=dict(same.user_attrs))
+        scores = Scores.of_trial(same)
         constraints = self.constraints(scores, reference)
         for key, value in constraints.items():
             trial.set_constraint(key, value)

@@ -624,3 +624,17 @@ def test_fast_dropout_restores_on_error_and_recovery_logs_the_masks() -> None:
     assert any(not torch.equal(v, torch_masks[k]) for k, v in fast.items())  # another stream
     assert (fast_log["dropout_masks"], torch_log["dropout_masks"],
             off_log["dropout_masks"]) == ("random bits", "bernoulli", None)
+
+
+def test_the_studys_recovery_settings_reach_the_context() -> None:
+    """One place for recovery's defaults (SearchConfig); the study's values reach recover()."""
+    from nas_fair.config import SearchConfig
+    from nas_fair.spaces.base import RecoveryConfig
+
+    assert RecoveryConfig() == RecoveryConfig.from_search(SearchConfig())
+    rc = RecoveryConfig.from_search(SearchConfig(recovery_lr=3e-4, recovery_early_stop=False,
+                                                 recovery_tolerance=0.1,
+                                                 recovery_precision="bf16",
+                                                 recovery_dropout=False))
+    assert rc == RecoveryConfig(lr=3e-4, early_stop=False, tolerance=0.1, precision="bf16",
+                                dropout=False)

@@ -438,3 +438,17 @@ def test_a_recipe_already_run_is_scored_from_its_trial(tmp_path: Path,
     third = study.trials[2]
     assert third.params == first.params and "same_recipe_as" not in third.user_attrs
     assert third.user_attrs["cost"]["recovery_steps_run"] > 0
+
+
+def test_a_stored_trials_scores_are_read_by_name() -> None:
+    """Optuna keeps the objectives by position; everything else reads them by name."""
+    from nas_fair.objectives.scores import OBJECTIVE_KEYS, Scores
+
+    trial = optuna.trial.create_trial(values=[1.0, 2.0, 3.0, 4.0],
+                                      user_attrs={"bias_ci": [3.5, 4.5]})
+    scores = Scores.of_trial(trial)
+    assert [getattr(scores, k) for k in OBJECTIVE_KEYS] == [1.0, 2.0, 3.0, 4.0]
+    assert (scores.accuracy, scores.bias) == (3.0, 4.0)
+    assert scores.values() == list(trial.values) and scores.attrs == {"bias_ci": [3.5, 4.5]}
+    with pytest.raises(ValueError, match="no 4 objective values"):
+        Scores.of_trial(optuna.trial.create_trial(value=1.0))
