@@ -469,7 +469,7 @@ def export(
     it. A non-empty ``out`` is replaced only with ``force=True``; ``onnx=True`` adds
     ``model.onnx``. Quiet unless ``progress=True``.
     """
-    from nas_fair.search.export import parse_trials, reproduce_base, study_args_for
+    from nas_fair.search.cli import parse_trials, reproduce_base, study_args_for
 
     out_text = _text(out, "--out")
     if out_text is None:

@@ -30,7 +30,7 @@ from nas_fair.io import dumps_json
 from nas_fair.objectives.scores import Scores
 from nas_fair.search._optuna import named_constraints
 from nas_fair.search.artifacts import CARD_FILE, METRICS_FILE, ONNX_FILE, RECIPE_FILE
-from nas_fair.search.card import base_model_name, model_card, relative
+from nas_fair.search.card import base_model_name, model_card
 
 
 @dataclass
@@ -41,14 +41,6 @@ class Exported:
 
 
 # --------------------------------------------------------------------------- input checks
-
-
-def parse_trials(text: str) -> list[int]:
-    """``"3,17"`` -> [3, 17]: comma-separated trial numbers, each once."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise UserError(f"--trials must be comma-separated trial numbers like 3,17, got {text!r}")
-    return list(dict.fromkeys(int(p) for p in parts))
 
 
 def check_out(out: Path, *, force: bool) -> None:
@@ -429,28 +421,3 @@ def build_metrics(session: Any, study: Any, trial: FrozenTrial,
 
 
 # --------------------------------------------------------------------------- model card
-
-
-
-
-def reproduce_base(args: Any) -> Path:
-    """Where the card's reproduce commands run from: the study file's folder, else here."""
-    return Path(args.config).resolve().parent if args.config else Path.cwd()
-
-
-def study_args_for(args: Any) -> list[str]:
-    """The CLI arguments naming the study as the user gave them, paths relative to
-    ``reproduce_base(args)`` and the storage password masked."""
-    from nas_fair.search.storage import shown_url
-
-    base = reproduce_base(args)
-    out: list[str] = []
-    if args.config:
-        out += ["--config", relative(args.config, base)]
-    elif args.study:
-        out += ["--study", args.study]
-    if args.run_dir:
-        out += ["--run-dir", relative(args.run_dir, base)]
-    if args.storage:
-        out += ["--storage", shown_url(args.storage)]
-    return out

@@ -537,7 +537,7 @@ def test_storage_passwords_are_masked_exactly(password: str) -> None:
     """Passwords SQLAlchemy accepts unencoded ("/", "#", "?", "@") never reach a message."""
     import argparse
 
-    from nas_fair.search.export import study_args_for
+    from nas_fair.search.cli import study_args_for
     from nas_fair.search.storage import scrub, shown_url
 
     url = f"postgresql://alice:{password}@db.example:5432/nas?password={password}&sslmode=x"
