@@ -32,8 +32,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from nas_fair.modules import RowInt8Linear, _empty_linear, int8_dynamic_linear
     from nas_fair.spaces import CompressionContext, RecoveryData, compress
-    from nas_fair.spaces._modules import RowInt8Linear, _empty_linear, int8_dynamic_linear
     from nas_fair.spaces.quantization import QuantizationConfig
 
     torch.set_num_threads(args.threads)

@@ -148,7 +148,7 @@ class SearchConfig:
     recovery_lr: float = 1e-4
     # Stop a trial's recovery once its distillation loss has flattened: the mean loss of the
     # last fifth of the budget fell by less than recovery_tolerance (relative) from the fifth
-    # before, at two checks in a row; never before half the budget (see spaces/distillation.py).
+    # before, at two checks in a row; never before half the budget (see spaces/recovery.py).
     # The learning-rate schedule still spans recovery_steps.
     recovery_early_stop: bool = True
     recovery_tolerance: float = 0.02

@@ -104,7 +104,7 @@ def load_task(study: StudyConfig) -> TaskData:
         raise UserError(f"the train split has one label only ({shown!r}); a classifier needs at "
                         "least 2 classes")
     if cfg.counterfactual and data.test_counterfactual is None:
-        from nas_fair.objectives.counterfactual import gender_swap, load_winobias_swaps
+        from nas_fair.swaps import gender_swap, load_winobias_swaps
 
         pairs = load_winobias_swaps()
         data.test_counterfactual = [gender_swap(t, pairs) for t in data.test.texts]

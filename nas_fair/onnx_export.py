@@ -51,7 +51,7 @@ from torch import nn
 
 from nas_fair.errors import UserError
 from nas_fair.io import atomic_path
-from nas_fair.spaces._modules import (
+from nas_fair.modules import (
     INT8_MAX,
     ROW_SCALE_FLOOR,
     DynamicInt8Linear,
@@ -122,7 +122,7 @@ class _Logits(nn.Module):
 
 
 def _offsets(model: nn.Module) -> Any:
-    from nas_fair.spaces import postprocess
+    from nas_fair import postprocess
 
     return postprocess.get(model)
 

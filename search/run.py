@@ -20,24 +20,13 @@ from tqdm.auto import tqdm
 from nas_fair import __version__
 from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError, disk_full
-from nas_fair.search.export import drop_stale_artifacts
-from nas_fair.search.study import (
-    Session,
-    config_dict,
-    default_storage,
-    directions,
-    fail_dead_local_trials,
-    make_sampler,
-    make_storage,
-    objective_names,
-    pareto_front,
-    population_for,
-    predictions_digest,
-    preparation_lock,
-    requeue_interrupted,
-    search_fingerprint,
-    shown_url,
-)
+from nas_fair.objectives.scores import directions, objective_names
+from nas_fair.search.artifacts import drop_stale_artifacts
+from nas_fair.search.front import pareto_front
+from nas_fair.search.retry import fail_dead_local_trials, requeue_interrupted
+from nas_fair.search.sampling import make_sampler, population_for
+from nas_fair.search.session import Session, config_dict, predictions_digest, search_fingerprint
+from nas_fair.search.storage import default_storage, make_storage, preparation_lock, shown_url
 from nas_fair.search.table import format_trial_line, pareto_rows, render_table
 from nas_fair.spaces import anchor_trials
 

@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from nas_fair.encoder import layer_parts, linear_slots, trim_batch, unique_layers
 from nas_fair.errors import UserError
-from nas_fair.spaces._modules import LowRankLinear
-from nas_fair.spaces._util import layer_parts, linear_slots, trim_batch, unique_layers
+from nas_fair.modules import LowRankLinear
 from nas_fair.spaces.base import (
     STAGE_LOWRANK,
     Categorical,

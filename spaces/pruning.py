@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas_fair.errors import UserError
-from nas_fair.spaces._util import (
+from nas_fair.encoder import (
     LayerParts,
     encoder_layers,
     layer_parts,
@@ -35,6 +34,7 @@ from nas_fair.spaces._util import (
     tensor_digest,
     trim_batch,
 )
+from nas_fair.errors import UserError
 from nas_fair.spaces.base import (
     STAGE_PRUNE,
     Categorical,

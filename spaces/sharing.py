@@ -15,8 +15,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from nas_fair.encoder import encoder_layers, set_encoder_layers
 from nas_fair.errors import one_of
-from nas_fair.spaces._util import encoder_layers, set_encoder_layers
 from nas_fair.spaces.base import (
     STAGE_SHARE,
     Categorical,

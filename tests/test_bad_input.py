@@ -425,7 +425,7 @@ def test_nothing_is_unpickled(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from nas_fair import load
     from nas_fair.checkpoint import save_compressed
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     marker = tmp_path / "pwned"
 
@@ -457,7 +457,7 @@ def test_trust_remote_code_is_off_unless_the_study_turns_it_on(
     import transformers
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     calls: list[tuple[str, Any]] = []
     for cls in (transformers.AutoTokenizer, transformers.AutoConfig,
@@ -537,8 +537,8 @@ def test_storage_passwords_are_masked_exactly(password: str) -> None:
     """Passwords SQLAlchemy accepts unencoded ("/", "#", "?", "@") never reach a message."""
     import argparse
 
-    from nas_fair.search.export import study_args_for
-    from nas_fair.search.study import scrub, shown_url
+    from nas_fair.search.cli import study_args_for
+    from nas_fair.search.storage import scrub, shown_url
 
     url = f"postgresql://alice:{password}@db.example:5432/nas?password={password}&sslmode=x"
     masked = "postgresql://alice:***@db.example:5432/nas?password=***&sslmode=x"
@@ -706,7 +706,7 @@ def _no_space(path: Path) -> OSError:
 
 def test_disk_full_during_search_is_one_line(tmp_path: Path, tiny_checkpoint: Path,
                                              monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     calls = []
 
@@ -793,6 +793,6 @@ def test_a_killed_export_leaves_nothing_behind(tmp_path: Path, done_study: tuple
 
 
 def test_limits_page_is_generated_from_the_checks() -> None:
-    from nas_fair.limits import DOC, markdown
+    from nas_fair.search.limits import DOC, markdown
 
-    assert DOC.read_text() == markdown(), "run python -m nas_fair.limits to update docs/limits.md"
+    assert DOC.read_text() == markdown(), "run python -m nas_fair.search.limits to update docs/limits.md"

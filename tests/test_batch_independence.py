@@ -18,7 +18,7 @@ import torch
 from test_onnx import FIXED, compressed, export, run_onnx, session
 from torch import nn
 
-from nas_fair.spaces._modules import RowInt8Linear, int8_dynamic_linear
+from nas_fair.modules import RowInt8Linear, int8_dynamic_linear
 
 ATOL = 1e-5  # logits of the tiny models are O(0.1-1); float rounding measured ~1e-8
 MAX_LENGTH = 16

@@ -21,23 +21,6 @@ from nas_fair.errors import UserError
 LAYER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
 
 
-def check_architecture(model_type: str, families: list[str]) -> None:
-    """Refuse, in one line, families that cannot edit this architecture's layers."""
-    if not model_type or model_type in LAYER_MODEL_TYPES:
-        return  # "" = no readable config: loading the model reports that properly
-    from nas_fair.spaces.base import REGISTRY
-
-    bad = [f for f in families if REGISTRY[f].edits_layers]
-    if bad:
-        keep = [f for f in families if f not in bad]
-        raise UserError(
-            f"{model_type} models cannot be compressed by {', '.join(bad)} (these "
-            f"families edit encoder layers of {', '.join(LAYER_MODEL_TYPES)} models only); drop "
-            f"{'it' if len(bad) == 1 else 'them'} from [space] families (e.g. families = "
-            f"{keep!r}) or use a checkpoint of a supported architecture"
-        )
-
-
 # Attributes that transformers' attention modules read their head count from.
 HEAD_COUNT_ATTRS = ("num_attention_heads", "n_heads", "num_heads")
 
