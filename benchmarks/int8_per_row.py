@@ -64,9 +64,8 @@ def main() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             m = self.mod
-            y = m.forward_int_mm(x.reshape(-1, m.in_features))
-            if m.bias is not None:
-                y.add_(m.bias)
+            y, amax = m.int_mm(x.reshape(-1, m.in_features))
+            y = y.mul_(amax) if m.bias is None else torch.addcmul(m.bias, y, amax, out=y)
             return y.reshape(*x.shape[:-1], m.out_features)
 
     class PinnedRange(nn.Module):

@@ -376,13 +376,14 @@ def pack_int8_weight(q: torch.Tensor, scales: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(qw, None)
 
 
-def fused_int8(rows: torch.Tensor, packed: Any) -> torch.Tensor:
-    """``(rows / amax) @ W^T`` in int8 by fbgemm, scaled back by ``amax``; no bias."""
+def fused_int8(rows: torch.Tensor, packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``(rows / amax) @ W^T`` in int8 by fbgemm, ``amax``): the caller scales back by
+    ``amax`` (fused with the bias add)."""
     amax = row_absmax(rows)
     y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
         rows / amax, UNIT_SCALE, UNIT_ZERO_POINT, packed
     )
-    return y.mul_(amax)
+    return y, amax
 
 
 @functools.cache
@@ -397,7 +398,7 @@ def fused_int8_available() -> bool:
     k = 64
     try:
         packed = pack_int8_weight(torch.full((8, k), 127, dtype=torch.int8), torch.ones(8))
-        y = fused_int8(torch.ones(4, k), packed)
+        y, _ = fused_int8(torch.ones(4, k), packed)
     except (RuntimeError, NotImplementedError):
         return False
     return bool(torch.equal(y, torch.full((4, 8), k * INT8_MAX)))
@@ -450,21 +451,20 @@ class RowInt8Linear(_LinearShape, nn.Module):
             self._packed_key = key
         return self._packed
 
-    def forward_int_mm(self, rows: torch.Tensor) -> torch.Tensor:
-        """The portable path: :func:`quantize_rows`, ``torch._int_mm``, rescale; no bias."""
+    def int_mm(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The portable path, as :func:`fused_int8`: :func:`quantize_rows`, ``torch._int_mm``
+        and the channel scales (times 1/127, the order of fbgemm's float epilogue)."""
         q, amax = quantize_rows(rows)
         y = torch._int_mm(q, self.qweight_t).to(torch.float32)
-        # in place: no extra (rows, out) buffers; the order of fbgemm's float epilogue
-        y.mul_(self.weight_scales.float() * UNIT_SCALE)
-        return y.mul_(amax)
+        return y.mul_(self.weight_scales.float() * UNIT_SCALE), amax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).float()
         packed = self.packed_weight()
-        y = self.forward_int_mm(rows) if packed is None else fused_int8(rows, packed)
-        if self.bias is not None:
-            y.add_(self.bias)
+        y, amax = self.int_mm(rows) if packed is None else fused_int8(rows, packed)
+        # in place, one pass: bias + y * amax (the bias must come after the row rescale)
+        y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax, out=y)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
