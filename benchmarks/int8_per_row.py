@@ -149,7 +149,7 @@ def main() -> None:
         med = statistics.median(ts)
         q = statistics.quantiles(ts, n=4)
         err = (logits[name] - logits["fp32"]).abs().max().item()
-        print(f"{name:31s} median {med:7.1f} ms  IQR [{q[0]:.1f}, {q[2]:.1f}]  "
+        print(f"{name:31s} median {med:7.1f} ms  IQR [{q[0]:.1f}, {q[2]:.1f}]  min {min(ts):6.1f}  "
               f"vs fp32 {base / med:4.2f}x  / per call {med / call:4.2f}  "
               f"max|dlogit| {err:.4f}  linear rows exact alone/in batch: {exact[name]}")
 
