@@ -12,7 +12,7 @@ weights through four kernels:
 * ``per call (torch dynamic)``: torch's ``quantized.dynamic.Linear``, one scale per call
   (7-bit activations, batch-dependent).
 
-One process, the models timed in alternating rounds on one batch. Also printed: each model's
+One process, the models timed in alternating rounds (order rotated each round) on one batch. Also printed: each model's
 max |logit - fp32 logit| on that batch, and whether its first int8 linear gives every row of a
 64-row input bit-identically alone and in the batch (the fp32 ops around the linears round
 differently by batch size, so whole-model logits are compared with a tolerance in the tests).
@@ -135,8 +135,11 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         logits = {k: m(input_ids=ids, attention_mask=mask).logits for k, m in models.items()}
-        for _ in range(args.rounds):
-            for name, m in models.items():
+        names = list(models)
+        for r in range(args.rounds):
+            # rotated each round: the model run right after fp32 finds colder caches
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                m = models[name]
                 t0 = time.perf_counter()
                 m(input_ids=ids, attention_mask=mask)
                 times[name].append((time.perf_counter() - t0) * 1e3)
