@@ -4,8 +4,8 @@ Every module here stores its compressed form as plain tensors (state_dict / safe
 and describes its own shape with ``spec()``; ``build_module(spec)`` makes an empty module of the
 same shape, which is how ``nas_fair.checkpoint`` rebuilds a compressed architecture without
 pickling anything. The int8 linear layer is :class:`RowInt8Linear` (int8 weights, each
-activation row quantized with its own scale, an exact int8 x int8 -> int32 matmul), so a row's
-output never depends on the other rows of its batch. torch's dynamic quantized Linear (one
+activation row quantized with its own scale, exact int32 accumulation in fbgemm's fused kernel
+or ``torch._int_mm``), so a row's output never depends on the other rows of its batch. torch's dynamic quantized Linear (one
 activation scale per call) is still read from old exports, through adapter functions because its
 weights live in packed params.
 """
