@@ -7,9 +7,9 @@ Per group (attention linears, FFN linears, embedding tables) a bit width from {3
   (slightly slower, for the upcast).
 * 8: linears become :class:`~nas_fair.modules.RowInt8Linear`: symmetric
   per-output-channel int8 weights, each activation row (token) quantized with its own scale, an
-  exact int8 matmul (``torch._int_mm``): ~1/4 of the bytes, faster than fp32 on CPU, and a row's
-  prediction does not depend on the rest of its batch or on padding (torch's dynamic int8
-  Linear, one activation scale per call, did). Embeddings: int8 rows with one scale per row.
+  exact int8 matmul (fbgemm's fused kernel, or ``torch._int_mm`` where that is inexact): ~1/4 of
+  the bytes, faster than fp32 on CPU, and a row's prediction does not depend on the rest of its
+  batch or on padding (torch's dynamic int8 Linear, one activation scale per call, did). Embeddings: int8 rows with one scale per row.
 * 4: weights packed two per byte with one fp16 scale per group of 64 inputs (~1/7.5 of the
   bytes), dequantized in forward: smaller, not faster. Embeddings: packed rows, grouped scales.
 
