@@ -43,6 +43,7 @@ from nas_fair.modeling import (
     tokenize,
 )
 from nas_fair.objectives import ACCURACY, BIAS, EvalRecord, get
+from nas_fair.search.fidelity import retry_attrs
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
 from nas_fair.spaces.distillation import recovery_logs
 
@@ -893,6 +894,7 @@ def queue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
     attrs: dict[str, Any] = {"retry_of": trial.number}
     if trial.user_attrs.get("anchor"):
         attrs["anchor"] = True
+    attrs.update(retry_attrs(trial))  # a promotion ticket's retry is the same ticket
     study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     return True
 
