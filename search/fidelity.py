@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nas_fair.errors import UserError
@@ -189,29 +190,46 @@ def _live(trial: FrozenTrial) -> bool:
     return trial.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
 
 
+def _live_tickets(trials: Iterable[FrozenTrial]) -> dict[tuple[int, int], list[FrozenTrial]]:
+    """(candidate, rung) -> its live (WAITING, RUNNING, COMPLETE) tickets, canonical first."""
+    out: dict[tuple[int, int], list[FrozenTrial]] = {}
+    for t in trials:
+        f = t.user_attrs.get(FIDELITY_ATTR)
+        if isinstance(f, dict) and _live(t):
+            out.setdefault((int(f["candidate"]), int(f["rung"])), []).append(t)
+    for v in out.values():
+        v.sort(key=lambda t: t._trial_id)
+    return out
+
+
 def tickets(study: optuna.Study, candidate: int, rung: int) -> list[FrozenTrial]:
     """Live (WAITING, RUNNING, COMPLETE) tickets of (candidate, rung), canonical first."""
-    out = []
-    for t in study.get_trials(deepcopy=False):
-        f = t.user_attrs.get(FIDELITY_ATTR)
-        if (isinstance(f, dict) and f.get("candidate") == candidate and f.get("rung") == rung
-                and _live(t)):
-            out.append(t)
-    return sorted(out, key=lambda t: t._trial_id)
+    return _live_tickets(study.get_trials(deepcopy=False)).get((candidate, rung), [])
 
 
-def rung_results(study: optuna.Study, rung: int, directions: Sequence[str]) -> list[RungResult]:
-    """COMPLETE results at ``rung`` as :class:`RungResult` (values turned to minimisation,
-    feasibility from the ``constraints`` user attribute, as the search records it). Rung 0
-    holds every complete trial without a ticket."""
+def _results(trials: Iterable[FrozenTrial], rung: int) -> dict[int, FrozenTrial]:
+    """candidate -> its COMPLETE, non-duplicate trial at ``rung``."""
     from optuna.trial import TrialState
 
+    out: dict[int, FrozenTrial] = {}
+    for t in trials:
+        f = fidelity_of(t)
+        if (t.state == TrialState.COMPLETE and f["rung"] == rung and t.values is not None
+                and t.user_attrs.get(DUPLICATE_ATTR) is None):
+            out.setdefault(f["candidate"], t)
+    return out
+
+
+def rung_results(study: optuna.Study | Sequence[FrozenTrial], rung: int,
+                 directions: Sequence[str]) -> list[RungResult]:
+    """COMPLETE results at ``rung`` (of a study, or of its trials) as :class:`RungResult`:
+    values turned to minimisation, feasibility from the ``constraints`` user attribute, as the
+    search records it. Rung 0 holds every complete trial without a ticket."""
+    trials = study if isinstance(study, Sequence) else study.get_trials(deepcopy=False)
     sign = [1.0 if d == "minimize" else -1.0 for d in directions]
     out: dict[int, RungResult] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in _results(trials, rung).values():
         f = fidelity_of(t)
-        if f["rung"] != rung or t.values is None or t.user_attrs.get(DUPLICATE_ATTR) is not None:
-            continue
         cons = [float(c) for c in t.user_attrs.get("constraints", [])]
         out.setdefault(f["candidate"], RungResult(
             candidate=f["candidate"],
@@ -222,19 +240,6 @@ def rung_results(study: optuna.Study, rung: int, directions: Sequence[str]) -> l
     return list(out.values())
 
 
-def _source(study: optuna.Study, candidate: int, rung: int) -> FrozenTrial | None:
-    """The COMPLETE trial holding ``candidate``'s result at ``rung`` (its parameters and
-    recovery checkpoint are what a promotion continues from)."""
-    from optuna.trial import TrialState
-
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        f = fidelity_of(t)
-        if (f["candidate"] == candidate and f["rung"] == rung
-                and t.user_attrs.get(DUPLICATE_ATTR) is None):
-            return t
-    return None
-
-
 def claim_promotions(study: optuna.Study, rungs: Rungs,
                      directions: Sequence[str]) -> list[tuple[int, int]]:
     """Queue a ticket for every candidate promotable now, at every rung below the top; returns
@@ -242,13 +247,14 @@ def claim_promotions(study: optuna.Study, rungs: Rungs,
     any time (see the module docstring): a race may queue a duplicate ticket, which is never
     run (:func:`check_ticket`)."""
     queued = []
+    trials = study.get_trials(deepcopy=False)  # one read per pass, not one per candidate
+    live = _live_tickets(trials)
     for rung in range(rungs.top):
-        results = rung_results(study, rung, directions)
-        promoted = [r.candidate for r in results if tickets(study, r.candidate, rung + 1)]
+        sources = _results(trials, rung)
+        results = rung_results(trials, rung, directions)
+        promoted = [r.candidate for r in results if (r.candidate, rung + 1) in live]
         for cand in promotable(results, rungs.eta, promoted):
-            src = _source(study, cand, rung)
-            if src is None or tickets(study, cand, rung + 1):
-                continue
+            src = sources[cand]
             study.enqueue_trial(
                 dict(src.params),
                 user_attrs={FIDELITY_ATTR: {"rung": rung + 1, "candidate": cand,
@@ -287,3 +293,36 @@ def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
     """The attributes a retry of a stopped trial must keep so that it stays the same ticket."""
     f = trial.user_attrs.get(FIDELITY_ATTR)
     return {FIDELITY_ATTR: f} if isinstance(f, dict) else {}
+
+
+# ------------------------------------------------------------------------------ trial glue
+
+
+def recovery_state_dir(run_dir: Path, study: str, number: int) -> Path | None:
+    """Where trial ``number`` keeps its recovery checkpoint for a later rung, or None if that
+    would lie outside ``run_dir``: derived from the study name and the number only, never from
+    a path stored in the study (as the saved models are)."""
+    root = run_dir.resolve()
+    target = root / "recovery" / study / f"trial-{number}"
+    try:
+        target.parent.resolve().relative_to(root)
+    except ValueError:
+        return None
+    return target.parent.resolve() / target.name
+
+
+def recovery_plan(rungs: Rungs, trial: FrozenTrial | optuna.Trial, run_dir: Path,
+                  study: str) -> tuple[int, dict[str, Any]]:
+    """(recovery steps, ``ctx.extras`` entries) for ``trial`` at its rung: every rung uses the
+    top rung's LR schedule, so a promoted trial continues its source's run exactly; a trial
+    below the top rung saves its checkpoint; a promoted one resumes from its source's."""
+    f = fidelity_of(trial)
+    extras: dict[str, Any] = {"recovery_schedule_steps": rungs.steps[-1]}
+    if f["rung"] < rungs.top:
+        extras["recovery_save_state_to"] = recovery_state_dir(run_dir, study, trial.number)
+    if f["promoted_from"] is not None:
+        extras["recovery_resume_from"] = recovery_state_dir(run_dir, study,
+                                                            int(f["promoted_from"]))
+    if None in extras.values():
+        raise UserError(f"study name {study!r} would put recovery checkpoints outside {run_dir}")
+    return rungs.budget(f["rung"]), extras

@@ -223,3 +223,21 @@ def test_lost_ticket_is_claimed_again(tmp_path):
     t = study.ask()
     study.tell(t, state=TrialState.FAIL)
     assert fd.claim_promotions(study, rungs, DIRS) == [(cand, 1)]
+
+
+def test_recovery_plan_chains_rungs(tmp_path):
+    study = _study(tmp_path / "s.db")
+    _add_rung0(study, 3)
+    rungs = Rungs(steps=(10, 20, 40), eta=3)
+    steps, extras = fd.recovery_plan(rungs, study.trials[0], tmp_path, "s")
+    assert steps == 10 and extras["recovery_schedule_steps"] == 40
+    assert extras["recovery_save_state_to"] == (tmp_path / "recovery/s/trial-0").resolve()
+    assert "recovery_resume_from" not in extras
+    [(cand, _)] = fd.claim_promotions(study, rungs, DIRS)
+    ticket = study.ask()
+    steps, extras = fd.recovery_plan(rungs, ticket, tmp_path, "s")
+    assert steps == 20
+    assert extras["recovery_resume_from"] == (tmp_path / f"recovery/s/trial-{cand}").resolve()
+    assert extras["recovery_save_state_to"].name == f"trial-{ticket.number}"
+    with pytest.raises(UserError, match="outside"):
+        fd.recovery_plan(rungs, ticket, tmp_path, "../../x")
