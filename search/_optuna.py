@@ -39,3 +39,9 @@ def stored_trial(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
 def fail_trial(study: optuna.Study, trial: FrozenTrial) -> bool:
     """Mark another worker's RUNNING trial FAIL; False when it was no longer running."""
     return study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def trial_id(trial: FrozenTrial | optuna.Trial) -> int:
+    """The storage's id of a trial: unique across the storage's studies, in creation order
+    (``number`` counts per study)."""
+    return trial._trial_id

@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.search._optuna import fail_trial, stored_trial
+from nas_fair.search.fidelity import retry_attrs
 
 
 def worker_identity() -> dict[str, Any]:
@@ -67,6 +68,7 @@ def queue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
     attrs: dict[str, Any] = {"retry_of": trial.number}
     if trial.user_attrs.get("anchor"):
         attrs["anchor"] = True
+    attrs.update(retry_attrs(trial))  # a promotion ticket's retry is the same ticket
     study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     return True
 

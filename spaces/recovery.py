@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,12 @@ from nas_fair.modeling import fast_dropout, first_token_only
 from nas_fair.spaces.base import (
     CompressionContext,
     RecoveryConfig,
+)
+from nas_fair.spaces.recovery_state import (
+    RecoveryState,
+    load_recovery_state,
+    load_student_weights,
+    save_recovery_state,
 )
 
 DEFAULT_LR = RecoveryConfig.lr
@@ -130,6 +137,9 @@ def recover(
     precision: str | None = None,
     dropout: bool | None = None,
     fast_masks: bool = True,
+    schedule_steps: int | None = None,
+    resume_from: str | os.PathLike[str] | None = None,
+    save_state_to: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for up to ``steps`` AdamW steps toward the cached teacher logits.
 
@@ -153,6 +163,13 @@ def recover(
     gets the same logits, but not per-token states of that layer. What happened (steps run,
     loss per step, precision, dropout and its masks) is appended to ``model.nas_fair_recovery``
     (see :func:`recovery_logs`).
+
+    Continuation (multi-fidelity search, :mod:`nas_fair.spaces.recovery_state`):
+    ``schedule_steps`` (default ``steps``, at least ``steps``) is the length of the LR schedule
+    and of the early-stopping windows, so a run can stop at ``steps`` and later continue on the
+    same schedule; ``save_state_to`` writes a checkpoint at the end; ``resume_from`` loads one
+    (written with the same ``schedule_steps``) into this student and trains on from its step
+    count up to ``steps`` in all.
     """
     study = ctx.recovery_config
     lr = study.lr if lr is None else lr
@@ -162,6 +179,16 @@ def recover(
     dropout = study.dropout if dropout is None else dropout
     if steps <= 0:
         return model.eval()
+    horizon = steps if schedule_steps is None else schedule_steps
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < steps:
+        raise UserError(f"recovery schedule_steps must be an integer >= steps ({steps}), "
+                        f"got {schedule_steps!r}")
+    resumed = None if resume_from is None else load_recovery_state(resume_from)
+    if resumed is not None and (resumed.schedule_steps != horizon or resumed.step > steps):
+        raise UserError(
+            f"recovery checkpoint {resume_from} ran {resumed.step} of a {resumed.schedule_steps}-"
+            f"step schedule; it cannot continue to {steps} steps of a {horizon}-step schedule"
+        )
     data = ctx.train
     if data is None or len(data) == 0:
         raise UserError("distillation needs training data (ctx.train is empty)")
@@ -172,7 +199,7 @@ def recover(
             f"got shape {tuple(sample_weights.shape)}"
         )
     stopper = (
-        EarlyStop(steps, tolerance=tolerance, patience=patience, min_fraction=min_fraction)
+        EarlyStop(horizon, tolerance=tolerance, patience=patience, min_fraction=min_fraction)
         if early_stop
         else None
     )
@@ -205,12 +232,12 @@ def recover(
         # One fused kernel per step instead of a Python loop over every parameter tensor.
         fused=_fused_ok(params),
     )
-    warmup = max(1, int(WARMUP_FRACTION * steps))
+    warmup = max(1, int(WARMUP_FRACTION * horizon))
 
     def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
+        return max(0.0, (horizon - step) / max(1, horizon - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     gen = torch.Generator().manual_seed(ctx.seed)
@@ -221,7 +248,19 @@ def recover(
     weights = None if sample_weights is None else sample_weights.float()
     losses = torch.zeros(steps, device=device)  # no host sync per step; read per window
     batches: list[torch.Tensor] = []
-    run = 0
+    run = start = 0
+    if resumed is not None:
+        load_student_weights(model, resumed)
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+        gen.set_state(resumed.generator)
+        batches = list(resumed.pending)
+        run = start = resumed.step
+        losses[:start] = torch.tensor(resumed.losses[:start], device=device)
+        if stopper is not None and resumed.stopper is not None:
+            stopper.flat = int(resumed.stopper["flat"])
+            stopper.history = [tuple(h) for h in resumed.stopper["history"]]
+    stopped = resumed is not None and resumed.stopped_early
 
     try:
         with (
@@ -231,10 +270,14 @@ def recover(
             fast_dropout(model) if dropout and fast_masks else contextlib.nullcontext(False)
             as fast,
         ):
-            torch.manual_seed(ctx.seed)
+            if resumed is None:
+                torch.manual_seed(ctx.seed)
+            else:
+                torch.set_rng_state(resumed.rng)
             model.train(dropout)
             progress = tqdm(
-                range(steps), desc="recovery", leave=False, disable=not sys.stderr.isatty()
+                range(start, steps if not stopped else start), desc="recovery", leave=False,
+                disable=not sys.stderr.isatty(),
             )
             for step in progress:
                 if not batches:
@@ -285,7 +328,18 @@ def recover(
                 if progress.disable is False:
                     progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
                 if stopper is not None and stopper.update(losses, run):
+                    stopped = True
                     break
+            if save_state_to is not None:
+                save_recovery_state(save_state_to, RecoveryState(
+                    step=run, schedule_steps=horizon, model=model.state_dict(),
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    generator=gen.get_state(), rng=torch.get_rng_state(), pending=batches,
+                    losses=losses[:run].tolist(),
+                    stopper=None if stopper is None else {"flat": stopper.flat,
+                                                          "history": stopper.history},
+                    stopped_early=stopped,
+                ))
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -294,6 +348,8 @@ def recover(
         "steps_budget": steps,
         "steps_run": run,
         "stopped_early": run < steps,
+        "resumed_from_step": start if resumed is not None else None,
+        "schedule_steps": horizon,
         "early_stop": bool(early_stop),
         "tolerance": tolerance if early_stop else None,
         "precision": "bf16" if bf16 else "fp32",

@@ -1,0 +1,329 @@
+"""Multi-fidelity search: a rung schedule and asynchronous MO-ASHA promotion on Optuna storage.
+
+A candidate (one recipe) is first scored after a short recovery (rung 0). Whenever results
+arrive at rung ``r``, the candidates in the top ``1/eta`` of that rung by the multi-objective
+order (feasible first; non-dominated sorting, then crowding distance; MO-ASHA, Schmucker et
+al. 2021) that are not yet promoted get a *ticket* for rung ``r + 1``: a queued Optuna trial
+with the same parameters and a ``fidelity`` user attribute ``{"rung", "candidate",
+"promoted_from"}``. Optuna cannot prune multi-objective trials, so this is nas-fair's own
+logic; the ranking (:func:`rank`, :func:`promotable`) is pure and needs no Optuna.
+
+Storage invariant (safe with ``--jobs``, several PostgreSQL workers and SIGKILL anywhere):
+
+* a ticket is created in one storage call (``enqueue_trial``: state, parameters and the
+  ``fidelity`` attribute in one transaction), so no half-made claim exists;
+* the *canonical* ticket of (candidate, rung) is the one with the lowest trial id among those
+  that are WAITING, RUNNING or COMPLETE. Two workers may both create a ticket in a race; only
+  the canonical one is run, every other one is failed as ``duplicate_of`` when a worker pops it
+  (:func:`check_ticket`), and checked again before its values are written, so at most one
+  result per (candidate, rung) is ever recorded;
+* promotion is re-derived from storage on every pass (:func:`claim_promotions`): a ticket whose
+  worker was killed is failed (``fail_dead_local_trials``) and either its retry (which keeps
+  the ``fidelity`` attribute) or the next pass's fresh ticket takes its place. A promotion is
+  therefore never lost (a promotable candidate without a live or complete ticket is claimed
+  again) and never done twice (only the canonical ticket runs or records values).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nas_fair.errors import UserError
+from nas_fair.search._optuna import trial_id
+
+if TYPE_CHECKING:  # the ranking needs no Optuna
+    import optuna
+    from optuna.trial import FrozenTrial
+
+FIDELITY_ATTR = "fidelity"
+DUPLICATE_ATTR = "duplicate_of"
+
+
+@dataclass(frozen=True)
+class Rungs:
+    """Recovery steps per rung (strictly increasing, each >= 1) and the reduction factor eta:
+    the top ``1/eta`` of a rung's results are promoted to the next one."""
+
+    steps: tuple[int, ...] = (75, 150, 300, 600)
+    eta: int = 3
+
+    def __post_init__(self) -> None:
+        steps = self.steps
+        if not isinstance(steps, (tuple, list)) or not steps:
+            raise UserError(f"fidelity steps must be a non-empty list of integers, got {steps!r}")
+        for s in steps:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+                raise UserError(f"fidelity steps must be integers >= 1, got {s!r} in {list(steps)}")
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise UserError(f"fidelity steps must be strictly increasing, got {list(steps)}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
+            raise UserError(f"fidelity eta must be an integer >= 2, got {self.eta!r}")
+        object.__setattr__(self, "steps", tuple(steps))
+
+    @property
+    def top(self) -> int:
+        """Index of the top rung, whose results alone enter the front, export and report."""
+        return len(self.steps) - 1
+
+    def budget(self, rung: int) -> int:
+        """Recovery steps of ``rung``."""
+        if isinstance(rung, bool) or not isinstance(rung, int) or not 0 <= rung <= self.top:
+            raise UserError(f"rung must be an integer in [0, {self.top}], got {rung!r}")
+        return self.steps[rung]
+
+
+@dataclass(frozen=True)
+class RungResult:
+    """One completed evaluation at a rung: objectives oriented for minimisation, and whether
+    it met every constraint (``violation`` = sum of positive constraint values, for ordering
+    infeasible results among themselves)."""
+
+    candidate: int
+    values: tuple[float, ...]
+    feasible: bool = True
+    violation: float = 0.0
+
+
+# ------------------------------------------------------------------------------ ranking
+
+
+def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def non_dominated_fronts(points: Sequence[Sequence[float]]) -> list[list[int]]:
+    """Indices of ``points`` by non-dominated front (front 0 = the Pareto set), minimisation."""
+    n = len(points)
+    dominated_by = [0] * n
+    dominates: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            if _dominates(points[i], points[j]):
+                dominates[i].append(j)
+                dominated_by[j] += 1
+            elif _dominates(points[j], points[i]):
+                dominates[j].append(i)
+                dominated_by[i] += 1
+    fronts: list[list[int]] = []
+    current = [i for i in range(n) if dominated_by[i] == 0]
+    while current:
+        fronts.append(current)
+        nxt = []
+        for i in current:
+            for j in dominates[i]:
+                dominated_by[j] -= 1
+                if dominated_by[j] == 0:
+                    nxt.append(j)
+        current = sorted(nxt)
+    return fronts
+
+
+def crowding_distance(points: Sequence[Sequence[float]]) -> list[float]:
+    """NSGA-II crowding distance within one front: the extremes of each objective get inf."""
+    n = len(points)
+    if n <= 2:
+        return [math.inf] * n
+    dist = [0.0] * n
+    for k in range(len(points[0])):
+        order = sorted(range(n), key=lambda i: points[i][k])
+        lo, hi = points[order[0]][k], points[order[-1]][k]
+        dist[order[0]] = dist[order[-1]] = math.inf
+        if hi == lo:
+            continue
+        for a, i, b in zip(order, order[1:], order[2:]):
+            dist[i] += (points[b][k] - points[a][k]) / (hi - lo)
+    return dist
+
+
+def rank(results: Sequence[RungResult]) -> list[RungResult]:
+    """``results`` best first: feasible before infeasible; feasible ones by non-dominated front,
+    then larger crowding distance; infeasible ones by smaller violation; ties by candidate id,
+    so the order never depends on arrival order. One result per candidate is expected."""
+    for r in results:
+        if any(not math.isfinite(v) for v in r.values):
+            raise UserError(f"rung result of candidate {r.candidate} has a non-finite objective: "
+                            f"{list(r.values)}")
+    if len({len(r.values) for r in results}) > 1:
+        raise UserError("rung results must all have the same number of objectives")
+    feasible = sorted((r for r in results if r.feasible), key=lambda r: r.candidate)
+    infeasible = sorted((r for r in results if not r.feasible),
+                        key=lambda r: (r.violation, r.candidate))
+    ordered: list[RungResult] = []
+    points = [r.values for r in feasible]
+    for front in non_dominated_fronts(points):
+        cd = crowding_distance([points[i] for i in front])
+        ordered += [feasible[i] for _, i in sorted(zip(cd, front), key=lambda p: (-p[0],
+                                                   feasible[p[1]].candidate))]
+    return ordered + infeasible
+
+
+def promotable(results: Sequence[RungResult], eta: int,
+               promoted: Iterable[int] = ()) -> list[int]:
+    """Candidates of one rung to promote now (asynchronous ASHA): those ranked in the top
+    ``floor(len(results) / eta)`` that are not in ``promoted``, best first."""
+    if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
+        raise UserError(f"fidelity eta must be an integer >= 2, got {eta!r}")
+    done = set(promoted)
+    k = len(results) // eta
+    return [r.candidate for r in rank(results)[:k] if r.candidate not in done]
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+def fidelity_of(trial: FrozenTrial | optuna.Trial) -> dict[str, Any]:
+    """{"rung", "candidate", "promoted_from"} of a trial; a trial without a ticket is rung 0 of
+    its own candidate (candidate = its number, promoted_from = None)."""
+    f = trial.user_attrs.get(FIDELITY_ATTR)
+    if isinstance(f, dict) and "rung" in f:
+        return {"rung": int(f["rung"]), "candidate": int(f["candidate"]),
+                "promoted_from": f.get("promoted_from")}
+    return {"rung": 0, "candidate": trial.number, "promoted_from": None}
+
+
+def _live(trial: FrozenTrial) -> bool:
+    from optuna.trial import TrialState
+
+    return trial.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+
+
+def _live_tickets(trials: Iterable[FrozenTrial]) -> dict[tuple[int, int], list[FrozenTrial]]:
+    """(candidate, rung) -> its live (WAITING, RUNNING, COMPLETE) tickets, canonical first."""
+    out: dict[tuple[int, int], list[FrozenTrial]] = {}
+    for t in trials:
+        f = t.user_attrs.get(FIDELITY_ATTR)
+        if isinstance(f, dict) and _live(t):
+            out.setdefault((int(f["candidate"]), int(f["rung"])), []).append(t)
+    for v in out.values():
+        v.sort(key=trial_id)
+    return out
+
+
+def tickets(study: optuna.Study, candidate: int, rung: int) -> list[FrozenTrial]:
+    """Live (WAITING, RUNNING, COMPLETE) tickets of (candidate, rung), canonical first."""
+    return _live_tickets(study.get_trials(deepcopy=False)).get((candidate, rung), [])
+
+
+def _results(trials: Iterable[FrozenTrial], rung: int) -> dict[int, FrozenTrial]:
+    """candidate -> its COMPLETE, non-duplicate trial at ``rung``."""
+    from optuna.trial import TrialState
+
+    out: dict[int, FrozenTrial] = {}
+    for t in trials:
+        f = fidelity_of(t)
+        if (t.state == TrialState.COMPLETE and f["rung"] == rung and t.values is not None
+                and t.user_attrs.get(DUPLICATE_ATTR) is None):
+            out.setdefault(f["candidate"], t)
+    return out
+
+
+def rung_results(study: optuna.Study | Sequence[FrozenTrial], rung: int,
+                 directions: Sequence[str]) -> list[RungResult]:
+    """COMPLETE results at ``rung`` (of a study, or of its trials) as :class:`RungResult`:
+    values turned to minimisation, feasibility from the ``constraints`` user attribute, as the
+    search records it. Rung 0 holds every complete trial without a ticket."""
+    trials = study if isinstance(study, Sequence) else study.get_trials(deepcopy=False)
+    sign = [1.0 if d == "minimize" else -1.0 for d in directions]
+    out: dict[int, RungResult] = {}
+    for t in _results(trials, rung).values():
+        f = fidelity_of(t)
+        cons = [float(c) for c in t.user_attrs.get("constraints", [])]
+        out.setdefault(f["candidate"], RungResult(
+            candidate=f["candidate"],
+            values=tuple(s * v for s, v in zip(sign, t.values)),
+            feasible=all(c <= 0 for c in cons),
+            violation=sum(c for c in cons if c > 0),
+        ))
+    return list(out.values())
+
+
+def claim_promotions(study: optuna.Study, rungs: Rungs,
+                     directions: Sequence[str]) -> list[tuple[int, int]]:
+    """Queue a ticket for every candidate promotable now, at every rung below the top; returns
+    the (candidate, rung) pairs this call queued. Safe to call from any number of workers at
+    any time (see the module docstring): a race may queue a duplicate ticket, which is never
+    run (:func:`check_ticket`)."""
+    queued = []
+    trials = study.get_trials(deepcopy=False)  # one read per pass, not one per candidate
+    live = _live_tickets(trials)
+    for rung in range(rungs.top):
+        sources = _results(trials, rung)
+        results = rung_results(trials, rung, directions)
+        promoted = [r.candidate for r in results if (r.candidate, rung + 1) in live]
+        for cand in promotable(results, rungs.eta, promoted):
+            src = sources[cand]
+            study.enqueue_trial(
+                dict(src.params),
+                user_attrs={FIDELITY_ATTR: {"rung": rung + 1, "candidate": cand,
+                                            "promoted_from": src.number}},
+                skip_if_exists=False,
+            )
+            queued.append((cand, rung + 1))
+    return queued
+
+
+def check_ticket(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """Call when a worker starts a promoted trial, and again just before writing its values:
+    None when it is the canonical ticket (run it / record it), else the number of the canonical
+    one, after marking this trial ``duplicate_of`` it (the caller then fails the trial without
+    running it). A trial without a ticket (rung 0) is always canonical."""
+    f = trial.user_attrs.get(FIDELITY_ATTR)
+    if not isinstance(f, dict):
+        return None
+    live = tickets(study, int(f["candidate"]), int(f["rung"]))
+    if not live or trial_id(live[0]) == trial_id(trial):
+        return None
+    trial.set_user_attr(DUPLICATE_ATTR, live[0].number)
+    return live[0].number
+
+
+def top_rung_trials(trials: Iterable[FrozenTrial], rungs: Rungs | None) -> list[FrozenTrial]:
+    """The trials the front, export and report may use: top-rung results only when the study is
+    multi-fidelity (``rungs`` given), every trial otherwise; duplicates never."""
+    out = [t for t in trials if t.user_attrs.get(DUPLICATE_ATTR) is None]
+    if rungs is None:
+        return out
+    return [t for t in out if fidelity_of(t)["rung"] == rungs.top]
+
+
+def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """The attributes a retry of a stopped trial must keep so that it stays the same ticket."""
+    f = trial.user_attrs.get(FIDELITY_ATTR)
+    return {FIDELITY_ATTR: f} if isinstance(f, dict) else {}
+
+
+# ------------------------------------------------------------------------------ trial glue
+
+
+def recovery_state_dir(run_dir: Path, study: str, number: int) -> Path | None:
+    """Where trial ``number`` keeps its recovery checkpoint for a later rung, or None if that
+    would lie outside ``run_dir``: derived from the study name and the number only, never from
+    a path stored in the study (as the saved models are)."""
+    root = run_dir.resolve()
+    target = root / "recovery" / study / f"trial-{number}"
+    try:
+        target.parent.resolve().relative_to(root)
+    except ValueError:
+        return None
+    return target.parent.resolve() / target.name
+
+
+def recovery_plan(rungs: Rungs, trial: FrozenTrial | optuna.Trial, run_dir: Path,
+                  study: str) -> tuple[int, dict[str, Any]]:
+    """(recovery steps, ``ctx.extras`` entries) for ``trial`` at its rung: every rung uses the
+    top rung's LR schedule, so a promoted trial continues its source's run exactly; a trial
+    below the top rung saves its checkpoint; a promoted one resumes from its source's."""
+    f = fidelity_of(trial)
+    extras: dict[str, Any] = {"recovery_schedule_steps": rungs.steps[-1]}
+    if f["rung"] < rungs.top:
+        extras["recovery_save_state_to"] = recovery_state_dir(run_dir, study, trial.number)
+    if f["promoted_from"] is not None:
+        extras["recovery_resume_from"] = recovery_state_dir(run_dir, study,
+                                                            int(f["promoted_from"]))
+    if None in extras.values():
+        raise UserError(f"study name {study!r} would put recovery checkpoints outside {run_dir}")
+    return rungs.budget(f["rung"]), extras
