@@ -463,8 +463,12 @@ class RowInt8Linear(_LinearShape, nn.Module):
         rows = x.reshape(-1, self.in_features).float()
         packed = self.packed_weight()
         y, amax = self.int_mm(rows) if packed is None else fused_int8(rows, packed)
-        # in place, one pass: bias + y * amax (the bias must come after the row rescale)
-        y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax, out=y)
+        # one pass, in place: bias + y * amax (the bias must come after the row rescale);
+        # out= refuses inputs that track gradients (a forward outside no_grad)
+        if self.bias is None:
+            y = y.mul_(amax)
+        else:
+            y = torch.addcmul(self.bias, y, amax, out=None if amax.requires_grad else y)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

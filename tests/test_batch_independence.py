@@ -138,6 +138,17 @@ def test_fused_and_portable_int8_paths_agree_and_are_exact_per_row(threads: int)
         torch.set_num_threads(before)
 
 
+def test_row_int8_linear_runs_outside_no_grad() -> None:
+    """An input that tracks gradients (a forward without no_grad, as a model card's example
+    run does) gives the same values as under no_grad."""
+    torch.manual_seed(0)
+    mod = RowInt8Linear.from_linear(nn.Linear(32, 16))
+    x = torch.randn(5, 32, requires_grad=True)
+    with torch.no_grad():
+        ref = mod(x)
+    assert torch.equal(mod(x).detach(), ref)
+
+
 def test_int8_packed_weight_follows_the_buffers() -> None:
     """The packed fbgemm weight is a cache of the stored int8 buffers: loading a state dict,
     copying into the buffers, deep copies and another global quantized engine all compute
