@@ -1,0 +1,358 @@
+"""Vocabulary trimming: keep only the word-embedding rows of tokens the task's texts use.
+
+The word embeddings are about half of a small BERT's weights, and most of a 30k-token vocabulary
+never occurs in one task's texts (TextPruner's vocabulary pruning; Abdaoui et al. 2020, "Load
+What You Need"). ``others`` is the share of the tokens *outside* the study's training texts that
+is kept as well:
+
+* 1.0: every row (off);
+* 0.0: only the tokens that occur in the training split's input ids (as the model sees them,
+  after truncation), the tokenizer's special tokens and the config's special ids;
+* in between: that plus the given share of the other tokens, lowest ids first. Id order stands
+  in for frequency: BERT's WordPiece files list reserved ``[unusedN]`` entries and single
+  characters first, then word pieces by decreasing corpus frequency; for other vocabularies it
+  is only an approximation.
+
+Every other token maps to the unknown token (``[UNK]``; without a tokenizer, the padding id).
+
+During the search the model keeps taking ids of the **original** tokenizer (the study's
+tensors are tokenized once): the table becomes a :class:`RemappedEmbedding`, the kept rows (in
+ascending original id) plus one bit per original id saying which are kept (3.8 kB for a 30,522
+token vocabulary), stored and counted in the size objective because the search's checkpoint
+needs it. ``nas-fair export``
+then writes the folder as a user gets it (:func:`export_folder`): the plain trimmed table indexed
+directly by new ids, ``config.vocab_size`` = kept rows, and a tokenizer (``tokenizer.json``)
+whose ids index that table. That tokenizer keeps every original token string, the removed ones
+mapped to ``[UNK]``'s new id: a tokenizer holding only the kept strings would segment words
+differently (WordPiece's longest match falls back to shorter kept pieces), so it would not
+reproduce the predictions the search measured. Its ``get_vocab_size()`` therefore still counts
+the original strings; the model's table has ``config.vocab_size`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from nas_fair.errors import UserError
+from nas_fair.spaces._modules import CUSTOM_TYPES
+from nas_fair.spaces.base import (
+    STAGE_PRUNE,
+    Categorical,
+    CompressionContext,
+    Family,
+    FamilyConfig,
+    register,
+)
+
+# After pruning (which leaves the embeddings alone), before recovery (which keeps the embedding
+# block frozen) and before quantization (which then quantizes the trimmed table).
+STAGE_VOCABULARY = STAGE_PRUNE + 5
+SHARES = (1.0, 0.0, 0.1, 0.3)
+# Config attributes holding token ids that the model itself reads or reports.
+CONFIG_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
+                    "cls_token_id", "unk_token_id", "mask_token_id")
+# Tokenizer files that list the original ids and would contradict the trimmed tokenizer.json.
+STALE_TOKENIZER_FILES = ("vocab.txt", "vocab.json")
+
+
+@dataclass
+class VocabularyConfig(FamilyConfig):
+    """Share of the tokens outside the training texts whose embedding rows are kept; 1.0 is off."""
+
+    others: float = 1.0
+
+    def __post_init__(self) -> None:
+        v = self.others
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise UserError(f"vocabulary.others must be a share in [0, 1], got {v!r}")
+        self.others = float(v)
+
+
+class RemappedEmbedding(nn.Module):
+    """The kept rows of a word-embedding table, looked up by the original ids.
+
+    ``kept_mask`` is one bit per original id (bit ``i % 8`` of byte ``i // 8``), so the map costs
+    ``num_original / 8`` bytes; row ``r`` of ``inner`` is the ``r``-th kept id in ascending
+    order, and an id that is not kept reads row ``unk_index`` (the unknown token). ``inner`` is
+    a plain ``nn.Embedding`` until quantization replaces it (found as any other embedding).
+    """
+
+    def __init__(self, num_original: int, num_kept: int, embedding_dim: int, unk_index: int,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_original = num_original
+        self.num_kept = num_kept
+        self.embedding_dim = embedding_dim
+        self.unk_index = unk_index
+        self.inner: nn.Module = nn.Embedding(
+            num_kept, embedding_dim, padding_idx=padding_idx, device="meta").to_empty(device="cpu")
+        self.register_buffer("kept_mask", torch.zeros(-(-num_original // 8), dtype=torch.uint8))
+        self._map: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, kept: torch.Tensor, unk_id: int
+                       ) -> RemappedEmbedding:
+        kept = torch.as_tensor(kept, dtype=torch.int64).unique(sorted=True)
+        index = {int(o): i for i, o in enumerate(kept.tolist())}
+        pad = None if emb.padding_idx is None else index.get(int(emb.padding_idx))
+        mod = cls(emb.num_embeddings, len(kept), emb.embedding_dim, index[unk_id], pad)
+        bits = torch.zeros(len(mod.kept_mask) * 8, dtype=torch.uint8)
+        bits[kept] = 1
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+        with torch.no_grad():
+            mod.inner.weight.copy_(emb.weight.detach()[kept])
+            mod.kept_mask.copy_((bits.reshape(-1, 8) * weights).sum(1).to(torch.uint8))
+        return mod.to(emb.weight.device)
+
+    def kept(self) -> torch.Tensor:
+        """Boolean (num_original,): which original ids have a row."""
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.kept_mask.device)
+        bits = (self.kept_mask[:, None] >> shifts) & 1
+        return bits.flatten()[: self.num_original].bool()
+
+    def kept_ids(self) -> torch.Tensor:
+        """The kept original ids, ascending (row ``r`` of ``inner`` is ``kept_ids()[r]``)."""
+        return self.kept().nonzero().flatten()
+
+    def index_map(self) -> torch.Tensor:
+        """Original id -> row of ``inner`` (int64, ``unk_index`` for every id not kept); built
+        from the bits once per change of ``kept_mask`` (a checkpoint load writes into it)."""
+        key = (self.kept_mask.data_ptr(), self.kept_mask._version)
+        if self._map is None or self._map[0] != key:
+            kept = self.kept()
+            rows = torch.where(kept, kept.cumsum(0) - 1, torch.full_like(kept, self.unk_index,
+                                                                         dtype=torch.int64))
+            self._map = (key, rows)
+        return self._map[1]
+
+    def new_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Original ids -> rows of ``inner``."""
+        return self.index_map()[ids]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.new_ids(ids))
+
+    def spec(self) -> dict[str, Any]:
+        pad = getattr(self.inner, "padding_idx", None)
+        return {"num_original": self.num_original, "num_kept": self.num_kept,
+                "embedding_dim": self.embedding_dim, "unk_index": self.unk_index,
+                "padding_idx": pad}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_original} -> {self.num_kept} rows, unk_index={self.unk_index}"
+
+
+# The checkpoint rebuilds compressed modules by type name (structure.json).
+CUSTOM_TYPES.setdefault("RemappedEmbedding", RemappedEmbedding)
+
+
+def word_embedding_slot(model: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """(embeddings module, attribute, table) of the word embeddings of a BERT-family model."""
+    emb_root = getattr(getattr(model, "base_model", model), "embeddings", None)
+    table = getattr(emb_root, "word_embeddings", None)
+    if emb_root is None or table is None:
+        raise UserError(f"{type(model).__name__} has no embeddings.word_embeddings; vocabulary "
+                        "trimming supports BERT, RoBERTa and DistilBERT-style models")
+    return emb_root, "word_embeddings", table
+
+
+def unknown_id(model: nn.Module, tokenizer: Any) -> int:
+    """The id out-of-vocabulary tokens map to: the tokenizer's unknown token, else padding."""
+    unk = getattr(tokenizer, "unk_token_id", None) if tokenizer is not None else None
+    if unk is None:
+        unk = getattr(model.config, "pad_token_id", None)
+    return int(unk) if unk is not None else 0
+
+
+def kept_token_ids(model: nn.Module, ctx: CompressionContext, others: float) -> torch.Tensor:
+    """Sorted original ids whose rows are kept (see the module docstring)."""
+    n = int(word_embedding_slot(model)[2].num_embeddings)
+    used = torch.zeros(n, dtype=torch.bool)
+    ids = ctx.train.input_ids
+    used[ids[(ids >= 0) & (ids < n)].unique()] = True
+    specials = [unknown_id(model, ctx.tokenizer)]
+    if ctx.tokenizer is not None:
+        specials += list(getattr(ctx.tokenizer, "all_special_ids", []) or [])
+    specials += [getattr(model.config, a, None) for a in CONFIG_TOKEN_IDS]
+    for i in specials:
+        if isinstance(i, int) and 0 <= i < n:
+            used[i] = True
+    rest = (~used).nonzero().flatten()  # ascending: the lowest ids first
+    extra = round(others * len(rest))
+    used[rest[:extra]] = True
+    return used.nonzero().flatten()
+
+
+@register
+class Vocabulary(Family):
+    name = "vocabulary"
+    stage = STAGE_VOCABULARY
+    config_class = VocabularyConfig
+    params: ClassVar = {"others": Categorical(SHARES)}
+    composes_with = frozenset({"pruning", "lowrank", "sharing", "distillation", "quantization",
+                               "mitigation"})
+
+    def apply(self, model: nn.Module, config: FamilyConfig, ctx: CompressionContext) -> nn.Module:
+        from nas_fair.checkpoint import stored_bytes
+
+        assert isinstance(config, VocabularyConfig)
+        if config.others >= 1.0:
+            return model
+        parent, attr, table = word_embedding_slot(model)
+        if not isinstance(table, nn.Embedding):
+            raise UserError(f"vocabulary trimming needs a plain nn.Embedding word table, got "
+                            f"{type(table).__name__}")
+        kept = kept_token_ids(model, ctx, config.others)
+        if len(kept) >= table.num_embeddings:
+            return model
+        before = stored_bytes(model)
+        setattr(parent, attr, RemappedEmbedding.from_embedding(
+            table, kept, unknown_id(model, ctx.tokenizer)))
+        if stored_bytes(model) >= before:  # a tiny vocabulary: the id map costs what it saves
+            setattr(parent, attr, table)
+        return model
+
+
+# --------------------------------------------------------------------------- export
+
+
+def remapped(model: nn.Module) -> RemappedEmbedding | None:
+    """The model's remapped word table, or None when its vocabulary is untrimmed."""
+    found = [m for m in model.modules() if isinstance(m, RemappedEmbedding)]
+    return found[0] if found else None
+
+
+def to_direct_ids(model: nn.Module) -> dict[int, int]:
+    """Make ``model`` (in place) take the new ids: the plain kept table, ``config.vocab_size``
+    and the config's special ids updated. Returns original id -> new id of the kept tokens."""
+    remap = remapped(model)
+    if remap is None:
+        return {}
+    new_of = {int(o): i for i, o in enumerate(remap.kept_ids().tolist())}
+    parent, attr, _ = word_embedding_slot(model)
+    setattr(parent, attr, remap.inner)
+    config = model.config
+    config.vocab_size = remap.num_kept
+    for name in CONFIG_TOKEN_IDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, name, new_of.get(value, remap.unk_index))
+    if isinstance(getattr(parent, "padding_idx", None), int):  # RoBERTa's position ids read it
+        parent.padding_idx = new_of.get(parent.padding_idx, remap.unk_index)
+    return new_of
+
+
+def _remap_ids(node: Any, new_of: dict[int, int], unk: int) -> Any:
+    """Token ids inside a tokenizer.json post-processor (template ``ids`` lists, the
+    ``[token, id]`` pairs of Bert/RobertaProcessing), remapped."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "ids" and isinstance(value, list):
+                out[key] = [new_of.get(int(i), unk) for i in value]
+            elif (key in ("sep", "cls") and isinstance(value, list) and len(value) == 2
+                  and isinstance(value[1], int)):
+                out[key] = [value[0], new_of.get(value[1], unk)]
+            else:
+                out[key] = _remap_ids(value, new_of, unk)
+        return out
+    if isinstance(node, list):
+        return [_remap_ids(v, new_of, unk) for v in node]
+    return node
+
+
+def trimmed_tokenizer_json(tokenizer: Any, new_of: dict[int, int], unk: int) -> str:
+    """The tokenizer's ``tokenizer.json`` with ids of the trimmed table: every kept token at its
+    new id, every other token string at ``unk`` (so encoding equals the search's remapping)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("vocabulary trimming can only export a fast (tokenizers) tokenizer; "
+                        f"{type(tokenizer).__name__} has no tokenizer.json")
+    data = json.loads(backend.to_str())
+    vocab = data.get("model", {}).get("vocab")
+    if not isinstance(vocab, dict):
+        kind = data.get("model", {}).get("type")
+        raise UserError("vocabulary trimming exports tokenizers with a token -> id vocabulary "
+                        f"(WordPiece, BPE, WordLevel), got {kind}")
+    data["model"]["vocab"] = {t: new_of.get(int(i), unk) for t, i in vocab.items()}
+    for added in data.get("added_tokens") or []:
+        added["id"] = new_of.get(int(added["id"]), unk)
+    if data.get("post_processor") is not None:
+        data["post_processor"] = _remap_ids(data["post_processor"], new_of, unk)
+    if isinstance(data.get("padding"), dict) and isinstance(data["padding"].get("pad_id"), int):
+        data["padding"]["pad_id"] = new_of.get(data["padding"]["pad_id"], unk)
+    return json.dumps(data, ensure_ascii=False)
+
+
+def save_trimmed_tokenizer(tokenizer: Any, directory: Path, new_of: dict[int, int],
+                           unk: int) -> None:
+    """Save ``tokenizer`` into ``directory`` with the trimmed table's ids (a plain Hugging Face
+    tokenizer folder: ``AutoTokenizer.from_pretrained`` reads it without nas-fair)."""
+    text = trimmed_tokenizer_json(tokenizer, new_of, unk)  # validated before anything is written
+    tokenizer.save_pretrained(str(directory))
+    (directory / "tokenizer.json").write_text(text, encoding="utf-8")
+    for name in STALE_TOKENIZER_FILES:
+        (directory / name).unlink(missing_ok=True)
+    config_file = directory / "tokenizer_config.json"
+    if config_file.is_file():
+        conf = json.loads(config_file.read_text(encoding="utf-8"))
+        if isinstance(conf.get("added_tokens_decoder"), dict):
+            conf["added_tokens_decoder"] = {
+                str(new_of.get(int(k), unk)): v for k, v in conf["added_tokens_decoder"].items()}
+            config_file.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+
+
+def export_folder(model: nn.Module, tokenizer: Any, dest: Path, *, texts: Sequence[str],
+                  input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int,
+                  groups: Sequence[Any] | None = None, check_rows: int = 64) -> nn.Module:
+    """Write ``tokenizer`` next to the checkpoint in ``dest`` and return the model as saved there.
+
+    An untrimmed model: the tokenizer as it is. A trimmed one (``model`` takes original ids,
+    ``input_ids`` are ``texts`` tokenized by the original tokenizer): the checkpoint in ``dest``
+    is rewritten with the trimmed table indexed directly (no id map) and the trimmed tokenizer;
+    then the folder is loaded back and must tokenize every text to exactly the search's remapped
+    ids, and give the search model's logits on the first ``check_rows`` rows.
+    """
+    from transformers import AutoTokenizer
+
+    from nas_fair.checkpoint import load_compressed, save_compressed
+    from nas_fair.modeling import predict_logits, tokenize
+
+    remap = remapped(model)
+    if remap is None:
+        tokenizer.save_pretrained(str(dest))
+        return model
+    trimmed_tokenizer_json(tokenizer, {}, 0)  # refuse an unsupported tokenizer before writing
+    with torch.no_grad():
+        expected_ids = remap.new_ids(input_ids)
+    rows = slice(0, min(check_rows, len(input_ids)))
+    row_groups = None if groups is None else list(groups)[rows]
+    want = predict_logits(model, input_ids[rows], attention_mask[rows], groups=row_groups)
+    metadata = getattr(model, "nas_fair_metadata", None)
+    new_of = to_direct_ids(model)
+    tmp = dest.parent / f".{dest.name}.vocabulary"
+    save_compressed(model, tmp, metadata=metadata)
+    save_trimmed_tokenizer(tokenizer, tmp, new_of, remap.unk_index)
+    shutil.rmtree(dest)
+    tmp.rename(dest)
+    back = load_compressed(dest)
+    ids, mask = tokenize(AutoTokenizer.from_pretrained(str(dest)), list(texts), max_length)
+    if not (torch.equal(ids, expected_ids) and torch.equal(mask, attention_mask)):
+        bad = int((ids != expected_ids).any(dim=1).sum()) if ids.shape == expected_ids.shape \
+            else len(ids)
+        raise UserError(f"the trimmed tokenizer in {dest} disagrees with the search's id map on "
+                        f"{bad} of {len(texts)} test texts; nothing was exported")
+    got = predict_logits(back, ids[rows], mask[rows], groups=row_groups)
+    if not torch.equal(got, want):
+        raise UserError(f"the trimmed model in {dest} does not reproduce the search model's "
+                        "logits; nothing was exported")
+    return back
