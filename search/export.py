@@ -215,9 +215,14 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
         shutil.rmtree(dest)
         source = _model_files(session, trial, dest, log, use_artifact=False)
         model = load_compressed(dest)
-    session.tokenizer.save_pretrained(str(dest))
     record = session.evaluate(model)
     digest = _verify(session, trial, record, runtime)
+    from nas_fair.spaces.vocabulary import export_folder  # a trimmed vocabulary: new ids
+
+    model = export_folder(model, session.tokenizer, dest, texts=session.data.test.texts,
+                          input_ids=session.tensors["test_ids"],
+                          attention_mask=session.tensors["test_mask"],
+                          max_length=session.cfg.model.max_length, groups=session.data.test.groups)
     weight_bytes = (dest / MODEL_FILE).stat().st_size
     recorded = int(trial.user_attrs["size_bytes"])
     if abs(weight_bytes - recorded) > 0.01 * recorded:
