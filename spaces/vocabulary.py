@@ -7,7 +7,9 @@ is kept as well:
 
 * 1.0: every row (off);
 * 0.0: only the tokens that occur in the training split's input ids (as the model sees them,
-  after truncation), the tokenizer's special tokens and the config's special ids;
+  after truncation; with the recovery's augmented data when a family replaced it), the
+  tokenizer's special tokens, the config's special ids and the words of the gender-swap list
+  (both sides, so counterfactual test texts lose no word their originals keep);
 * in between: that plus the given share of the other tokens, lowest ids first. Id order stands
   in for frequency: BERT's WordPiece files list reserved ``[unusedN]`` entries and single
   characters first, then word pieces by decreasing corpus frequency; for other vocabularies it
@@ -172,15 +174,35 @@ def unknown_id(model: nn.Module, tokenizer: Any) -> int:
     return int(unk) if unk is not None else 0
 
 
+def swap_word_ids(tokenizer: Any) -> list[int]:
+    """Token ids of both sides of the gender-swap list (empty where the list is not installed):
+    kept, so a counterfactual test text never loses a word its original keeps, and the
+    counterfactual flip rate measures the model rather than the trimming."""
+    from nas_fair.objectives.counterfactual import load_winobias_swaps
+
+    try:
+        words = sorted({w for pair in load_winobias_swaps().items() for w in pair})
+    except UserError:
+        return []
+    if not words:
+        return []
+    encoded = tokenizer(words, add_special_tokens=False)["input_ids"]
+    return sorted({int(i) for ids in encoded for i in ids})
+
+
 def kept_token_ids(model: nn.Module, ctx: CompressionContext, others: float) -> torch.Tensor:
     """Sorted original ids whose rows are kept (see the module docstring)."""
     n = int(word_embedding_slot(model)[2].num_embeddings)
     used = torch.zeros(n, dtype=torch.bool)
-    ids = ctx.train.input_ids
-    used[ids[(ids >= 0) & (ids < n)].unique()] = True
+    sources = [ctx.train.input_ids]
+    if ctx.recovery is not None and ctx.recovery.data is not None:  # e.g. augmented training data
+        sources.append(ctx.recovery.data.input_ids)
+    for ids in sources:
+        used[ids[(ids >= 0) & (ids < n)].unique()] = True
     specials = [unknown_id(model, ctx.tokenizer)]
     if ctx.tokenizer is not None:
         specials += list(getattr(ctx.tokenizer, "all_special_ids", []) or [])
+        specials += swap_word_ids(ctx.tokenizer)
     specials += [getattr(model.config, a, None) for a in CONFIG_TOKEN_IDS]
     for i in specials:
         if isinstance(i, int) and 0 <= i < n:

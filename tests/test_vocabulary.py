@@ -23,6 +23,7 @@ from nas_fair.spaces.vocabulary import (
     VocabularyConfig,
     export_folder,
     remapped,
+    swap_word_ids,
 )
 
 from conftest import WORDS, tiny_model
@@ -66,7 +67,9 @@ def test_kept_rows_are_the_training_tokens_and_logits_are_bit_identical(kind: st
     out = trim(model, ctx)
     remap = remapped(out)
     assert isinstance(remap, RemappedEmbedding)
-    want = set(ctx.train.input_ids.unique().tolist()) | set(tok.all_special_ids)
+    swaps = set(swap_word_ids(tok))
+    assert tok.convert_tokens_to_ids("herself") in swaps  # not in TRAIN, yet kept
+    want = set(ctx.train.input_ids.unique().tolist()) | set(tok.all_special_ids) | swaps
     assert set(remap.kept_ids().tolist()) == want
     assert remap.num_kept == len(want) < model.config.vocab_size
     ids, mask = tokenize(tok, KEPT_ONLY, 12)
@@ -224,3 +227,18 @@ def test_words_are_the_fixture_vocabulary() -> None:
     """The texts above use only words the fixture tokenizer knows (no accidental [UNK])."""
     words = {w for text in TRAIN + KEPT_ONLY + WITH_OOV for w in text.split()}
     assert words <= set(WORDS)
+
+
+def test_augmented_recovery_data_counts_as_training_text(tok: Any) -> None:
+    import dataclasses
+
+    from nas_fair.spaces import RecoveryOptions
+    from nas_fair.spaces.vocabulary import kept_token_ids
+
+    model, ctx = make("bert", tok)
+    engineer = tok.convert_tokens_to_ids("engineer")
+    assert engineer not in kept_token_ids(model, ctx, 0.0).tolist()
+    ids, mask = tokenize(tok, ["the engineer"], 12)
+    extra = RecoveryData(ids, mask, torch.zeros(1, dtype=torch.long), torch.zeros(1, 3))
+    with_aug = dataclasses.replace(ctx, recovery=RecoveryOptions(data=extra))
+    assert engineer in kept_token_ids(model, with_aug, 0.0).tolist()
