@@ -10,10 +10,11 @@ is kept as well:
   after truncation; with the recovery's augmented data when a family replaced it), the
   tokenizer's special tokens, the config's special ids and the words of the gender-swap list
   (both sides, so counterfactual test texts lose no word their originals keep);
-* in between: that plus the given share of the other tokens, lowest ids first. Id order stands
-  in for frequency: BERT's WordPiece files list reserved ``[unusedN]`` entries and single
-  characters first, then word pieces by decreasing corpus frequency; for other vocabularies it
-  is only an approximation.
+* in between: that plus the given share of the other tokens the tokenizer can emit
+  (:func:`reachable_ids`), lowest ids first. Id order stands in for frequency: BERT's WordPiece
+  files list reserved ``[unusedN]`` entries (never emitted, so skipped) and single characters
+  first, then word pieces by decreasing corpus frequency; for other vocabularies it is only an
+  approximation.
 
 Every other token maps to the unknown token (``[UNK]``; without a tokenizer, the padding id).
 
@@ -190,6 +191,35 @@ def swap_word_ids(tokenizer: Any) -> list[int]:
     return sorted({int(i) for ids in encoded for i in ids})
 
 
+_REACHABLE: dict[int, tuple[Any, int, torch.Tensor]] = {}
+
+
+def reachable_ids(tokenizer: Any, n: int) -> torch.Tensor:
+    """Boolean (n,): ids the tokenizer can emit, the candidates of ``others``. With a WordPiece
+    tokenizer a word-start token counts when its own text tokenizes back to it (BERT's
+    ``[unusedN]`` entries do not), a continuation piece always; ids outside the tokenizer's
+    vocabulary never count. Without a tokenizer every id counts. Cached per tokenizer."""
+    if tokenizer is None:
+        return torch.ones(n, dtype=torch.bool)
+    hit = _REACHABLE.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer and hit[1] == n:
+        return hit[2]
+    vocab = {t: int(i) for t, i in tokenizer.get_vocab().items() if 0 <= int(i) < n}
+    out = torch.zeros(n, dtype=torch.bool)
+    out[list(vocab.values())] = True
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = json.loads(backend.to_str()).get("model", {}) if backend is not None else {}
+    if model.get("type") == "WordPiece":
+        prefix = model.get("continuing_subword_prefix") or "##"
+        words = [t for t in vocab if not t.startswith(prefix)]
+        encoded = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
+        for word, ids in zip(words, encoded):
+            if list(ids) != [vocab[word]]:
+                out[vocab[word]] = False
+    _REACHABLE[id(tokenizer)] = (tokenizer, n, out)
+    return out
+
+
 def kept_token_ids(model: nn.Module, ctx: CompressionContext, others: float) -> torch.Tensor:
     """Sorted original ids whose rows are kept (see the module docstring)."""
     n = int(word_embedding_slot(model)[2].num_embeddings)
@@ -207,7 +237,7 @@ def kept_token_ids(model: nn.Module, ctx: CompressionContext, others: float) -> 
     for i in specials:
         if isinstance(i, int) and 0 <= i < n:
             used[i] = True
-    rest = (~used).nonzero().flatten()  # ascending: the lowest ids first
+    rest = (~used & reachable_ids(ctx.tokenizer, n)).nonzero().flatten()  # lowest ids first
     extra = round(others * len(rest))
     used[rest[:extra]] = True
     return used.nonzero().flatten()

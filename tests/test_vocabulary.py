@@ -93,7 +93,9 @@ def test_out_of_vocabulary_tokens_read_unk(tok: Any) -> None:
 def test_others_adds_the_lowest_other_ids(tok: Any) -> None:
     model, ctx = make("bert", tok)
     base = set(remapped(trim(model, ctx, 0.0)).kept_ids().tolist())
-    rest = sorted(set(range(model.config.vocab_size)) - base)
+    emitted = set(tok.get_vocab().values())  # the model's other ids no tokenizer emits
+    assert len(emitted) < model.config.vocab_size
+    rest = sorted(emitted - base)
     half = set(remapped(trim(model, ctx, 0.5)).kept_ids().tolist())
     assert half == base | set(rest[: round(0.5 * len(rest))])
     full = trim(model, ctx, 1.0)
@@ -242,3 +244,17 @@ def test_augmented_recovery_data_counts_as_training_text(tok: Any) -> None:
     extra = RecoveryData(ids, mask, torch.zeros(1, dtype=torch.long), torch.zeros(1, 3))
     with_aug = dataclasses.replace(ctx, recovery=RecoveryOptions(data=extra))
     assert engineer in kept_token_ids(model, with_aug, 0.0).tolist()
+
+
+def test_reserved_entries_the_tokenizer_never_emits_are_not_candidates() -> None:
+    from transformers import BertTokenizerFast
+
+    from nas_fair.spaces.vocabulary import reachable_ids
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", "nurse", "##s", "un"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    got = reachable_ids(tok, 12).tolist()
+    assert got[5] is False  # "[unused0]" tokenizes as "[", "un", ... never as itself
+    assert got[6] and got[7] and got[8]
+    assert got[9:] == [False] * 3  # beyond the tokenizer's vocabulary
+    assert reachable_ids(None, 4).tolist() == [True] * 4
