@@ -198,6 +198,7 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
 
     from nas_fair.checkpoint import MODEL_FILE, load_compressed
     from nas_fair.spaces import postprocess
+    from nas_fair.spaces.vocabulary import export_folder
 
     runtime = trial.user_attrs.get("runtime") or {}
     # "threads" is where studies made before "runtime" recorded the count.
@@ -217,8 +218,7 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
         model = load_compressed(dest)
     record = session.evaluate(model)
     digest = _verify(session, trial, record, runtime)
-    from nas_fair.spaces.vocabulary import export_folder  # a trimmed vocabulary: new ids
-
+    # the tokenizer beside the weights; a trimmed vocabulary rewrites both for its new ids
     model = export_folder(model, session.tokenizer, dest, texts=session.data.test.texts,
                           input_ids=session.tensors["test_ids"],
                           attention_mask=session.tensors["test_mask"],
