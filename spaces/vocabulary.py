@@ -126,8 +126,8 @@ class RemappedEmbedding(nn.Module):
         return self.kept().nonzero().flatten()
 
     def index_map(self) -> torch.Tensor:
-        """Original id -> row of ``inner`` (int64, ``unk_index`` for every id not kept); built
-        from the bits once per change of ``kept_mask`` (a checkpoint load writes into it)."""
+        """Original id -> row of ``inner`` (int64, ``unk_index`` for every id not kept); the
+        bits are decoded again only when ``kept_mask`` changes (a checkpoint load writes it)."""
         key = (self.kept_mask.data_ptr(), self.kept_mask._version)
         if self._map is None or self._map[0] != key:
             kept = self.kept()
