@@ -58,7 +58,7 @@ def open_session(cfg: Any, folder: Path, threads: int) -> Any:
     """A prepared Session (fine-tuned reference and caches reused from the run folder)."""
     import torch
 
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     torch.set_num_threads(threads)
     cfg.search.threads = threads
@@ -137,7 +137,7 @@ def paired_objectives(cfg: Any, record: Any, other: Any) -> dict[str, list[float
 def shown_storage(url: str) -> str:
     """A storage URL as results record it: no machine paths (SQLite under the working folder
     is made relative, elsewhere only its file name is kept) and no password (``shown_url``)."""
-    from nas_fair.search.study import shown_url
+    from nas_fair.search.storage import shown_url
 
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])

@@ -58,7 +58,7 @@ def main() -> None:
     from nas_fair.config import find_study, load_study
     from nas_fair.objectives import ACCURACY
     from nas_fair.objectives.latency import measure_latency
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     torch.set_num_threads(args.threads)
     cfg = load_study(find_study(args.study))

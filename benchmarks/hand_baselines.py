@@ -72,8 +72,8 @@ BASELINES = {
 
 def every_other_layer(session: Any, steps: int) -> Any:
     """DistilBERT's student initialization (layers 0, 2, 4, ...) recovered by distillation."""
-    from nas_fair.spaces._util import encoder_layers, set_encoder_layers
-    from nas_fair.spaces.distillation import recover
+    from nas_fair.encoder import encoder_layers, set_encoder_layers
+    from nas_fair.spaces.recovery import recover
 
     model = copy.deepcopy(session.reference)
     layers = list(encoder_layers(model))
@@ -94,8 +94,8 @@ def build(session: Any, recipe: Any, steps: int) -> Any:
 def measure(session: Any, model: Any, reference: dict[str, Any],
             records: dict[str, Any], key: str) -> dict[str, Any]:
     """Scores of one model; its evaluation record goes into ``records[key]`` (for pairing)."""
-    from nas_fair.search.study import predictions_digest
-    from nas_fair.spaces.distillation import recovery_logs
+    from nas_fair.search.session import predictions_digest
+    from nas_fair.spaces.recovery import recovery_logs
 
     record = records[key] = session.evaluate(model)
     scores = session.score(model, record, paired=True)
@@ -110,7 +110,7 @@ def measure(session: Any, model: Any, reference: dict[str, Any],
 
 def bias_upper(cfg: Any, value: float, ci: list[float | None] | None) -> float:
     """Upper end of the bias objective's interval (for a signed metric, of |value|)."""
-    from nas_fair.search.study import _signed
+    from nas_fair.objectives.scores import _signed
 
     if not ci or ci[0] is None or ci[1] is None:
         return value
@@ -118,7 +118,7 @@ def bias_upper(cfg: Any, value: float, ci: list[float | None] | None) -> float:
 
 
 def bias_lower(cfg: Any, value: float, ci: list[float | None] | None) -> float:
-    from nas_fair.search.study import _signed
+    from nas_fair.objectives.scores import _signed
 
     if not ci or ci[0] is None or ci[1] is None:
         return value
@@ -167,7 +167,7 @@ def front_model(session: Any, folder: Path, trial: Any, replay: bool) -> tuple[A
     """A front trial's model: the one the search kept, else rebuilt from its parameters."""
     from nas_fair.checkpoint import load_compressed
     from nas_fair.errors import UserError
-    from nas_fair.search.study import artifact_dir
+    from nas_fair.search.artifacts import artifact_dir
 
     # the folder from the trial number, never from the path stored in the study
     saved = artifact_dir(folder, session.cfg.name, trial.number)
@@ -212,7 +212,8 @@ def main() -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from nas_fair.search.study import directions, objective_names, pareto_front
+    from nas_fair.objectives.scores import directions, objective_names
+    from nas_fair.search.front import pareto_front
 
     cfg = load_cfg(args)
     reduced = reduce_search(cfg, steps=args.steps, bootstrap=args.bootstrap)

@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "latency_after_training.json"))
     args = ap.parse_args()
 
-    from nas_fair.spaces.distillation import recover
+    from nas_fair.spaces.recovery import recover
 
     cfg = load_cfg(args)
     session = open_session(cfg, run_dir(args, cfg), args.threads)

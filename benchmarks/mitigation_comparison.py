@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from nas_fair import postprocess
     from nas_fair.config import find_study, load_study
     from nas_fair.objectives import ACCURACY
     from nas_fair.objectives.stats import paired_difference
-    from nas_fair.search.study import Session
-    from nas_fair.spaces import postprocess
+    from nas_fair.search.session import Session
 
     for what, chosen, known in (("recipe", args.recipes, RECIPES),
                                 ("setting", args.settings, SETTINGS)):

@@ -62,7 +62,7 @@ def parse_prune(text: str) -> dict[str, Any]:
 def one_run(session: Any, student: Any, budget: int, early_stop: bool,
             tolerance: float | None, precision: str, dropout: str, seed: int,
             ) -> dict[str, Any]:
-    from nas_fair.spaces.distillation import recover, recovery_log
+    from nas_fair.spaces.recovery import recover, recovery_log
 
     ctx = dataclasses.replace(session.ctx, seed=seed)
 
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "recovery_curve.json"))
     args = ap.parse_args()
 
-    from nas_fair.search.study import objective_names
+    from nas_fair.objectives.scores import objective_names
     from nas_fair.spaces import compress
     from nas_fair.spaces.pruning import PruningConfig
 

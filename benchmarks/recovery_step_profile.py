@@ -37,27 +37,27 @@ MASK_OPS = {True: ("aten::random_", "aten::ge"), False: ("aten::bernoulli_",)}
 
 def seconds_per_step(session: Any, student: Any, variant: str, steps: int,
                      precision: str) -> float:
-    from nas_fair.spaces import distillation
+    from nas_fair.spaces import recovery
 
-    kernels = distillation.attention_kernels
+    kernels = recovery.attention_kernels
     if variant.endswith("flash kernel"):  # SDPA left to choose: what dropout off would pick
-        distillation.attention_kernels = lambda device, dropout: contextlib.nullcontext()
+        recovery.attention_kernels = lambda device, dropout: contextlib.nullcontext()
     try:
         model = copy.deepcopy(student)
         t = time.perf_counter()
-        distillation.recover(model, session.ctx, steps=steps, early_stop=False,
+        recovery.recover(model, session.ctx, steps=steps, early_stop=False,
                              precision=precision, dropout=variant.startswith("dropout on"),
                              fast_masks=not variant.endswith("torch masks"))
         return (time.perf_counter() - t) / steps
     finally:
-        distillation.attention_kernels = kernels
+        recovery.attention_kernels = kernels
 
 
 def mask_share(session: Any, student: Any, steps: int, precision: str,
                fast: bool) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
-    from nas_fair.spaces.distillation import recover
+    from nas_fair.spaces.recovery import recover
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         recover(copy.deepcopy(student), session.ctx, steps=steps, early_stop=False,
@@ -80,8 +80,8 @@ def main() -> None:
         raise SystemExit(f"--steps and --rounds must be >= 1, got {args.steps}, {args.rounds}")
 
     from nas_fair.spaces import compress
-    from nas_fair.spaces.distillation import resolve_precision
     from nas_fair.spaces.pruning import PruningConfig
+    from nas_fair.spaces.recovery import resolve_precision
 
     cfg = load_cfg(args)
     session = open_session(cfg, run_dir(args, cfg), args.threads)

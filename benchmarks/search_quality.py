@@ -43,16 +43,7 @@ from _common import (
     write_json,
 )
 
-
-def _constraint_prefix() -> str:
-    try:
-        from optuna.trial._trial import _CONSTRAINTS_KEY
-    except ImportError:  # pragma: no cover - the key Optuna 3-5 use
-        _CONSTRAINTS_KEY = "constraints"
-    return f"{_CONSTRAINTS_KEY}:"
-
-
-CONSTRAINT_PREFIX = _constraint_prefix()
+from nas_fair.search._optuna import named_constraints, stored_trial
 
 
 def hv_curve(trials: list[Any], reference: list[float], dirs: list[str]) -> list[float]:
@@ -60,8 +51,8 @@ def hv_curve(trials: list[Any], reference: list[float], dirs: list[str]) -> list
     import numpy as np
     from optuna.trial import TrialState
 
+    from nas_fair.search.front import pareto_front
     from nas_fair.search.report import HV_REFERENCE_POINT, hypervolume, normalized
-    from nas_fair.search.study import pareto_front
 
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     ref_pt = np.full(len(dirs), HV_REFERENCE_POINT)
@@ -81,7 +72,8 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
             ) -> dict[str, Any]:
     import optuna
 
-    from nas_fair.search.study import directions, make_sampler, population_for
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.sampling import make_sampler, population_for
     from nas_fair.spaces import anchor_trials
 
     cfg = session.cfg
@@ -112,10 +104,9 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
             return values
         values = session.run_trial(trial, reference)
         if cache is not None:
-            fr = trial.study._storage.get_trial(trial._trial_id)
+            fr = stored_trial(trial.study, trial)
             # set_constraint stores "<prefix>:<name>" system attributes; replay them as set.
-            cons = {k.split(":", 1)[1]: v for k, v in fr.system_attrs.items()
-                    if k.startswith(CONSTRAINT_PREFIX)}
+            cons = named_constraints(fr)
             attrs = {k: fr.user_attrs[k] for k in ("bias_ci", "accuracy_ci", "collapse", "cost")
                      if k in fr.user_attrs}
             cache[key] = (values, cons, attrs)
@@ -227,7 +218,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _names(session: Any) -> list[str]:
-    from nas_fair.search.study import objective_names
+    from nas_fair.objectives.scores import objective_names
 
     return objective_names(session.cfg)
 

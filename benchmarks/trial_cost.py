@@ -30,7 +30,7 @@ from typing import Any
 
 from _common import RESULTS, add_study_args, load_cfg, run_dir, shown_storage, table, write_json
 
-from nas_fair.search.study import COST_PHASES as PHASES
+from nas_fair.search.session import COST_PHASES as PHASES
 
 
 def stored_trials(storage: str, name: str) -> list[Any]:
@@ -150,10 +150,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "trial_cost.json"))
     args = ap.parse_args()
     if args.torch_masks:
-        from nas_fair.spaces import distillation
+        from nas_fair.spaces import recovery
 
         # recover() enters this context manager; torch's masks are what it runs without it.
-        distillation.fast_dropout = lambda model: contextlib.nullcontext(False)
+        recovery.fast_dropout = lambda model: contextlib.nullcontext(False)
 
     cfg = load_cfg(args)
     folder = run_dir(args, cfg)

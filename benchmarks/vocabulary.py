@@ -56,7 +56,7 @@ def main() -> None:
     from nas_fair.checkpoint import stored_bytes
     from nas_fair.modeling import load_for_task, tokenize
     from nas_fair.objectives import ACCURACY, BIAS
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
     from nas_fair.spaces import CompressionContext, RecoveryData, compress
     from nas_fair.spaces.quantization import QuantizationConfig
     from nas_fair.spaces.vocabulary import VocabularyConfig, remapped, to_direct_ids

@@ -86,7 +86,7 @@ def prepare(toml: Path, warm: Path) -> None:
     import torch
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     torch.set_num_threads(os.cpu_count() or 1)
     Session(load_study(toml), warm, quiet=True).prepare()
@@ -113,7 +113,7 @@ def measure(name: str, procs: list[subprocess.Popen], storage: str, study: str,
     import optuna
     from optuna.trial import TrialState
 
-    from nas_fair.search.study import make_storage
+    from nas_fair.search.storage import make_storage
 
     for p in procs:
         out, err = p.communicate()
@@ -148,7 +148,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     from nas_fair.config import load_study
     from nas_fair.search.run import available_cores
-    from nas_fair.search.study import shown_url
+    from nas_fair.search.storage import shown_url
 
     work = Path(tempfile.mkdtemp(prefix="nasfair-throughput-"))
     server = None

@@ -73,7 +73,7 @@ class FrontModel:
 
     @classmethod
     def _from_row(cls, row: Mapping[str, Any]) -> FrontModel:
-        from nas_fair.search.study import OBJECTIVE_KEYS
+        from nas_fair.objectives.scores import OBJECTIVE_KEYS
 
         def ci(value: Any) -> tuple[float, float] | None:
             return None if not value or value[0] is None else (float(value[0]), float(value[1]))
@@ -248,7 +248,7 @@ def open_existing(cfg: StudyConfig, storage: str | None, run_dir: str | None
                   ) -> tuple[Path, str, optuna.Study]:
     """A study that has been run: (its run folder, storage URL, the optuna study)."""
     from nas_fair.search.run import open_study, run_dir_for
-    from nas_fair.search.study import default_storage
+    from nas_fair.search.storage import default_storage
 
     folder = run_dir_for(cfg, run_dir)
     if storage is None and not (folder / "study.db").is_file():
@@ -339,7 +339,7 @@ def optimize(
     import optuna
     import torch
 
-    from nas_fair.search.study import shown_url
+    from nas_fair.search.storage import shown_url
 
     storage, folder_text = _text(storage, "--storage"), _text(run_dir, "--run-dir")
     check_not_empty({"budget": budget, "device": device, "sampler": sampler})
@@ -380,7 +380,7 @@ def pareto_table(load_cfg: Callable[[], StudyConfig], *, storage: str | None, ru
                  sort: str, max_bias_increase: str | None, min_accuracy: str | None
                  ) -> dict[str, Any]:
     """``nas-fair pareto``'s table as data; every option is checked before the study opens."""
-    from nas_fair.search.study import directions, objective_names
+    from nas_fair.objectives.scores import directions, objective_names
     from nas_fair.search.table import check_limits, pareto_rows, sort_index
 
     max_bias = number("--max-bias-increase", max_bias_increase)
@@ -432,8 +432,15 @@ def export_checked(load_cfg: Callable[[], StudyConfig], numbers: list[int] | Non
                    study_args: list[str], reproduce_base: Path | None,
                    log: Callable[[str], None]) -> list[Any]:
     """``nas-fair export``'s checks (those that need no study first), then the export."""
-    from nas_fair.search.export import check_onnx_available, check_out, export_trials
+    from nas_fair.search.export import (
+        check_onnx_available,
+        check_out,
+        clean_debris,
+        export_trials,
+    )
 
+    # A previous export killed while replacing `out` is put back first, so the check sees it.
+    clean_debris(out, log)
     check_out(out, force=force)
     if onnx:
         check_onnx_available()
@@ -462,7 +469,7 @@ def export(
     it. A non-empty ``out`` is replaced only with ``force=True``; ``onnx=True`` adds
     ``model.onnx``. Quiet unless ``progress=True``.
     """
-    from nas_fair.search.export import parse_trials, reproduce_base, study_args_for
+    from nas_fair.search.cli import parse_trials, reproduce_base, study_args_for
 
     out_text = _text(out, "--out")
     if out_text is None:
@@ -487,9 +494,9 @@ def export(
 def report_checked(cfg: StudyConfig, out: str | None, *, storage: str | None,
                    run_dir: str | None) -> Path:
     """``nas-fair report``: the HTML report's path after writing it."""
+    from nas_fair.objectives.scores import directions, objective_names
     from nas_fair.search.report import write_report
     from nas_fair.search.run import ensure_writable_dir
-    from nas_fair.search.study import directions, objective_names
 
     folder, _, opened = open_existing(cfg, storage, run_dir)
     path = Path(out) if out else folder / "report.html"
@@ -530,6 +537,6 @@ def load(directory: str | os.PathLike[str]) -> torch.nn.Module:
     scored) loads as a ``GroupAwareClassifier``: call it with ``groups=[...]`` (one per row);
     without them it raises a ``UserError`` naming the argument. Others load as the network."""
     from nas_fair.checkpoint import load_compressed
-    from nas_fair.spaces.postprocess import for_inference
+    from nas_fair.postprocess import for_inference
 
     return for_inference(load_compressed(directory))

@@ -15,8 +15,8 @@ A checkpoint folder holds
   Packed4Linear, Embedding, HalfEmbedding, QuantEmbedding);
 * ``nas_fair.json``: caller's metadata; the tokenizer's files when given;
 * ``postprocess.json``, when the model has group-aware decision offsets (bias mitigation's
-  post-processing, :mod:`nas_fair.spaces.postprocess`): they are part of its predictions, so
-  they travel with the weights; predict with ``nas_fair.spaces.postprocess.predict``.
+  post-processing, :mod:`nas_fair.postprocess`): they are part of its predictions, so
+  they travel with the weights; predict with ``nas_fair.postprocess.predict``.
 
 ``stored_bytes`` and ``save_compressed`` share one traversal, so the size objective is exactly
 what the file holds (tensor bytes plus the safetensors header).
@@ -37,10 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from nas_fair import postprocess
+from nas_fair.encoder import attention_attrs, encoder_layers_path, layer_parts, num_heads
 from nas_fair.errors import UserError
 from nas_fair.io import default_file_mode
-from nas_fair.spaces import postprocess
-from nas_fair.spaces._modules import (
+from nas_fair.modules import (
     OPAQUE_TYPES,
     DynamicInt8Linear,
     build_module,
@@ -49,7 +50,6 @@ from nas_fair.spaces._modules import (
     logical_params,
     module_spec,
 )
-from nas_fair.spaces._util import attention_attrs, encoder_layers_path, layer_parts, num_heads
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"

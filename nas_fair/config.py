@@ -28,6 +28,77 @@ FINETUNE = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")
 MAX_THREADS = 1024  # torch threads per worker; more is a typo (and would spawn that many)
+# Training steps (recovery, a family's own pass): more is a typo that would run for weeks.
+MAX_STEPS = 1_000_000
+MAX_NAME = 100  # a study name is a folder and file name (run folder, artifacts, exports)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The accepted range of one numeric setting: [low, high], either end open."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def text(self) -> str:
+        lo = "(" if self.low_open else "["
+        hi = ")" if self.high_open else "]"
+        return f"{lo}{_num(self.low)}, {_num(self.high)}{hi}"
+
+    def check(self, where: str, value: float) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number in {self.text()}, got {value}")
+        below = value <= self.low if self.low_open else value < self.low
+        above = value >= self.high if self.high_open else value > self.high
+        if below or above:
+            raise UserError(f"{where} must be in {self.text()}, got {value}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+# Every numeric field of a study, by "section.field". The upper ends are far beyond any useful
+# setting: they exist so a typo (an extra digit, 1e300) is refused at start rather than running
+# until killed. docs/limits.md is generated from this table.
+LIMITS: dict[str, Limit] = {
+    "seed": Limit(0, 2**31 - 1),
+    "model.max_length": Limit(1, 8192),
+    "model.epochs": Limit(0, 1000),
+    "model.learning_rate": Limit(0, 1, low_open=True),
+    "model.batch_size": Limit(1, 65536),
+    "data.test_size": Limit(0, 1, high_open=True),
+    "data.validation_size": Limit(0, 1, high_open=True),
+    "search.population_size": Limit(0, 100_000),
+    "search.batch_size": Limit(1, 65536),
+    "search.seq_len": Limit(1, 8192),
+    "search.recovery_steps": Limit(0, MAX_STEPS),
+    "search.recovery_lr": Limit(0, 1, low_open=True),
+    "search.recovery_tolerance": Limit(0, 1, high_open=True),
+    "search.latency_repeats": Limit(1, 10_000),
+    "search.bootstrap": Limit(1, 100_000),
+    "search.threads": Limit(0, MAX_THREADS),
+    "search.eval_batch_size": Limit(1, 65536),
+    "objectives.max_bias_increase": Limit(0, 1e6),
+    "objectives.min_accuracy": Limit(0, 1),
+    "objectives.min_accuracy_ratio": Limit(0, 1, high_open=True),
+}
+
+
+def check_limits(obj: Any, prefix: str = "") -> None:
+    """Every numeric field of ``obj`` (a config dataclass, walked) against :data:`LIMITS`."""
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("internal"):
+            continue
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_limits(value, f"{key}.")
+        elif key in LIMITS and value is not None:
+            section, _, leaf = key.rpartition(".")
+            LIMITS[key].check(f"[{section}] {leaf}" if section else leaf, value)
 
 
 @dataclass
@@ -43,11 +114,7 @@ class ModelConfig:
     def validate(self) -> None:
         if self.finetune not in FINETUNE:
             raise one_of("[model] finetune", self.finetune, FINETUNE)
-        _positive("[model] max_length", self.max_length)
-        _positive("[model] batch_size", self.batch_size)
-        _positive("[model] learning_rate", self.learning_rate)
-        if self.epochs < 0:
-            raise UserError(f"[model] epochs must be >= 0, got {self.epochs}")
+        check_limits(self, "model.")
 
 
 @dataclass
@@ -65,10 +132,10 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)  # builder-specific settings
 
     def validate(self) -> None:
-        for name in ("test_size", "validation_size"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise UserError(f"[data] {name} must be in [0, 1), got {v}")
+        check_limits(self, "data.")
+        from nas_fair.data import check_source_options  # data.py imports this module
+
+        check_source_options(self.source, self.options)
 
 
 @dataclass
@@ -81,7 +148,7 @@ class SearchConfig:
     recovery_lr: float = 1e-4
     # Stop a trial's recovery once its distillation loss has flattened: the mean loss of the
     # last fifth of the budget fell by less than recovery_tolerance (relative) from the fifth
-    # before, at two checks in a row; never before half the budget (see spaces/distillation.py).
+    # before, at two checks in a row; never before half the budget (see spaces/recovery.py).
     # The learning-rate schedule still spans recovery_steps.
     recovery_early_stop: bool = True
     recovery_tolerance: float = 0.02
@@ -117,18 +184,7 @@ class SearchConfig:
             raise UserError(
                 f"[search] population_size must be 0 (auto) or >= 2, got {self.population_size}"
             )
-        for name in ("batch_size", "seq_len", "latency_repeats", "eval_batch_size"):
-            _positive(f"[search] {name}", getattr(self, name))
-        for name in ("recovery_steps", "bootstrap", "threads"):
-            if getattr(self, name) < 0:
-                raise UserError(f"[search] {name} must be >= 0, got {getattr(self, name)}")
-        if self.threads > MAX_THREADS:
-            raise UserError(f"[search] threads must be at most {MAX_THREADS}, got {self.threads}")
-        _positive("[search] recovery_lr", self.recovery_lr)
-        if not 0.0 <= self.recovery_tolerance < 1.0:
-            raise UserError(
-                f"[search] recovery_tolerance must be in [0, 1), got {self.recovery_tolerance}"
-            )
+        check_limits(self, "search.")
         if self.recovery_precision not in PRECISIONS:
             raise one_of("[search] recovery_precision", self.recovery_precision, PRECISIONS)
 
@@ -145,12 +201,7 @@ class ObjectivesConfig:
     min_accuracy_ratio: float = 0.5
 
     def validate(self) -> None:
-        if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
-            raise UserError(f"[objectives] min_accuracy must be in [0, 1], got {self.min_accuracy}")
-        if not 0.0 <= self.min_accuracy_ratio < 1.0:
-            raise UserError(
-                f"[objectives] min_accuracy_ratio must be in [0, 1), got {self.min_accuracy_ratio}"
-            )
+        check_limits(self, "objectives.")
 
 
 @dataclass
@@ -166,14 +217,20 @@ class StudyConfig:
     source: Path | None = field(default=None, metadata={"internal": True})  # its TOML file
 
     def validate(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+        if not self.name or not all(c.isascii() and (c.isalnum() or c in "-_.")
+                                    for c in self.name) or self.name.strip(".") == "":
             raise UserError(
                 f"study name must be letters, digits, '-', '_' or '.', got {self.name!r}"
             )
+        if len(self.name) > MAX_NAME:
+            raise UserError(f"study name must be at most {MAX_NAME} characters, got "
+                            f"{len(self.name)} ({self.name[:20]}...)")
+        LIMITS["seed"].check("seed", self.seed)
         self.model.validate()
         self.data.validate()
         self.search.validate()
         self.objectives.validate()
+        check_space(self.space)
 
     @property
     def families(self) -> list[str] | None:
@@ -192,9 +249,26 @@ class StudyConfig:
         return str(candidate) if candidate.exists() or not Path(value).exists() else value
 
 
-def _positive(where: str, value: float) -> None:
-    if value <= 0:
-        raise UserError(f"{where} must be > 0, got {value}")
+def check_space(space: dict[str, Any]) -> None:
+    """``[space]``: ``families`` a list of family names, every other key a family's table of
+    range overrides; the families are then built, which checks every option and every corner
+    of every range (nothing is trained or written yet)."""
+    families = space.get("families")
+    if families is not None:
+        if not isinstance(families, list) or not families or not all(
+                isinstance(f, str) for f in families):
+            raise UserError("[space] families must be a non-empty list of family names, e.g. "
+                            f'["pruning", "quantization"], got {families!r}')
+        dup = sorted({f for f in families if families.count(f) > 1})
+        if dup:
+            raise UserError(f"[space] families must name each family once, got {dup[0]!r} twice")
+    for key, value in space.items():
+        if key != "families" and not isinstance(value, dict):
+            raise UserError(f"[space] {key} must be a table of range overrides ([space.{key}]), "
+                            f"got {type(value).__name__} {value!r}")
+    from nas_fair.spaces import build_space  # imports torch: only once the rest is valid
+
+    build_space(families, {k: v for k, v in space.items() if k != "families"})
 
 
 MAX_INT = 2**31 - 1

@@ -104,7 +104,7 @@ def load_task(study: StudyConfig) -> TaskData:
         raise UserError(f"the train split has one label only ({shown!r}); a classifier needs at "
                         "least 2 classes")
     if cfg.counterfactual and data.test_counterfactual is None:
-        from nas_fair.objectives.counterfactual import gender_swap, load_winobias_swaps
+        from nas_fair.swaps import gender_swap, load_winobias_swaps
 
         pairs = load_winobias_swaps()
         data.test_counterfactual = [gender_swap(t, pairs) for t in data.test.texts]
@@ -144,9 +144,7 @@ def bug_bios(cfg: DataConfig, seed: int) -> TaskData:
     import pandas as pd
 
     opts = dict(cfg.options)
-    allowed = {"professions", "max_test_per_class", "max_train_per_class",
-               "max_validation_per_class", "window_words"}
-    _check_options("bug-bios", opts, allowed)
+    check_source_options("bug-bios", opts)
     professions = tuple(opts.get("professions", BIOS_PROFESSIONS))
     max_test = int(opts.get("max_test_per_class", 250))
     max_train = int(opts.get("max_train_per_class", 700))
@@ -212,11 +210,9 @@ def winobias(cfg: DataConfig, seed: int) -> TaskData:
     the dev files, test on the test files (Zhao et al. 2018; MIT licence).
     """
     opts = dict(cfg.options)
-    _check_options("winobias", opts, {"types", "pro_share"})
+    check_source_options("winobias", opts)
     types_ = [int(t) for t in opts.get("types", [1, 2])]
     pro_share = float(opts.get("pro_share", 0.5))
-    if not 0.0 < pro_share < 1.0:
-        raise UserError(f"[data.options] pro_share must be in (0, 1), got {pro_share}")
     root = benchmark_root() / "WinoBias" / "data"
     female = {w.strip().lower() for w in (root / "female_occupations.txt").read_text().split("\n")}
     male = {w.strip().lower() for w in (root / "male_occupations.txt").read_text().split("\n")}
@@ -292,13 +288,59 @@ def _subset(split: Split, idx: np.ndarray) -> Split:
                  t(split.stereotype))
 
 
-def _check_options(name: str, opts: dict[str, Any], allowed: set[str]) -> None:
-    for key in opts:
+@dataclass(frozen=True)
+class Option:
+    """One ``[data.options]`` setting of a built-in source: its test and the rule in words."""
+
+    ok: Callable[[Any], bool]
+    rule: str
+
+
+def _int_in(low: int, high: int) -> Option:
+    return Option(lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
+                  f"an integer in [{low}, {high}]")
+
+
+def _names(v: Any) -> bool:
+    return (isinstance(v, list) and bool(v) and len(set(map(str, v))) == len(v)
+            and all(isinstance(x, str) and x.strip() for x in v))
+
+
+# Every option of every built-in source, checked when the study is read (docs/limits.md).
+SOURCE_OPTIONS: dict[str, dict[str, Option]] = {
+    "bug-bios": {
+        "professions": Option(_names, "a non-empty list of distinct profession names"),
+        "max_test_per_class": _int_in(1, 1_000_000),
+        "max_train_per_class": _int_in(1, 1_000_000),
+        "max_validation_per_class": _int_in(0, 1_000_000),
+        "window_words": _int_in(1, 10_000),
+    },
+    "winobias": {
+        "types": Option(lambda v: isinstance(v, list) and bool(v) and all(
+            type(t) is int and t in (1, 2) for t in v) and len(set(v)) == len(v),
+            "a non-empty list of 1 and/or 2"),
+        "pro_share": Option(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                            and 0.0 < v < 1.0, "a number in (0, 1)"),
+    },
+}
+
+
+def check_source_options(source: str, opts: Any) -> None:
+    """``[data.options]`` of ``source``: known keys, each value of the right type and range."""
+    if not isinstance(opts, dict):
+        raise UserError(f"[data] options must be a table, got {type(opts).__name__} {opts!r}")
+    allowed = SOURCE_OPTIONS.get(source)
+    if allowed is None:
+        return  # "file" (which takes none) and unknown sources are reported by load_task
+    for key, value in opts.items():
         if key not in allowed:
             raise UserError(
-                f"unknown [data.options] {key!r} for source {name!r}{did_you_mean(key, allowed)}; "
-                f"valid: {', '.join(sorted(allowed))}"
+                f"unknown [data.options] {key!r} for source {source!r}"
+                f"{did_you_mean(key, allowed)}; valid: {', '.join(sorted(allowed))}"
             )
+        if not allowed[key].ok(value):
+            raise UserError(f"[data.options] {key} must be {allowed[key].rule}, got "
+                            f"{type(value).__name__} {value!r}")
 
 
 # --------------------------------------------------------------------------- user files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -22,3 +23,17 @@ def one_of(what: str, value: object, choices: Iterable[object]) -> UserError:
     shown = ", ".join(str(c) for c in choices)
     hint = did_you_mean(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
     return UserError(f"{what} must be one of {shown}, got {value!r}{hint}")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a full disk or quota, from the OS or
+    from SQLite (which reports it as "database or disk is full")."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "database or disk is full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False

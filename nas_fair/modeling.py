@@ -80,9 +80,20 @@ def seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
+# A checkpoint folder's tokenizer is one of these (fast, WordPiece, BPE, SentencePiece). Without
+# any, transformers may still build a tokenizer that maps every word to [UNK], and the model
+# then trains at chance without an error.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
 def load_tokenizer(path: Path, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"[model] path {str(path)!r} has no tokenizer files (one of "
+                        f"{', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model "
+                        "(tokenizer.save_pretrained(folder))")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001

@@ -9,10 +9,11 @@ exporter; its dynamo exporter where the former is gone), and the stored precisio
 back into the file by rewriting the matching weight initializers. What is kept, and what not:
 
 * 8-bit linears (:class:`RowInt8Linear`). ``int8=True``: the same per-row scheme as torch, in
-  standard ops: each activation row's scale from ``ReduceMax(Abs(x))``, ``Mul``/``Round`` to
-  int8, ``MatMulInteger`` with torch's very int8 weights (exact int32 accumulation), then the row
-  and per-channel weight scales. So a row's logits do not depend on its batch or padding, and
-  they match torch's int8 logits up to float rounding in the other ops (same argmax).
+  standard ops: each activation row divided by its ``ReduceMax(Abs(x))``, ``Mul`` by 127 and
+  ``Round`` to int8, ``MatMulInteger`` with torch's very int8 weights (exact int32 accumulation),
+  then the per-channel weight scales (times 1/127) and the row's max. So a row's logits do not
+  depend on its batch or padding, and they match torch's int8 logits up to float rounding in
+  the other ops (same argmax).
   (ONNX Runtime's own dynamic quantization, ``DynamicQuantizeLinear``, takes one scale per
   tensor, i.e. per batch, so it is not used.) ``int8=False``: stored dequantized in fp32, a
   plain float graph of the same weights (4x the bytes; the fp32 function of the int8 weights,
@@ -51,9 +52,10 @@ from torch import nn
 
 from nas_fair.errors import UserError
 from nas_fair.io import atomic_path
-from nas_fair.spaces._modules import (
+from nas_fair.modules import (
     INT8_MAX,
     ROW_SCALE_FLOOR,
+    UNIT_SCALE,
     DynamicInt8Linear,
     Fp16Linear,
     Packed4Linear,
@@ -122,7 +124,7 @@ class _Logits(nn.Module):
 
 
 def _offsets(model: nn.Module) -> Any:
-    from nas_fair.spaces import postprocess
+    from nas_fair import postprocess
 
     return postprocess.get(model)
 
@@ -472,7 +474,9 @@ def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tag
         if key not in done:
             q, scales = _int8_integers(tags[key].module)
             graph.initializer.append(numpy_helper.from_array(q, f"{key}.int8"))
-            graph.initializer.append(numpy_helper.from_array(scales, f"{key}.int8_scales"))
+            # float32 scale * float32(1/127), as torch's epilogue computes it
+            unit = (scales * np.float32(UNIT_SCALE)).astype(np.float32)
+            graph.initializer.append(numpy_helper.from_array(unit, f"{key}.int8_scales"))
             done.add(key)
         p = node.name
 
@@ -484,15 +488,14 @@ def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tag
             n("Abs", [x], f"{p}.abs"),
             n("ReduceMax", [f"{p}.abs"], f"{p}.amax", axes=[-1], keepdims=1),
             n("Max", [f"{p}.amax", f"{const}.floor"], f"{p}.floored"),
-            n("Div", [f"{const}.max", f"{p}.floored"], f"{p}.inv_scale"),
-            n("Mul", [x, f"{p}.inv_scale"], f"{p}.scaled"),
+            n("Div", [x, f"{p}.floored"], f"{p}.normed"),
+            n("Mul", [f"{p}.normed", f"{const}.max"], f"{p}.scaled"),
             n("Round", [f"{p}.scaled"], f"{p}.rounded"),
             n("Cast", [f"{p}.rounded"], f"{p}.q", to=TensorProto.INT8),
-            n("Div", [f"{p}.floored", f"{const}.max"], f"{p}.row_scale"),
             n("MatMulInteger", [f"{p}.q", f"{key}.int8"], f"{p}.acc"),
             n("Cast", [f"{p}.acc"], f"{p}.accf", to=TensorProto.FLOAT),
-            n("Mul", [f"{p}.accf", f"{p}.row_scale"], f"{p}.rowed"),
-            helper.make_node("Mul", [f"{p}.rowed", f"{key}.int8_scales"], [node.output[0]],
+            n("Mul", [f"{p}.accf", f"{key}.int8_scales"], f"{p}.chan"),
+            helper.make_node("Mul", [f"{p}.chan", f"{p}.floored"], [node.output[0]],
                              f"{p}.out"),
         ]
     del graph.node[:]

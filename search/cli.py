@@ -6,8 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from nas_fair.errors import UserError
+from nas_fair.errors import UserError, disk_full
 
 EXIT_USAGE = 2
 
@@ -17,6 +19,38 @@ class _Parser(argparse.ArgumentParser):
         print(f"nas-fair: error: {message} (see nas-fair {self.prog.split()[-1]} --help)",
               file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def parse_trials(text: str) -> list[int]:
+    """``"3,17"`` -> [3, 17]: comma-separated trial numbers, each once."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise UserError(f"--trials must be comma-separated trial numbers like 3,17, got {text!r}")
+    return list(dict.fromkeys(int(p) for p in parts))
+
+
+def reproduce_base(args: Any) -> Path:
+    """Where the card's reproduce commands run from: the study file's folder, else here."""
+    return Path(args.config).resolve().parent if args.config else Path.cwd()
+
+
+def study_args_for(args: Any) -> list[str]:
+    """The CLI arguments naming the study as the user gave them, paths relative to
+    ``reproduce_base(args)`` and the storage password masked."""
+    from nas_fair.search.card import relative
+    from nas_fair.search.storage import shown_url
+
+    base = reproduce_base(args)
+    out: list[str] = []
+    if args.config:
+        out += ["--config", relative(args.config, base)]
+    elif args.study:
+        out += ["--study", args.study]
+    if args.run_dir:
+        out += ["--run-dir", relative(args.run_dir, base)]
+    if args.storage:
+        out += ["--storage", shown_url(args.storage)]
+    return out
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
@@ -128,7 +162,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nas_fair.api import export_checked
-    from nas_fair.search.export import parse_trials, reproduce_base, study_args_for
 
     numbers = None if args.all_pareto else parse_trials(args.trials)
     done = export_checked(lambda: load_config(args), numbers, Path(args.out), storage=args.storage,
@@ -171,6 +204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"nas-fair: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or getattr(args, "out", None) or \
+            getattr(args, "run_dir", None) or "the run folder"
+        folder = where if os.path.isdir(str(where)) else os.path.dirname(str(where)) or where
+        print(f"nas-fair: error: no space left on the device of {folder}: free space and "
+              "re-run; the study resumes", file=sys.stderr)
+        return EXIT_USAGE
+
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,10 +13,12 @@ folder next to it and renamed at the end.
 from __future__ import annotations
 
 import json
-import shlex
+import os
 import shutil
+import socket
+import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.errors import UserError
 from nas_fair.io import dumps_json
-from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
-
-RECIPE_FILE = "recipe.json"
-METRICS_FILE = "metrics.json"
-CARD_FILE = "README.md"
-ONNX_FILE = "model.onnx"
-NEEDS_GROUP_TITLE = "Needs the sensitive attribute at inference"
-# The bundled package's folder holds this Hugging Face model (see nas_fair.config.BUNDLED_MODEL).
-BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+from nas_fair.objectives.scores import Scores
+from nas_fair.search._optuna import named_constraints
+from nas_fair.search.artifacts import CARD_FILE, METRICS_FILE, ONNX_FILE, RECIPE_FILE
+from nas_fair.search.card import base_model_name, model_card
 
 
 @dataclass
@@ -43,36 +40,7 @@ class Exported:
     source: str  # "artifact" (copied from the search) or "replay" (rebuilt from the recipe)
 
 
-# --------------------------------------------------------------------------- the search's side
-
-
-def drop_stale_artifacts(run_dir: Path, study: str, trials: Iterable[FrozenTrial], *,
-                         keep: set[int]) -> None:
-    """Delete saved models of finished trials outside ``keep`` (the Pareto front), best effort.
-
-    A complete trial off the front never re-enters it (what dominates it stays in the study), so
-    disk use stays bounded by the front; RUNNING trials are never touched. The folder comes from
-    the study name and trial number (``artifact_dir``), not from the path stored in the trial.
-    """
-    from nas_fair.search.study import artifact_dir
-
-    for t in trials:
-        if (t.user_attrs.get("artifact") and t.number not in keep
-                and t.state in (TrialState.COMPLETE, TrialState.FAIL)):
-            target = artifact_dir(run_dir, study, t.number)
-            if target is not None:
-                shutil.rmtree(target, ignore_errors=True)  # refuses a symlink: nothing followed
-
-
 # --------------------------------------------------------------------------- input checks
-
-
-def parse_trials(text: str) -> list[int]:
-    """``"3,17"`` -> [3, 17]: comma-separated trial numbers, each once."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise UserError(f"--trials must be comma-separated trial numbers like 3,17, got {text!r}")
-    return list(dict.fromkeys(int(p) for p in parts))
 
 
 def check_out(out: Path, *, force: bool) -> None:
@@ -99,7 +67,7 @@ def check_onnx_available() -> None:
 
 def select_trials(study: Any, numbers: Sequence[int] | None, dirs: list[str]) -> list[FrozenTrial]:
     """The requested complete trials, or the feasible Pareto front when ``numbers`` is None."""
-    from nas_fair.search.study import pareto_front
+    from nas_fair.search.front import pareto_front
 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if numbers is None:
@@ -145,8 +113,10 @@ def export_trials(
     """
     import torch
 
-    from nas_fair.search.study import Session, directions
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.session import Session
 
+    clean_debris(out, log)
     check_out(out, force=force)
     if onnx:
         check_onnx_available()
@@ -154,7 +124,7 @@ def export_trials(
     session = Session(cfg, run_dir, quiet=True, log=log)
     session.prepare()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _debris_path(out, "tmp")
     tmp.mkdir()
     threads = torch.get_num_threads()
     done: list[Exported] = []
@@ -175,11 +145,59 @@ def export_trials(
     return done
 
 
+# Hidden folders beside --out while an export runs: ".<out>.tmp-…" (the new export being
+# written) and ".<out>.old-…" (the previous one, moved aside by --force until the new one is in
+# place). Their names carry the owner's pid and host, so a later export can tell the debris of
+# a killed export from the folders of one still running.
+LEGACY_DEBRIS_AGE_S = 3600  # names without a pid (older versions): stale after an hour
+
+
+def _debris_path(out: Path, kind: str) -> Path:
+    return out.parent / (f".{out.name}.{kind}-{uuid.uuid4().hex[:8]}-{os.getpid()}-"
+                         f"{socket.gethostname()}")
+
+
+def _owner_gone(path: Path, prefix: str) -> bool:
+    """Whether the export that made ``path`` is no longer running (on this host)."""
+    from nas_fair.search.retry import _alive
+
+    parts = path.name[len(prefix):].split("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[2] == socket.gethostname() and not _alive(int(parts[1]))
+    try:
+        return time.time() - path.stat().st_mtime > LEGACY_DEBRIS_AGE_S
+    except OSError:
+        return False
+
+
+def clean_debris(out: Path, log: Callable[[str], None]) -> None:
+    """Tidy what a killed export into ``out`` left beside it: remove stale ``.tmp`` folders;
+    put a previous export that only survives in an ``.old`` folder back at ``out`` (a kill
+    during --force), or remove the ``.old`` folder once ``out`` holds the export replacing it."""
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        stale = sorted((p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir()
+                        and _owner_gone(p, prefix)), key=lambda p: p.stat().st_mtime,
+                       reverse=True)
+        for path in stale:
+            if kind == "old" and not out.exists():
+                path.rename(out)
+                log(f"restored the previous export {out} from {path.name}, left by an export "
+                    "that was stopped while replacing it")
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            what = "unfinished export" if kind == "tmp" else "replaced previous export"
+            log(f"removed {path.name}, the {what} of an export that was stopped")
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` (empty, or --force) is moved aside first."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _debris_path(out, "old")
         out.rename(old)
     try:
         tmp.rename(out)
@@ -196,8 +214,8 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
                 base: Path) -> str:
     import torch
 
+    from nas_fair import postprocess
     from nas_fair.checkpoint import MODEL_FILE, load_compressed
-    from nas_fair.spaces import postprocess
     from nas_fair.spaces.vocabulary import export_folder
 
     runtime = trial.user_attrs.get("runtime") or {}
@@ -257,7 +275,7 @@ def _model_files(session: Any, trial: FrozenTrial, dest: Path, log: Callable[[st
                  use_artifact: bool = True) -> str:
     """The checkpoint files of the trial in ``dest``: the saved artifact, else a replay."""
     from nas_fair.checkpoint import MODEL_FILE, save_compressed
-    from nas_fair.search.study import artifact_dir
+    from nas_fair.search.artifacts import artifact_dir
 
     src = None
     if use_artifact and trial.user_attrs.get("artifact"):
@@ -296,7 +314,7 @@ def _verify(session: Any, trial: FrozenTrial, record: Any, runtime: dict[str, An
     import torch
 
     from nas_fair.objectives import ACCURACY, BIAS
-    from nas_fair.search.study import predictions_digest
+    from nas_fair.search.session import predictions_digest
 
     cfg = session.cfg
     digest = predictions_digest(record.y_pred)
@@ -307,8 +325,9 @@ def _verify(session: Any, trial: FrozenTrial, record: Any, runtime: dict[str, An
     problems = []
     if want is not None and digest != want:
         problems.append(f"predictions sha256 {digest[:12]} vs recorded {want[:12]}")
-    if acc != trial.values[2]:
-        problems.append(f"{cfg.objectives.accuracy} {acc!r} vs recorded {trial.values[2]!r}")
+    recorded_acc = Scores.of_trial(trial).accuracy
+    if acc != recorded_acc:
+        problems.append(f"{cfg.objectives.accuracy} {acc!r} vs recorded {recorded_acc!r}")
     if recorded_bias is not None and bias != recorded_bias:
         problems.append(f"{cfg.objectives.bias} {bias!r} vs recorded {recorded_bias!r}")
     if not problems:
@@ -359,7 +378,8 @@ def _ratio(value: float | None, ref: float | None) -> float | None:
 def build_metrics(session: Any, study: Any, trial: FrozenTrial,
                   weight_bytes: int) -> dict[str, Any]:
     """The study's record of this trial and of the reference, side by side, with ratios."""
-    from nas_fair.search.study import directions, objective_names, pareto_front
+    from nas_fair.objectives.scores import directions, objective_names
+    from nas_fair.search.front import pareto_front
 
     cfg = session.cfg
     attrs = trial.user_attrs
@@ -380,8 +400,7 @@ def build_metrics(session: Any, study: Any, trial: FrozenTrial,
     bias.update(metric=cfg.objectives.bias, ci=attrs.get("bias_ci"),
                 reference_ci=ref.get("bias_ci"),
                 signed=names[3] != cfg.objectives.bias)  # objective = |value| of a signed gap
-    constraints = {k.split(":", 1)[1]: v for k, v in sorted(trial.system_attrs.items())
-                   if k.startswith("constraints:")}
+    constraints = dict(sorted(named_constraints(trial).items()))
     if not constraints:
         constraints = {str(i): v for i, v in enumerate(attrs.get("constraints", []))}
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -407,305 +426,3 @@ def build_metrics(session: Any, study: Any, trial: FrozenTrial,
 
 
 # --------------------------------------------------------------------------- model card
-
-
-# Data set names for the card's ``datasets`` metadata, per built-in task (nas_fair.data).
-TASK_DATASETS: dict[str, list[str]] = {"bug-bios": ["BUG"], "winobias": ["wino_bias"]}
-
-
-def relative(path: str | Path, base: Path) -> str:
-    """``path`` relative to ``base`` (POSIX), so cards carry no absolute local path."""
-    import os
-
-    return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
-
-
-def base_model_name(session: Any) -> str:
-    """The base model as a card may name it: the Hub id of the bundled model, else the name of
-    its folder (never the local absolute path)."""
-    from nas_fair.config import BUNDLED_MODEL
-
-    if session.cfg.model.path == BUNDLED_MODEL:
-        return BUNDLED_HUB_ID
-    return Path(session.model_path).name
-
-
-def _datasets(cfg: Any) -> list[str]:
-    if cfg.data.source == "file":
-        base = cfg.source.parent if cfg.source else Path.cwd()
-        return [relative(cfg.resolve(f), base) for f in
-                (cfg.data.train, cfg.data.validation, cfg.data.test) if f]
-    return TASK_DATASETS.get(cfg.data.source, [cfg.data.source])
-
-
-def _base_licence(model_path: Path) -> str | None:
-    """The ``license`` in the base checkpoint's own model card front matter, if it has one."""
-    card = model_path / "README.md"
-    try:
-        text = card.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not text.startswith("---"):
-        return None
-    import yaml
-
-    try:
-        meta = yaml.safe_load(text.split("---", 2)[1])
-    except (yaml.YAMLError, IndexError):
-        return None
-    value = meta.get("license") if isinstance(meta, dict) else None
-    return str(value) if value else None
-
-
-def _data_text(session: Any) -> tuple[str, str]:
-    """(what the data is, its licence) stated truthfully."""
-    cfg = session.cfg
-    data = session.data
-    if cfg.data.source == "file":
-        files = _datasets(cfg)  # relative to the study file
-        noun = "file" if len(files) == 1 else "files"
-        return (f"the user's {noun} {', '.join(files)}", "licence not recorded")
-    licence = f"licence: {data.licence}" if data.licence else "licence not recorded"
-    return (data.description or cfg.data.source, licence)
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
-def _ci(ci: Any, digits: int = 3) -> str:
-    if not ci or ci[0] is None or ci[1] is None:
-        return ""
-    return f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
-
-
-def _x(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.2f}x"
-
-
-def _setting(conf: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in conf.items())
-
-
-def _yaml(value: Any) -> str:
-    return json.dumps(value)  # JSON scalars are valid YAML
-
-
-def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], final: Path,
-               study_args: Sequence[str], *, budget: int, onnx: bool = False,
-               base: Path | None = None) -> str:
-    """Hugging Face style card: YAML front matter, then what was done, measured, and how to
-    load and reproduce it. ``budget``: completed trials the study needed to reach this one.
-    Paths are relative (to ``base`` for the reproduce commands): a card is meant to be shared."""
-    from nas_fair import __version__
-    from nas_fair.config import BUNDLED_MODEL
-
-    cfg = session.cfg
-    n = metrics["trial"]
-    names = list(metrics["objectives"])
-    size, latency, acc, bias = (metrics["objectives"][k] for k in names)
-    acc_name, bias_name = names[2], cfg.objectives.bias
-    on = [f for f in recipe["order"] if not recipe["off"][f]]
-    licence = _base_licence(session.model_path)
-    bundled = cfg.model.path == BUNDLED_MODEL
-    base_name = base_model_name(session)
-    shown_base = f"{BUNDLED_HUB_ID} (package {BUNDLED_MODEL})" if bundled else base_name
-    data_what, data_licence = _data_text(session)
-    folder = final.name  # the model's name: the card sits in that folder
-    reproduce_base = base or Path.cwd()
-    offsets = [str(g) for g in (metrics.get("postprocess") or {}).get("groups", [])]
-
-    front = ["---", "library_name: nas-fair", "pipeline_tag: text-classification"]
-    # a compressed copy is a derivative of the base model: its licence, "unknown" if not stated
-    front.append(f"license: {_yaml(licence or 'unknown')}")
-    front.append(f"base_model: {_yaml(base_name)}")
-    front.append("datasets:")
-    front += [f"- {_yaml(d)}" for d in _datasets(cfg)]
-    front.append("tags:")
-    tags = ["nas-fair", "compressed", "bias-evaluation", *on]
-    if offsets:
-        tags.append("needs-sensitive-attribute")
-    front += [f"- {_yaml(t)}" for t in tags]
-    front += [
-        "model-index:",
-        f"- name: {_yaml(f'{cfg.name}-trial-{n}')}",
-        "  results:",
-        "  - task:",
-        "      type: text-classification",
-        "    dataset:",
-        f"      name: {_yaml(data_what)}",
-        f"      type: {_yaml(cfg.data.source)}",
-        "      split: test",
-        "    metrics:",
-    ]
-    for key, obj in (("accuracy", acc), ("bias", bias), ("size", size), ("latency", latency)):
-        label = names[["size", "latency", "accuracy", "bias"].index(key)]
-        front += [f"    - type: {_yaml(label)}", f"      value: {_yaml(obj['value'])}"]
-    front.append("---")
-
-    kept = acc["ratio"]
-    summary = (
-        f"Compressed from {shown_base} by nas-fair {__version__}: trial {n} of study `{cfg.name}` "
-        f"(seed {cfg.seed}), a multi-objective search on size, latency, {acc_name} and "
-        f"{bias_name}. Against the study's fine-tuned reference it is "
-        f"**{_x(size['ratio'])} the size** and **{_x(latency['ratio'])} the latency**, keeps "
-        f"**{_fmt(None if kept is None else 100 * kept, 1)}%** of its {acc_name}, and its "
-        f"{bias_name} is {_fmt(bias['value'])} versus {_fmt(bias['reference'])}."
-    )
-    status = (f"On the study's feasible Pareto front: {'yes' if metrics['on_pareto_front'] else 'no'}"
-              f". Feasible (not collapsed, within the study's limits): "
-              f"{'yes' if metrics['feasible'] else 'no'}.")
-    lines = [*front, "", f"# {cfg.name}, trial {n}: a compressed text classifier with its bias "
-             "measured", "", summary, "", status, "", "## How it was compressed", "",
-             "Applied in this order to a copy of the reference (a family at its identity setting "
-             "is off):", "", "| family | setting |", "| --- | --- |"]
-    for fam in recipe["order"]:
-        text = "off" if recipe["off"][fam] else _setting(recipe["families"][fam])
-        lines.append(f"| {fam} | {text} |")
-    lat = latency.get("detail") or {}
-    threads = lat.get("threads")
-    lines += [
-        "", "## Results versus the reference", "",
-        f"Measured by the search on the held-out test split ({metrics['test_rows']} rows); "
-        f"intervals are 95% bootstrap intervals ({cfg.search.bootstrap} resamples, stratified "
-        "by class). Ratios are this model over the reference.", "",
-        "| measure | this model | reference | ratio |", "| --- | --- | --- | --- |",
-        f"| size (MB of weights as stored; {size['exported_weight_bytes']} bytes in "
-        f"model.safetensors) | {_fmt(size['value'], 3)} | {_fmt(size['reference'], 3)} | "
-        f"{_x(size['ratio'])} |",
-        f"| parameters | {metrics['params']['value']} | {metrics['params']['reference']} | "
-        f"{_x(metrics['params']['ratio'])} |",
-        f"| latency (median ms per batch of {cfg.search.batch_size} x {cfg.search.seq_len} tokens"
-        f"{f', {threads} threads' if threads else ''}) | {_fmt(latency['value'], 1)} | "
-        f"{_fmt(latency['reference'], 1)} | {_x(latency['ratio'])} |",
-        f"| {acc_name} | {_fmt(acc['value'])}{_ci(acc.get('ci'))} | "
-        f"{_fmt(acc['reference'])}{_ci(acc.get('reference_ci'))} | {_x(acc['ratio'])} |",
-    ]
-    brow = (metrics["bias"] or {}).get(bias_name, {})
-    rbrow = (metrics["reference_bias"] or {}).get(bias_name, {})
-    objective_note = " (objective: its absolute value)" if bias.get("signed") else ""
-    lines.append(
-        f"| {bias_name}{objective_note} | {_fmt(brow.get('value'))}{_ci(bias.get('ci'))} | "
-        f"{_fmt(rbrow.get('value'))}{_ci(bias.get('reference_ci'))} | {_x(bias['ratio'])} |")
-    lines += ["", "Every bias metric the study recorded (p: permutation-null p-value of an "
-              "absolute gap; difference: paired, same resamples as the reference):", "",
-              "| metric | this model [95% CI] | p | reference | difference [95% CI] |",
-              "| --- | --- | --- | --- | --- |"]
-    for name, row in sorted((metrics["bias"] or {}).items()):
-        diff = row.get("diff")
-        lines.append(
-            f"| {name} | {_fmt(row.get('value'))}{_ci([row.get('ci_low'), row.get('ci_high')])} "
-            f"| {_fmt(row.get('p_value'))} | {_fmt(row.get('ref_value'))} | "
-            f"{_fmt(diff)}{_ci([row.get('diff_low'), row.get('diff_high')])} |")
-    collapse = metrics.get("collapse") or {}
-    cons = ", ".join(f"{k} {v:.3g}" for k, v in metrics["constraints"].items())
-    lines += [
-        "",
-        "Collapse check: " + (f"**collapsed** ({collapse.get('reason')})"
-                              if collapse.get("collapsed") else "not collapsed") + ".",
-        f"Constraints (<= 0 is feasible): {cons or 'none'}.",
-        "", "## Data", "",
-        f"Task data: {data_what}; {data_licence}. Classes: "
-        f"{', '.join(session.data.label_names)}. The figures above are measured on its held-out "
-        f"test split only; the test predictions' sha256 is `{metrics['predictions_sha256']}`.",
-        "", "## Base model", "",
-        f"{shown_base}; licence: {licence or 'not recorded in its model card'}. "
-        + ("Fine-tuned for this task by nas-fair before compression."
-           if recipe["reference_finetuned"] else "Used with its own classification head."),
-        "", "## Use", "",
-        "```python",
-        "import nas_fair",
-        "from transformers import AutoTokenizer",
-        "",
-        f"# run beside this folder ({folder}); safetensors + JSON only, nothing is unpickled",
-        f"model = nas_fair.load({folder!r})",
-        f"tokenizer = AutoTokenizer.from_pretrained({folder!r})",
-        f"batch = tokenizer([\"some text\"], truncation=True, max_length={cfg.model.max_length}, "
-        "padding=True, return_tensors=\"pt\")",
-    ]
-    if offsets:
-        lines += [
-            "# group-aware decisions (postprocess.json): each row's group is required",
-            "logits = model(input_ids=batch[\"input_ids\"], "
-            f"attention_mask=batch[\"attention_mask\"], groups=[{offsets[0]!r}]).logits",
-            "label = model.config.id2label[int(logits.argmax(-1))]",
-        ]
-    else:
-        lines.append("logits = model(input_ids=batch[\"input_ids\"], "
-                     "attention_mask=batch[\"attention_mask\"]).logits")
-        lines.append("label = model.config.id2label[int(logits.argmax(-1))]")
-    lines += [
-        "```",
-        "",
-        f"Loading needs nas-fair {__version__} (its compressed modules rebuild the architecture "
-        "from structure.json); plain `transformers` cannot load this folder.",
-    ]
-    if offsets:
-        lines += ["", f"## {NEEDS_GROUP_TITLE}", "",
-                  f"Its predictions include group-aware decision offsets fitted on the "
-                  f"validation split (groups: {', '.join(offsets)}): {DISPARATE_TREATMENT}. "
-                  "The test figures above were computed with each row's group; "
-                  "`nas_fair.load` refuses to predict without `groups=`, and the ONNX export "
-                  "takes each row's group as the input `group_index`. A study can forbid "
-                  "such models: `[search] allow_group_postprocessing = false`."]
-    if onnx:
-        inputs = "`input_ids`, `attention_mask`" + (
-            ", `group_index` (position of the row's group in the metadata's `nas_fair.groups`, "
-            "-1 for another group)" if offsets else "")
-        lines.append(f"`{ONNX_FILE}` is the same model exported to ONNX (inputs {inputs}; "
-                     "output `logits`), int8 as in torch, one activation scale per row.")
-    search = ["nas-fair", "search", *study_args, "--budget", str(budget)]
-    export = ["nas-fair", "export", *study_args, "--trials", str(n), "--out",
-              relative(final.parent, reproduce_base)]
-    if onnx:
-        export.append("--onnx")
-    lines += [
-        "", "## Reproduce", "",
-        "```bash",
-        shlex.join(search),
-        shlex.join(export),
-        "```",
-        "",
-        "Run them from the folder holding the study file (paths are relative to it). "
-        "The first line runs (or, with the run folder present, resumes) the study; the second "
-        f"copies trial {n}'s saved model or rebuilds it from the recipe stored in the study, and "
-        "writes nothing unless the result predicts the test split exactly as recorded (same "
-        "sha256). `recipe.json` holds the same recipe. A fresh search follows the study's seed, "
-        "but NSGA-II's later generations depend on measured latencies, so it may sample other "
-        "recipes than this study did.",
-        "", "## Files", "",
-        "- `model.safetensors`, `config.json`, `structure.json`, `nas_fair.json`: the model "
-        "(load with `nas_fair.load`)",
-        "- tokenizer files (load with `AutoTokenizer.from_pretrained`)",
-        "- `recipe.json`: the compression parameters and every family's config",
-        "- `metrics.json`: the objectives, every bias metric with its interval, the collapse "
-        "report and constraints, and the reference's values (strict JSON: `null` means not "
-        "measured or not a finite number, e.g. a ratio to a zero reference or an undefined "
-        "metric)",
-    ]
-    if offsets:
-        lines.append("- `postprocess.json`: the per-group logit offsets (loaded by `nas_fair.load`)")
-    return "\n".join(lines) + "\n"
-
-
-def reproduce_base(args: Any) -> Path:
-    """Where the card's reproduce commands run from: the study file's folder, else here."""
-    return Path(args.config).resolve().parent if args.config else Path.cwd()
-
-
-def study_args_for(args: Any) -> list[str]:
-    """The CLI arguments naming the study as the user gave them, paths relative to
-    ``reproduce_base(args)`` and the storage password masked."""
-    from nas_fair.search.study import shown_url
-
-    base = reproduce_base(args)
-    out: list[str] = []
-    if args.config:
-        out += ["--config", relative(args.config, base)]
-    elif args.study:
-        out += ["--study", args.study]
-    if args.run_dir:
-        out += ["--run-dir", relative(args.run_dir, base)]
-    if args.storage:
-        out += ["--storage", shown_url(args.storage)]
-    return out

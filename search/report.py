@@ -16,9 +16,10 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from nas_fair.search.study import pareto_front
+from nas_fair.postprocess import DISPARATE_TREATMENT
+from nas_fair.search._optuna import compute_hypervolume
+from nas_fair.search.front import pareto_front
 from nas_fair.search.table import NEEDS_GROUP_NOTE, status_note, trial_constraints, violated
-from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
 
 # Each trial is drawn in one of these groups; the table sorts them in this order too.
 GROUPS = {
@@ -34,10 +35,8 @@ def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
 
     Optuna's exact WFG implementation; points outside the reference box contribute nothing.
     """
-    from optuna._hypervolume import compute_hypervolume
-
     pts = points[np.all(points < ref, axis=1)]
-    return float(compute_hypervolume(pts, ref)) if len(pts) else 0.0
+    return compute_hypervolume(pts, ref) if len(pts) else 0.0
 
 
 def normalized(values: np.ndarray, reference: list[float], dirs: list[str]) -> np.ndarray:

@@ -19,27 +19,21 @@ from tqdm.auto import tqdm
 
 from nas_fair import __version__
 from nas_fair.config import StudyConfig
-from nas_fair.errors import UserError
-from nas_fair.search.export import drop_stale_artifacts
-from nas_fair.search.study import (
-    Session,
-    config_dict,
-    default_storage,
-    directions,
-    fail_dead_local_trials,
-    make_sampler,
-    make_storage,
-    objective_names,
-    pareto_front,
-    population_for,
-    predictions_digest,
-    preparation_lock,
-    requeue_interrupted,
-    search_fingerprint,
-    shown_url,
-)
+from nas_fair.errors import UserError, disk_full
+from nas_fair.objectives.scores import directions, objective_names
+from nas_fair.search.artifacts import drop_stale_artifacts
+from nas_fair.search.front import pareto_front
+from nas_fair.search.retry import fail_dead_local_trials, requeue_interrupted
+from nas_fair.search.sampling import make_sampler, population_for
+from nas_fair.search.session import Session, config_dict, predictions_digest, search_fingerprint
+from nas_fair.search.storage import default_storage, make_storage, preparation_lock, shown_url
 from nas_fair.search.table import format_trial_line, pareto_rows, render_table
 from nas_fair.spaces import anchor_trials
+
+# Far beyond any study that finishes (a trial takes seconds to minutes): a larger budget is a
+# typo, and one of 10^23 hours would run until killed. docs/limits.md lists them.
+MAX_BUDGET_TRIALS = 1_000_000
+MAX_BUDGET_SECONDS = 366 * 86400
 
 
 @dataclass(frozen=True)
@@ -55,11 +49,18 @@ class Budget:
             value = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
             if value <= 0:
                 raise UserError(f"--budget must be a positive duration, got {text!r}")
+            if value > MAX_BUDGET_SECONDS:
+                raise UserError(f"--budget must be a duration of at most "
+                                f"{MAX_BUDGET_SECONDS // 86400} days, got {text!r}")
             return cls(seconds=value)
         if re.fullmatch(r"-?\d+", text):
+            if len(text.lstrip("-")) > 12:  # int() of a huge digit string is itself slow
+                raise UserError(f"--budget must be at most {MAX_BUDGET_TRIALS} trials, got {text!r}")
             n = int(text)
             if n <= 0:
                 raise UserError(f"--budget must be a positive number of trials, got {n}")
+            if n > MAX_BUDGET_TRIALS:
+                raise UserError(f"--budget must be at most {MAX_BUDGET_TRIALS} trials, got {n}")
             return cls(trials=n)
         raise UserError(
             f"--budget must be a number of trials (e.g. 8) or a duration (e.g. 45m, 2h), got {text!r}"
@@ -338,6 +339,7 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
     stop_at = None if budget.seconds is None else time.monotonic() + budget.seconds
     failures = 0
     last_error = "?"
+    full: list[BaseException] = []
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal failures, last_error
@@ -373,6 +375,9 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            if disk_full(exc):  # every next trial would fail the same way: stop, say so once
+                full.append(exc)
+                study.stop()
             raise
 
     try:
@@ -380,5 +385,7 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
                        catch=(Exception,), gc_after_trial=True, show_progress_bar=False)
     finally:
         bar.close()
+    if full:
+        raise full[0]
     if failures >= 3:
         raise UserError(f"stopped after 3 failed trials in a row; last error: {last_error}")

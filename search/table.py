@@ -16,8 +16,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError, one_of
-from nas_fair.search.study import OBJECTIVE_KEYS, limit_constraints, pareto_front
-from nas_fair.spaces.postprocess import DISPARATE_TREATMENT
+from nas_fair.objectives.scores import OBJECTIVE_KEYS, Scores, limit_constraints
+from nas_fair.postprocess import DISPARATE_TREATMENT
+from nas_fair.search.front import pareto_front
 
 NEEDS_GROUP_NOTE = "needs the sensitive attribute at inference"
 
@@ -140,7 +141,8 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
         assert cfg is not None
 
         def passes(t: FrozenTrial) -> bool:
-            cons = limit_constraints(cfg, t.values[2], t.values[3], t.user_attrs.get("bias_ci"),
+            s = Scores.of_trial(t)
+            cons = limit_constraints(cfg, s.accuracy, s.bias, t.user_attrs.get("bias_ci"),
                                      reference, max_bias_increase=max_bias_increase,
                                      min_accuracy=min_accuracy)
             return all(v <= 0 for v in cons.values())

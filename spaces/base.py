@@ -8,6 +8,7 @@ takes for the search, the CLI and the contract tests to pick it up.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from nas_fair.config import MAX_STEPS as MAX_STEPS  # training steps a family may ask for
+from nas_fair.config import SearchConfig
+from nas_fair.encoder import LAYER_MODEL_TYPES
 from nas_fair.errors import UserError, did_you_mean
 
 # Fixed order of application: prune -> low-rank -> share -> distil (recover) -> quantize.
@@ -41,6 +45,11 @@ class Categorical:
     def override(self, value: Any, where: str) -> Categorical:
         if not isinstance(value, list) or not value:
             raise UserError(f"{where} must be a non-empty list of choices, got {value!r}")
+        for v in value:
+            if isinstance(v, (list, dict)):
+                raise UserError(f"{where} must be a list of plain values, got {v!r} in it")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{where} must hold finite numbers, got {v}")
         return Categorical(tuple(value))
 
 
@@ -65,10 +74,12 @@ class FloatRange:
         if (
             not isinstance(value, list)
             or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v) for v in value)
             or value[0] > value[1]
         ):
-            raise UserError(f"{where} must be a range [low, high] with low <= high, got {value!r}")
+            raise UserError(f"{where} must be a range [low, high] of finite numbers with "
+                            f"low <= high, got {value!r}")
         return FloatRange(float(value[0]), float(value[1]), self.step)
 
 
@@ -134,7 +145,7 @@ class RecoveryData:
 
 
 # extra_loss(model, batch, logits) -> scalar tensor added to a recovery batch's loss; ``batch`` is
-# a ``nas_fair.spaces.distillation.Batch`` (its ``index`` rows point into the recovery data).
+# a ``nas_fair.spaces.recovery.Batch`` (its ``index`` rows point into the recovery data).
 ExtraLoss = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
 RECOVERY_OPTION_KEYS = ("data", "sample_weights", "extra_loss")
 
@@ -197,6 +208,25 @@ class RecoveryOptions:
         return total
 
 
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """The study's recovery settings (``[search] recovery_*``): the defaults of every
+    :func:`~nas_fair.spaces.recovery.recover` call made with this context. The defaults are
+    :class:`~nas_fair.config.SearchConfig`'s, so they are written once."""
+
+    lr: float = SearchConfig.recovery_lr
+    early_stop: bool = SearchConfig.recovery_early_stop
+    tolerance: float = SearchConfig.recovery_tolerance
+    precision: str = SearchConfig.recovery_precision
+    dropout: bool = SearchConfig.recovery_dropout
+
+    @classmethod
+    def from_search(cls, search: SearchConfig) -> RecoveryConfig:
+        return cls(lr=search.recovery_lr, early_stop=search.recovery_early_stop,
+                   tolerance=search.recovery_tolerance, precision=search.recovery_precision,
+                   dropout=search.recovery_dropout)
+
+
 @dataclass
 class CompressionContext:
     """Everything a family may need beyond the model; built once per study, shared by trials."""
@@ -209,6 +239,7 @@ class CompressionContext:
     recovery_steps: int = 0
     cache_dir: Path | None = None  # families may cache reference-only computations here
     tokenizer: Any = None
+    recovery_config: RecoveryConfig = field(default_factory=RecoveryConfig)
     extras: dict[str, Any] = field(default_factory=dict)
     # Per trial, set by ``compress`` on its private copy of the context (never on the shared one).
     recovery: RecoveryOptions | None = None
@@ -238,6 +269,9 @@ class Family(ABC):
     # macro-F1 at 4.2x smaller and 2.6x faster on the default study). NSGA-II's offspring of
     # the single-family anchors never reached such a mild combination in 20 trials.
     combined_anchor: ClassVar[Mapping[str, Any] | None] = None
+    # Whether the family edits the encoder's layers (through nas_fair/encoder.py): it then supports
+    # only the architectures of ``nas_fair.encoder.LAYER_MODEL_TYPES``, checked before anything is trained.
+    edits_layers: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         """``options`` is the study's ``[space.<name>]`` table: overrides of the ranges."""
@@ -251,9 +285,14 @@ class Family(ABC):
             self.space[key] = self.space[key].override(value, f"[space.{self.name}] {key}")
         # Validate every corner of the range early: a bad range is a bad study, not a bad trial.
         for key, spec in self.space.items():
-            if isinstance(spec, Categorical):
-                for choice in spec.choices:
+            corners = spec.choices if isinstance(spec, Categorical) else (spec.low, spec.high)
+            for choice in corners:
+                try:
                     self.config_class.from_dict({**self.off().to_dict(), key: choice})
+                except UserError as exc:
+                    if key not in (options or {}):
+                        raise
+                    raise UserError(f"[space.{self.name}] {key} = {options[key]!r}: {exc}") from None
 
     @classmethod
     def off(cls) -> FamilyConfig:
@@ -301,3 +340,18 @@ def register(cls: type[Family]) -> type[Family]:
 
 def ordered(names: Sequence[str]) -> list[type[Family]]:
     return sorted((REGISTRY[n] for n in names), key=lambda c: c.stage)
+
+
+def check_architecture(model_type: str, families: list[str]) -> None:
+    """Refuse, in one line, families that cannot edit this architecture's layers."""
+    if not model_type or model_type in LAYER_MODEL_TYPES:
+        return  # "" = no readable config: loading the model reports that properly
+    bad = [f for f in families if REGISTRY[f].edits_layers]
+    if bad:
+        keep = [f for f in families if f not in bad]
+        raise UserError(
+            f"{model_type} models cannot be compressed by {', '.join(bad)} (these "
+            f"families edit encoder layers of {', '.join(LAYER_MODEL_TYPES)} models only); drop "
+            f"{'it' if len(bad) == 1 else 'them'} from [space] families (e.g. families = "
+            f"{keep!r}) or use a checkpoint of a supported architecture"
+        )

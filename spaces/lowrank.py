@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from nas_fair.encoder import layer_parts, linear_slots, trim_batch, unique_layers
 from nas_fair.errors import UserError
-from nas_fair.spaces._modules import LowRankLinear
-from nas_fair.spaces._util import layer_parts, linear_slots, trim_batch, unique_layers
+from nas_fair.modules import LowRankLinear
 from nas_fair.spaces.base import (
     STAGE_LOWRANK,
     Categorical,
@@ -77,6 +77,7 @@ class LowRank(Family):
         "ffn_rank": Categorical((1.0, 0.75, 0.5, 0.25)),
         "activation_aware": Categorical((False, True)),
     }
+    edits_layers = True
     composes_with = frozenset({"pruning", "sharing", "distillation", "quantization"})
     anchor: ClassVar = {"attention_rank": 0.75, "ffn_rank": 0.75, "activation_aware": True}
 

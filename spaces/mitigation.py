@@ -5,7 +5,7 @@ Every parameter is suggested in every trial and each has an "off" value; all off
 Data side (applied to the recovery data, never to ``ctx.train`` itself):
 
 * ``cda``: counterfactual data augmentation. Every training text with a gendered word (WinoBias
-  swap list, :func:`nas_fair.objectives.counterfactual.gender_swap`) gets a swapped copy; both are
+  swap list, :func:`nas_fair.swaps.gender_swap`) gets a swapped copy; both are
   kept. The copy reuses the *original* example's label and teacher logits: CDA asks for invariance
   to the swap, so the target of "she is a nurse" and "he is a nurse" is the same distribution.
   With two gender groups the copy's group is the other one (its text now describes that gender).
@@ -31,7 +31,7 @@ recovery runs and a mitigation is never silently dropped.
 
 Post-processing: ``thresholds`` > 0 fits group-aware logit offsets for equalized odds on the
 validation split (``ctx.extras["validation"]``) after every other family, with that weight on the
-TPR gap against validation error (:mod:`nas_fair.spaces.postprocess`). The offsets become part of
+TPR gap against validation error (:mod:`nas_fair.postprocess`). The offsets become part of
 the model and of its checkpoint; predictions then need each row's group.
 
 What cannot apply is skipped with a warning, never faked: CDA and the counterfactual regularizer
@@ -49,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas_fair import postprocess
 from nas_fair.errors import UserError, one_of
-from nas_fair.spaces import postprocess
 from nas_fair.spaces.base import (
+    MAX_STEPS,
     STAGE_MITIGATE,
     Categorical,
     CompressionContext,
@@ -93,8 +94,12 @@ class MitigationConfig(FamilyConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise UserError(f"mitigation.{name} must be a number >= 0, got {value!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise UserError(f"mitigation.steps must be an integer >= 0, got {self.steps!r}")
+            if not value <= 1000:  # also inf: a typo, not a setting
+                raise UserError(f"mitigation.{name} must be at most 1000, got {value!r}")
+        if (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                or not 0 <= self.steps <= MAX_STEPS):
+            raise UserError(f"mitigation.steps must be an integer in [0, {MAX_STEPS}], "
+                            f"got {self.steps!r}")
 
     @property
     def trains(self) -> bool:
@@ -144,7 +149,7 @@ class Mitigation(Family):
             if update is None:
                 return model
             opts = RecoveryOptions().merged(update)
-        from nas_fair.spaces.distillation import recover
+        from nas_fair.spaces.recovery import recover
 
         opts.used = True
         return recover(model, opts.context(ctx), steps=config.steps, temperature=PASS_TEMPERATURE,
@@ -190,7 +195,7 @@ def swap_rows(data: RecoveryData, tokenizer: Any) -> Swapped | None:
     if data.texts is None or tokenizer is None:
         return None
     from nas_fair.modeling import tokenize
-    from nas_fair.objectives.counterfactual import gender_swap, load_winobias_swaps
+    from nas_fair.swaps import gender_swap, load_winobias_swaps
 
     pairs = load_winobias_swaps()
     swapped = [gender_swap(t, pairs) for t in data.texts]

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas_fair.errors import UserError
-from nas_fair.spaces._util import (
+from nas_fair.encoder import (
     LayerParts,
     encoder_layers,
     layer_parts,
@@ -35,6 +34,7 @@ from nas_fair.spaces._util import (
     tensor_digest,
     trim_batch,
 )
+from nas_fair.errors import UserError
 from nas_fair.spaces.base import (
     STAGE_PRUNE,
     Categorical,
@@ -83,6 +83,7 @@ class Pruning(Family):
         "ffn": FloatRange(0.0, 0.75, step=0.125),
         "layers": IntRange(0, 3),
     }
+    edits_layers = True
     composes_with = frozenset({"lowrank", "sharing", "distillation", "quantization"})
     anchor: ClassVar = {"heads": 0.25, "ffn": 0.25, "layers": 0}
     combined_anchor: ClassVar = {"heads": 0.0, "ffn": 0.25, "layers": 0}

@@ -5,11 +5,11 @@ Per group (attention linears, FFN linears, embedding tables) a bit width from {3
 * 32: untouched (off).
 * 16: weights stored fp16, upcast to fp32 in forward: half the bytes, **no speed-up on CPU**
   (slightly slower, for the upcast).
-* 8: linears become :class:`~nas_fair.spaces._modules.RowInt8Linear`: symmetric
+* 8: linears become :class:`~nas_fair.modules.RowInt8Linear`: symmetric
   per-output-channel int8 weights, each activation row (token) quantized with its own scale, an
-  exact int8 matmul (``torch._int_mm``): ~1/4 of the bytes, faster than fp32 on CPU, and a row's
-  prediction does not depend on the rest of its batch or on padding (torch's dynamic int8
-  Linear, one activation scale per call, did). Embeddings: int8 rows with one scale per row.
+  exact int8 matmul (fbgemm's fused kernel, or ``torch._int_mm`` where that is inexact): ~1/4 of
+  the bytes, faster than fp32 on CPU, and a row's prediction does not depend on the rest of its
+  batch or on padding (torch's dynamic int8 Linear, one activation scale per call, did). Embeddings: int8 rows with one scale per row.
 * 4: weights packed two per byte with one fp16 scale per group of 64 inputs (~1/7.5 of the
   bytes), dequantized in forward: smaller, not faster. Embeddings: packed rows, grouped scales.
 
@@ -26,15 +26,15 @@ from typing import ClassVar
 
 from torch import nn
 
+from nas_fair.encoder import head_linears, layer_parts, linear_slots, unique_layers
 from nas_fair.errors import one_of
-from nas_fair.spaces._modules import (
+from nas_fair.modules import (
     Fp16Linear,
     HalfEmbedding,
     Packed4Linear,
     QuantEmbedding,
     RowInt8Linear,
 )
-from nas_fair.spaces._util import head_linears, layer_parts, linear_slots, unique_layers
 from nas_fair.spaces.base import (
     STAGE_QUANTIZE,
     Categorical,
@@ -93,6 +93,7 @@ class Quantization(Family):
         "ffn_bits": Categorical(BITS),
         "embedding_bits": Categorical(BITS),
     }
+    edits_layers = True
     composes_with = frozenset({"pruning", "lowrank", "sharing", "distillation"})
     # int8 everywhere: the one-call compression most users try first.
     anchor: ClassVar = {"attention_bits": 8, "ffn_bits": 8, "embedding_bits": 8}

@@ -15,8 +15,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from nas_fair.encoder import encoder_layers, set_encoder_layers
 from nas_fair.errors import one_of
-from nas_fair.spaces._util import encoder_layers, set_encoder_layers
 from nas_fair.spaces.base import (
     STAGE_SHARE,
     Categorical,
@@ -46,6 +46,7 @@ class Sharing(Family):
     stage = STAGE_SHARE
     config_class = SharingConfig
     params: ClassVar = {"group_size": Categorical((1, 2, 3))}
+    edits_layers = True
     composes_with = frozenset({"pruning", "lowrank", "distillation", "quantization"})
     anchor: ClassVar = {"group_size": 2}
 

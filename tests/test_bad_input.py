@@ -425,7 +425,7 @@ def test_nothing_is_unpickled(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from nas_fair import load
     from nas_fair.checkpoint import save_compressed
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     marker = tmp_path / "pwned"
 
@@ -457,7 +457,7 @@ def test_trust_remote_code_is_off_unless_the_study_turns_it_on(
     import transformers
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     calls: list[tuple[str, Any]] = []
     for cls in (transformers.AutoTokenizer, transformers.AutoConfig,
@@ -537,8 +537,8 @@ def test_storage_passwords_are_masked_exactly(password: str) -> None:
     """Passwords SQLAlchemy accepts unencoded ("/", "#", "?", "@") never reach a message."""
     import argparse
 
-    from nas_fair.search.export import study_args_for
-    from nas_fair.search.study import scrub, shown_url
+    from nas_fair.search.cli import study_args_for
+    from nas_fair.search.storage import scrub, shown_url
 
     url = f"postgresql://alice:{password}@db.example:5432/nas?password={password}&sslmode=x"
     masked = "postgresql://alice:***@db.example:5432/nas?password=***&sslmode=x"
@@ -550,3 +550,249 @@ def test_storage_passwords_are_masked_exactly(password: str) -> None:
     args = argparse.Namespace(config=None, study="bios", run_dir=None, storage=url)
     assert study_args_for(args) == ["--study", "bios", "--storage", masked]
     assert shown_url("sqlite:////runs/a:b@c/study.db") == "sqlite:////runs/a:b@c/study.db"
+
+
+# ------------------------------------------------------------------ checked when the study is read
+
+_FILE = 'source = "file"'
+PARSE_TIME_CASES: list[tuple[str, str, tuple[str, str] | None, tuple[str, ...]]] = [
+    # (case, extra TOML, (old, new) replacement, needles of the one error line)
+    ("families int", "[space]\nfamilies = 5", None, ("families", "5")),
+    ("families nested", '[space]\nfamilies = [["pruning"]]', None, ("families", "[['pruning']]")),
+    ("families twice", '[space]\nfamilies = ["pruning", "pruning"]', None, ("once",)),
+    ("family not a table", "[space]\npruning = 5", None, ("[space] pruning", "table", "5")),
+    ("ffn above 1", "[space.pruning]\nffn = [0.5, 3.0]", None, ("[space.pruning] ffn", "3.0")),
+    ("ffn nan", "[space.pruning]\nffn = [nan, 0.5]", None, ("[space.pruning] ffn", "nan")),
+    ("inf choice", "[space.distillation]\ntemperature = [inf]", None, ("temperature", "inf")),
+    ("huge temperature", "[space.distillation]\ntemperature = [1e9]", None, ("temperature",)),
+    ("huge mitigation steps", "[space.mitigation]\nsteps = [2000000000]", None, ("steps",)),
+    ("bootstrap 0", "", ("bootstrap = 50", "bootstrap = 0"), ("bootstrap", "0")),
+    ("long name", "", ('name = "tiny"', 'name = "' + "x" * 300 + '"'), ("name", "300")),
+    ("non-ascii name", "", ('name = "tiny"', 'name = "tïny"'), ("name",)),
+    ("professions int", "", (_FILE, 'source = "bug-bios"\noptions = {professions = 5}'),
+     ("professions", "5")),
+    ("types 9", "", (_FILE, 'source = "winobias"\noptions = {types = [9]}'), ("types", "[9]")),
+    ("pro_share text", "", (_FILE, 'source = "winobias"\noptions = {pro_share = "lots"}'),
+     ("pro_share", "lots")),
+    ("window float", "", (_FILE, 'source = "bug-bios"\noptions = {window_words = 4.5}'),
+     ("window_words", "4.5")),
+    ("epochs 1e300", "", ("epochs = 20", "epochs = 1e300"), ("epochs", "1e+300")),
+    ("latency repeats", "", ("latency_repeats = 2", "latency_repeats = 2147483647"),
+     ("latency_repeats", "2147483647")),
+    ("recovery steps", "", ("recovery_steps = 4", "recovery_steps = 2000000000"),
+     ("recovery_steps",)),
+]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in PARSE_TIME_CASES])
+def test_bad_values_are_refused_when_the_study_is_read(case: str, tmp_path: Path,
+                                                       tiny_checkpoint: Path, capsys) -> None:
+    """Types and ranges of [space], [data.options] and every number: one line naming the key,
+    before anything is trained or written (not a traceback, nor a failure after the reference
+    was trained and the definition stored)."""
+    _, extra, repl, needles = next(c for c in PARSE_TIME_CASES if c[0] == case)
+    toml = write_study(tmp_path, tiny_checkpoint, extra=extra)
+    if repl is not None:
+        assert repl[0] in toml.read_text()
+        toml.write_text(toml.read_text().replace(*repl))
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", "1", "--run-dir",
+                       str(run_dir), "--quiet")
+    assert_one_line_error(code, err, *needles)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("budget", ["99999999999999999999999999999", "2000000",
+                                    "100000000000000000000000h", "9000h"])
+def test_budget_has_an_upper_bound(budget: str, tmp_path: Path, tiny_checkpoint: Path,
+                                   capsys) -> None:
+    toml = write_study(tmp_path, tiny_checkpoint)
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", budget, "--run-dir",
+                       str(tmp_path / "run"), "--quiet")
+    assert_one_line_error(code, err, "--budget", "at most")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ the model, checked up front
+
+
+def _foreign_checkpoint(tmp: Path, kind: str, ckpt: Path) -> Path:
+    """A tiny checkpoint of another architecture (built from its config class, no download),
+    with the BERT test tokenizer beside it."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, DebertaV2Config, ModernBertConfig
+
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 64, "vocab_size": 64, "max_position_embeddings": 64}
+    config = (DebertaV2Config(**size) if kind == "deberta-v2"
+              else ModernBertConfig(**size, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                    cls_token_id=2, sep_token_id=3))
+    out = tmp / kind
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    for f in ckpt.iterdir():
+        if "token" in f.name or f.name.startswith(("vocab", "special")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["deberta-v2", "modernbert"])
+def test_unsupported_architecture_is_refused_before_training(kind: str, tmp_path: Path,
+                                                             tiny_checkpoint: Path,
+                                                             capsys) -> None:
+    ckpt = _foreign_checkpoint(tmp_path, kind, tiny_checkpoint)
+    capsys.readouterr()  # the save's progress bar
+    toml = write_study(tmp_path, ckpt, extra='[space]\nfamilies = ["pruning", "distillation"]')
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", "1", "--run-dir",
+                       str(tmp_path / "run"), "--quiet")
+    assert_one_line_error(code, err, kind, "pruning", "drop it from [space] families",
+                          "['distillation']")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_folder_without_tokenizer_is_refused(tmp_path: Path, tiny_checkpoint: Path,
+                                                   capsys) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_checkpoint / name, bare / name)
+    toml = write_study(tmp_path, bare)
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", "1", "--run-dir",
+                       str(tmp_path / "run"), "--quiet")
+    assert_one_line_error(code, err, "tokenizer")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ broken run folders, full disks
+
+
+def test_truncated_cache_file_is_rebuilt(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    toml = write_study(tmp_path, tiny_checkpoint)
+    run_dir = tmp_path / "run"
+    argv = ["search", "--config", str(toml), "--run-dir", str(run_dir), "--quiet"]
+    assert run(capsys, *argv, "--budget", "1")[0] == 0
+    (cache,) = (run_dir / "cache").glob("tensors-*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:100])
+    code, out, err = run(capsys, *argv[:-1], "--budget", "2")
+    assert code == 0, err
+    assert "corrupt" in out + err and str(cache) in out + err
+    assert len(load_file(cache)["test_logits"]) > 0
+
+
+def test_empty_study_db_is_refused(tmp_path: Path, done_study: tuple[Path, Path],
+                                   capsys) -> None:
+    import shutil
+
+    toml, done_run = done_study
+    run_dir = tmp_path / "run"
+    shutil.copytree(done_run, run_dir)
+    (run_dir / "study.db").write_bytes(b"")
+    for command in ("search", "pareto"):
+        argv = [command, "--config", str(toml), "--run-dir", str(run_dir)]
+        code, _, err = run(capsys, *argv, *(["--budget", "2", "--quiet"] * (command == "search")))
+        assert_one_line_error(code, err, "study.db", "empty")
+        assert (run_dir / "study.db").stat().st_size == 0
+
+
+def _no_space(path: Path) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_disk_full_during_search_is_one_line(tmp_path: Path, tiny_checkpoint: Path,
+                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from nas_fair.search.session import Session
+
+    calls = []
+
+    def full(self: Session, trial: Any, reference: Any) -> list[float]:
+        calls.append(trial.number)
+        raise _no_space(self.run_dir / "artifacts" / "trial-0")
+
+    monkeypatch.setattr(Session, "run_trial", full)
+    toml = write_study(tmp_path, tiny_checkpoint)
+    code, _, err = run(capsys, "search", "--config", str(toml), "--budget", "3", "--run-dir",
+                       str(tmp_path / "run"), "--quiet")
+    assert_one_line_error(code, err, "no space left", str(tmp_path / "run" / "artifacts"),
+                          "free space and re-run; the study resumes")
+    assert len(calls) == 1  # stopped at the first full-disk trial
+
+
+def test_disk_full_during_export_is_one_line(tmp_path: Path, done_study: tuple[Path, Path],
+                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import nas_fair.search.export as export_module
+
+    out = tmp_path / "exports"
+
+    def full(*args: Any, **kwargs: Any) -> list[Any]:
+        raise _no_space(out / ".trial-0.tmp" / "model.safetensors")
+
+    monkeypatch.setattr(export_module, "export_trials", full)
+    toml, run_dir = done_study
+    code, _, err = run(capsys, "export", "--config", str(toml), "--run-dir", str(run_dir),
+                       "--trials", "0", "--out", str(out))
+    assert_one_line_error(code, err, "no space left", "free space and re-run")
+
+
+# ------------------------------------------------------------------ debris of a killed export
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_export_leaves_nothing_behind(tmp_path: Path, done_study: tuple[Path, Path],
+                                               capsys) -> None:
+    """Hidden folders of an export killed with SIGKILL: stale ``.tmp`` ones are removed by the
+    next export into the same parent, a running export's are kept, and a previous export that
+    only survives in ``.old`` (a kill during --force) is put back, never lost."""
+    import os
+    import shutil
+    import socket
+    import time
+
+    toml, run_dir = done_study
+    out = tmp_path / "exp"
+    host, dead = socket.gethostname(), _dead_pid()
+    stale = tmp_path / f".exp.tmp-0000dead-{dead}-{host}"
+    legacy = tmp_path / ".exp.tmp-1234abcd"  # an older version's name, an hour old
+    live = tmp_path / f".exp.tmp-0000beef-{os.getpid()}-{host}"
+    for d in (stale, legacy, live):
+        (d / "trial-0").mkdir(parents=True)
+        (d / "trial-0" / "model.safetensors").write_text("complete-looking")
+    hour_ago = time.time() - 7200
+    os.utime(legacy, (hour_ago, hour_ago))
+    previous = tmp_path / f".exp.old-0000aaaa-{dead}-{host}"
+    (previous / "trial-7").mkdir(parents=True)
+    (previous / "trial-7" / "mine.txt").write_text("the user's previous export")
+
+    argv = ["export", "--config", str(toml), "--run-dir", str(run_dir), "--trials", "0",
+            "--out", str(out)]
+    code, _, err = run(capsys, *argv)
+    # The previous export is back at --out, so without --force the export is refused.
+    assert code == 2 and "restored" in err and "not empty" in err, err
+    assert (out / "trial-7" / "mine.txt").read_text() == "the user's previous export"
+    assert not stale.exists() and not legacy.exists() and not previous.exists()
+    assert live.exists()
+    shutil.rmtree(live)
+
+    code, _, err = run(capsys, *argv, "--force")
+    assert code == 0, err
+    assert (out / "trial-0").is_dir() and not (out / "trial-7").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exp.")] == []
+
+
+def test_limits_page_is_generated_from_the_checks() -> None:
+    from nas_fair.search.limits import DOC, markdown
+
+    assert DOC.read_text() == markdown(), "run python -m nas_fair.search.limits to update docs/limits.md"

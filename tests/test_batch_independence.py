@@ -18,7 +18,7 @@ import torch
 from test_onnx import FIXED, compressed, export, run_onnx, session
 from torch import nn
 
-from nas_fair.spaces._modules import RowInt8Linear, int8_dynamic_linear
+from nas_fair.modules import RowInt8Linear, fused_int8_available, int8_dynamic_linear
 
 ATOL = 1e-5  # logits of the tiny models are O(0.1-1); float rounding measured ~1e-8
 MAX_LENGTH = 16
@@ -93,6 +93,79 @@ def test_row_int8_linear_is_exact_per_row() -> None:
     assert (ours(x) - lin(x)).abs().max() <= 0.05 * lin(x).abs().max()
     legacy = int8_dynamic_linear(lin)
     assert not torch.equal(legacy(x), torch.cat([legacy(x[i : i + 1]) for i in range(len(x))]))
+
+
+def _varied_rows(n: int, width: int) -> torch.Tensor:
+    x = torch.randn(n, width) * torch.rand(n, 1) * 10
+    x[1] = 0.0  # an all-zero row (e.g. a masked position after a projection)
+    x[2] *= 1e4
+    return x
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_and_portable_int8_paths_agree_and_are_exact_per_row(threads: int) -> None:
+    """The fused fbgemm path (fixed activation scale on max-normalized rows) and the _int_mm
+    path quantize every row to the same integers: each is bit-identical row by row whatever
+    the batch, and they differ only by float rounding in the rescale."""
+    if not fused_int8_available():
+        pytest.skip("fbgemm's fused int8 linear is not exact on this CPU")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        lin = nn.Linear(96, 160)
+        mod = RowInt8Linear.from_linear(lin)
+        assert mod.packed_weight() is not None  # the fast path is the one in use here
+        x = _varied_rows(300, 96)
+
+        def portable(t: torch.Tensor) -> torch.Tensor:
+            y, amax = mod.int_mm(t)
+            return y * amax + mod.bias
+
+        with torch.no_grad():
+            for run in (mod, portable):
+                batch = run(x)
+                assert torch.equal(batch, torch.cat([run(x[i : i + 1]) for i in range(40)]
+                                                    + [run(x[40:])]))
+                assert torch.equal(batch[:7], run(x[:7]))
+            fused, ref = mod(x), portable(x)
+            scale = ref.abs().amax(dim=1, keepdim=True)
+            assert ((fused - ref).abs() <= 1e-5 * scale).all()
+            assert torch.equal(fused[1], mod.bias)
+            fp32 = lin(x)
+            assert ((fused - fp32).abs() <= 0.05 * fp32.abs().amax(1, keepdim=True)).all()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_int8_packed_weight_follows_the_buffers() -> None:
+    """The packed fbgemm weight is a cache of the stored int8 buffers: loading a state dict,
+    copying into the buffers, deep copies and another global quantized engine all compute
+    from the current integers."""
+    import copy
+
+    torch.manual_seed(0)
+    a = RowInt8Linear.from_linear(nn.Linear(32, 16))
+    b = RowInt8Linear.from_linear(nn.Linear(32, 16))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        first = a(x)  # packs a's weight
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x), b(x))
+        c = copy.deepcopy(a)
+        assert torch.equal(c(x), b(x))
+        c.qweight_t.copy_(RowInt8Linear.from_linear(nn.Linear(32, 16)).qweight_t)
+        assert not torch.equal(c(x), b(x))
+        a.load_state_dict(RowInt8Linear.from_linear(nn.Linear(32, 16)).state_dict())
+        assert not torch.equal(a(x), first)
+        before = torch.backends.quantized.engine
+        try:
+            torch.backends.quantized.engine = "onednn"
+            d = RowInt8Linear(32, 16)
+            d.load_state_dict(b.state_dict())
+            assert torch.equal(d(x), b(x))
+        finally:
+            torch.backends.quantized.engine = before
 
 
 def test_old_exports_with_torch_dynamic_int8_still_load(tmp_path: Path) -> None:

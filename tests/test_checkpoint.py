@@ -22,8 +22,8 @@ from nas_fair.checkpoint import (
     stored_bytes,
 )
 from nas_fair.errors import UserError
+from nas_fair.modules import Packed4Linear, QuantEmbedding, RowInt8Linear
 from nas_fair.spaces import REGISTRY, compress
-from nas_fair.spaces._modules import Packed4Linear, QuantEmbedding, RowInt8Linear
 
 from conftest import random_batch, tiny_context, tiny_model
 

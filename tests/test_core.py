@@ -30,7 +30,7 @@ def _textbook(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
 
 
 def test_distillation_loss_is_the_textbook_formula_at_each_temperature() -> None:
-    from nas_fair.spaces.distillation import distillation_loss
+    from nas_fair.spaces.recovery import distillation_loss
 
     g = torch.Generator().manual_seed(0)
     student = torch.randn(6, 4, generator=g) * 3
@@ -50,15 +50,16 @@ def test_the_trials_temperature_is_the_one_recovery_trains_with(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """From the family's config to every loss call: ``temperature`` is not dropped on the way."""
     import nas_fair.spaces.distillation as D
+    import nas_fair.spaces.recovery as R
 
     seen: list[float] = []
-    loss = D.distillation_loss
+    loss = R.distillation_loss
 
     def recording(*args, temperature: float, **kwargs):  # noqa: ANN002, ANN003, ANN202
         seen.append(temperature)
         return loss(*args, temperature=temperature, **kwargs)
 
-    monkeypatch.setattr(D, "distillation_loss", recording)
+    monkeypatch.setattr(R, "distillation_loss", recording)
     model = tiny_model()
     ctx = tiny_context(model, n=32)
     for t in (4.0, 8.0):
@@ -81,7 +82,7 @@ def _toy_objective(trial: optuna.Trial) -> list[float]:
 def test_the_study_searches_with_nsga2_and_the_computed_population(tmp_path: Path) -> None:
     from nas_fair.config import parse_study
     from nas_fair.search.run import Budget, open_study
-    from nas_fair.search.study import population_for
+    from nas_fair.search.sampling import population_for
 
     cfg = parse_study('name = "toy"\n')
     assert cfg.search.sampler == "nsga2"

@@ -59,8 +59,8 @@ from nas_fair.data import load_task
 from nas_fair.modeling import predict_logits, tokenize
 from nas_fair.objectives import ACCURACY, EvalRecord
 from nas_fair.objectives.stats import score_bias
-from nas_fair.search.study import check_objectives
-from nas_fair.spaces.postprocess import counterfactual_groups
+from nas_fair.objectives.scores import check_objectives
+from nas_fair.postprocess import counterfactual_groups
 
 out = {}
 for item in json.loads(sys.argv[1]):
@@ -152,9 +152,9 @@ def test_a_post_processed_model_needs_groups(tmp_path: Path) -> None:
     import torch
 
     import nas_fair
+    from nas_fair import postprocess
     from nas_fair.checkpoint import save_compressed
     from nas_fair.onnx_export import export_onnx
-    from nas_fair.spaces import postprocess
 
     from conftest import random_batch, tiny_model
 
@@ -208,22 +208,22 @@ def test_a_study_can_forbid_group_postprocessing(monkeypatch: pytest.MonkeyPatch
     from test_recovery import STUDY, fingerprint_before
 
     from nas_fair.config import parse_study
-    from nas_fair.search import study
+    from nas_fair.search import session
     from nas_fair.spaces import build_space
 
     cfg = parse_study(STUDY.format(extra=""))
     assert cfg.search.allow_group_postprocessing is True
     off = parse_study(STUDY.format(extra="allow_group_postprocessing = false"))
-    now = study.search_fingerprint(cfg)
-    assert study.search_fingerprint(off) != now
+    now = session.search_fingerprint(cfg)
+    assert session.search_fingerprint(off) != now
     assert fingerprint_before(monkeypatch, cfg, "allow_group_postprocessing") == now
-    opts = study.Session._space_options(types.SimpleNamespace(cfg=off))
+    opts = session.Session._space_options(types.SimpleNamespace(cfg=off))
     (mitigation,) = [f for f in build_space(None, opts) if f.name == "mitigation"]
     assert mitigation.space["thresholds"].choices == (0.0,)
     both = parse_study(STUDY.format(extra="allow_group_postprocessing = false")
                        + "[space.mitigation]\nthresholds = [0.0, 1.0]\n")
     with pytest.raises(UserError, match="allow_group_postprocessing = false forbids"):
-        study.Session._space_options(types.SimpleNamespace(cfg=both))
+        session.Session._space_options(types.SimpleNamespace(cfg=both))
     with pytest.raises(UserError, match="allow_group_postprocessing must be bool"):
         parse_study(STUDY.format(extra='allow_group_postprocessing = "no"'))
 

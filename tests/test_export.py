@@ -322,7 +322,8 @@ def test_artifacts_follow_the_front(world: dict[str, Any]) -> None:
 
 
 def test_all_pareto_exports_the_feasible_front(world: dict[str, Any], capsys: Any) -> None:
-    from nas_fair.search.study import directions, pareto_front
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.front import pareto_front
 
     tmp, run_dir = world["tmp"], world["run_dir"]
     toml = study_toml(tmp, world["ckpt"], world["csv"], "mixed", FAMILIES["all"].split(
@@ -355,8 +356,7 @@ def test_all_pareto_exports_the_feasible_front(world: dict[str, Any], capsys: An
 
 
 def test_drop_stale_artifacts_never_touches_running_trials(tmp_path: Path) -> None:
-    from nas_fair.search.export import drop_stale_artifacts
-    from nas_fair.search.study import artifact_path
+    from nas_fair.search.artifacts import artifact_path, drop_stale_artifacts
 
     state = optuna.trial.TrialState
     trials = []
@@ -372,8 +372,7 @@ def test_drop_stale_artifacts_never_touches_running_trials(tmp_path: Path) -> No
 
 def test_a_stored_artifact_path_never_deletes_outside_the_run_folder(tmp_path: Path) -> None:
     """The storage is writable by every worker: its "artifact" value must not steer rmtree."""
-    from nas_fair.search.export import drop_stale_artifacts
-    from nas_fair.search.study import artifact_path
+    from nas_fair.search.artifacts import artifact_path, drop_stale_artifacts
 
     run_dir = tmp_path / "run"
     victim = tmp_path / "victim"
@@ -477,7 +476,7 @@ def test_non_finite_metrics_become_null() -> None:
 
 def test_data_licence_of_a_builder_is_stated() -> None:
     from nas_fair.config import parse_study
-    from nas_fair.search.export import _data_text
+    from nas_fair.search.card import _data_text
 
     cfg = parse_study('name = "x"\n[data]\nsource = "bios"\n')
     session = types.SimpleNamespace(cfg=cfg, data=types.SimpleNamespace(
@@ -551,7 +550,7 @@ def test_out_folder_rules(world: dict[str, Any], capsys: Any, tmp_path: Path) ->
 def test_a_mismatch_fails_and_leaves_nothing(world: dict[str, Any], capsys: Any,
                                              tmp_path: Path, monkeypatch: Any) -> None:
     """If the reloaded folder predicts differently from the record, nothing is written."""
-    import nas_fair.search.study as study_mod
+    import nas_fair.search.session as study_mod
 
     fam = world["families"]["4bit"]
     monkeypatch.setattr(study_mod, "predictions_digest", lambda y: "0" * 64)

@@ -14,8 +14,8 @@ from nas_fair.errors import UserError
 from nas_fair.objectives import ACCURACY, BIAS, EvalRecord
 from nas_fair.objectives.collapse import collapse_report, wilson_interval
 from nas_fair.objectives.compression import disparity_by_group
-from nas_fair.objectives.counterfactual import gender_swap, load_winobias_swaps
 from nas_fair.objectives.group import fast_value, tpr_gap_signed_value
+from nas_fair.swaps import gender_swap, load_winobias_swaps
 
 
 def val(name: str, y, p, **kw) -> float:  # noqa: ANN001

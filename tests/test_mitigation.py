@@ -1,4 +1,4 @@
-"""Bias mitigation (spaces/mitigation.py) and group-aware post-processing (spaces/postprocess.py).
+"""Bias mitigation (spaces/mitigation.py) and group-aware post-processing (nas_fair/postprocess.py).
 
 Each mitigation is checked to change the recovery data or loss exactly as it claims, on small
 hand-checked cases; the off setting is the identity (also covered by the contract tests); the
@@ -16,12 +16,11 @@ import pytest
 import torch
 from torch import nn
 
+from nas_fair import postprocess as pp
 from nas_fair.checkpoint import load_compressed, save_compressed
 from nas_fair.errors import UserError
 from nas_fair.spaces import REGISTRY, CompressionContext, RecoveryData, RecoveryOptions, compress
-from nas_fair.spaces import postprocess as pp
 from nas_fair.spaces.base import STAGE_SHARE, Categorical, Family, FamilyConfig
-from nas_fair.spaces.distillation import recovery_logs
 from nas_fair.spaces.mitigation import (
     CounterfactualPenalty,
     GroupGapPenalty,
@@ -32,6 +31,7 @@ from nas_fair.spaces.mitigation import (
     inverse_frequency,
     oversample_rows,
 )
+from nas_fair.spaces.recovery import recovery_logs
 
 from conftest import WORDS, random_batch, tiny_config, tiny_context, tiny_model
 
@@ -167,7 +167,7 @@ def test_group_gap_is_zero_when_equal_and_the_gap_otherwise() -> None:
 
 
 def test_group_gap_penalty_on_a_batch() -> None:
-    from nas_fair.spaces.distillation import Batch
+    from nas_fair.spaces.recovery import Batch
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]], requires_grad=True)
     labels = torch.tensor([0, 1, 0, 0])  # group 1 gets one wrong -> higher mean loss
@@ -193,7 +193,7 @@ def test_counterfactual_divergence() -> None:
 
 
 def test_counterfactual_penalty_uses_the_swapped_text() -> None:
-    from nas_fair.spaces.distillation import Batch
+    from nas_fair.spaces.recovery import Batch
 
     ctx = text_context()
     model = ctx.reference
@@ -566,7 +566,7 @@ def session(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     tmp = tmp_path_factory.mktemp("mitigation")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "person"]

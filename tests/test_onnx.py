@@ -30,9 +30,7 @@ from torch import nn
 
 from nas_fair.checkpoint import stored_bytes
 from nas_fair.errors import UserError
-from nas_fair.onnx_export import _export, export_onnx, export_view
-from nas_fair.spaces import REGISTRY, compress
-from nas_fair.spaces._modules import (
+from nas_fair.modules import (
     DynamicInt8Linear,
     Fp16Linear,
     HalfEmbedding,
@@ -40,6 +38,8 @@ from nas_fair.spaces._modules import (
     QuantEmbedding,
     RowInt8Linear,
 )
+from nas_fair.onnx_export import _export, export_onnx, export_view
+from nas_fair.spaces import REGISTRY, compress
 
 from conftest import RandomTrial, random_batch, tiny_context, tiny_model
 

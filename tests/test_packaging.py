@@ -67,15 +67,22 @@ def _requirements() -> tuple[dict[str, str], dict[str, str]]:
 
 def _imported() -> dict[str, str]:
     """Top-level third-party modules the installed package imports -> a file importing each."""
-    import re
+    import ast
 
     found: dict[str, str] = {}
     for d in PACKAGE_DIRS:
         for f in sorted((ROOT / d).rglob("*.py")):
-            for m in re.finditer(r"^\s*(?:import|from)\s+(\w+)", f.read_text(), re.M):
-                name = m.group(1)
-                if name not in sys.stdlib_module_names and name != "nas_fair":
-                    found.setdefault(name, str(f.relative_to(ROOT)))
+            # ast, not a regex: a docstring line starting with "from ..." is no import
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in (n.split(".")[0] for n in names):
+                    if name not in sys.stdlib_module_names and name != "nas_fair":
+                        found.setdefault(name, str(f.relative_to(ROOT)))
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ from test_search import write_study
 from torch import nn
 
 from nas_fair.config import parse_study
+from nas_fair.encoder import length_bucketed_batches, row_lengths
 from nas_fair.errors import UserError
 from nas_fair.spaces import CompressionContext, RecoveryData
-from nas_fair.spaces._util import length_bucketed_batches, row_lengths
-from nas_fair.spaces.distillation import Batch, EarlyStop, recover, recovery_log
+from nas_fair.spaces.recovery import Batch, EarlyStop, recover, recovery_log
 
 from conftest import tiny_model
 
@@ -131,7 +132,7 @@ def test_early_stop_truncates_the_same_run_and_reads_the_study_settings() -> Non
     ref = tiny_model("bert")
     # A student that starts at its teacher: only dropout noise, so the loss flattens early.
     ctx = varied_context(ref, noise=0.0)
-    ctx.extras["recovery_lr"] = 3e-3
+    ctx.recovery_config = replace(ctx.recovery_config, lr=3e-3)
     stopped = recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05)
     log = recovery_log(stopped)
     assert log is not None and log["stopped_early"] and 60 <= log["steps_run"] < 120
@@ -153,15 +154,15 @@ def test_early_stop_truncates_the_same_run_and_reads_the_study_settings() -> Non
     assert full_log["losses"][:k] == log["losses"]
     for name, p in stopped.named_parameters():
         assert torch.equal(p, snapshot[name]), name
-    # The study's switch (ctx.extras) turns it off; an explicit argument wins over it.
-    ctx.extras["recovery_early_stop"] = False
+    # The study's switch (ctx.recovery_config) turns it off; an explicit argument wins over it.
+    ctx.recovery_config = replace(ctx.recovery_config, early_stop=False)
     off = recovery_log(recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05))
     assert off is not None and off["steps_run"] == 120 and not off["stopped_early"]
     on = recovery_log(recover(tiny_model("bert"), ctx, steps=120, tolerance=0.05,
                               early_stop=True))
     assert on is not None and on["steps_run"] == k
     # A tolerance of 0 only stops on a rising loss: here it runs longer than at 0.05.
-    ctx.extras.update(recovery_early_stop=True, recovery_tolerance=0.0)
+    ctx.recovery_config = replace(ctx.recovery_config, early_stop=True, tolerance=0.0)
     strict = recovery_log(recover(tiny_model("bert"), ctx, steps=120))
     assert strict is not None and strict["steps_run"] > k
 
@@ -193,7 +194,8 @@ def test_trial_records_recovery_steps_run(tmp_path: Path, tiny_checkpoint: Path)
     import optuna
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session, directions
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.session import Session
 
     toml = write_study(tmp_path, tiny_checkpoint, steps=40,
                        extra='[space]\nfamilies = ["pruning", "distillation"]\n'
@@ -201,7 +203,7 @@ def test_trial_records_recovery_steps_run(tmp_path: Path, tiny_checkpoint: Path)
     cfg = load_study(toml)
     session = Session(cfg, tmp_path / "run", quiet=True)
     session.prepare()
-    assert session.ctx.extras["recovery_early_stop"] is True
+    assert session.ctx.recovery_config.early_stop is True
     ref = session.score_reference()
     reference = {"values": ref.values(), "accuracy": ref.accuracy, "bias": ref.bias}
     study = optuna.create_study(directions=directions(cfg))
@@ -218,7 +220,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_bf16_recovery_is_mixed_precision_deterministic_and_logged(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from nas_fair.spaces import distillation
+    from nas_fair.spaces import recovery
 
     ctx = varied_context(tiny_model("bert"))
     start = tiny_model("bert").state_dict()
@@ -242,12 +244,12 @@ def test_bf16_recovery_is_mixed_precision_deterministic_and_logged(
     # Same objective: it trains as fp32 does (final losses within 10%).
     assert bf16_log["losses"][-1] == pytest.approx(fp32_log["losses"][-1], rel=0.1)
     assert bf16_log["losses"][-1] < 0.9 * bf16_log["losses"][0]
-    # "auto" follows the hardware check; the study's setting (ctx.extras) is the default.
-    monkeypatch.setattr(distillation, "bf16_native", lambda device: False)
+    # "auto" follows the hardware check; the study's setting (ctx.recovery_config) is the default.
+    monkeypatch.setattr(recovery, "bf16_native", lambda device: False)
     auto, auto_log = run(precision="auto")
     assert auto_log["precision"] == "fp32" and all(torch.equal(v, fp32[k]) for k, v in auto.items())
-    monkeypatch.setattr(distillation, "bf16_native", lambda device: True)
-    ctx.extras["recovery_precision"] = "auto"
+    monkeypatch.setattr(recovery, "bf16_native", lambda device: True)
+    ctx.recovery_config = replace(ctx.recovery_config, precision="auto")
     auto, auto_log = run()
     assert auto_log["precision"] == "bf16" and all(torch.equal(v, bf16[k]) for k, v in auto.items())
     with pytest.raises(UserError, match=r"^recovery precision must be one of fp32, bf16, auto, "
@@ -278,7 +280,7 @@ def test_extra_loss_runs_under_the_recovery_precision() -> None:
 def test_bf16_native_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import builtins
 
-    from nas_fair.spaces.distillation import bf16_native
+    from nas_fair.spaces.recovery import bf16_native
 
     real_open = builtins.open
 
@@ -298,9 +300,9 @@ def test_bf16_native_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def fingerprint_before(monkeypatch: pytest.MonkeyPatch, cfg: object, field: str) -> str:
     """The search fingerprint of ``cfg`` as a version without the [search] ``field`` made it."""
-    from nas_fair.search import study
+    from nas_fair.search import session
 
-    real = study.config_dict
+    real = session.config_dict
 
     def before_the_field(c: object) -> dict:
         d = real(c)
@@ -308,20 +310,20 @@ def fingerprint_before(monkeypatch: pytest.MonkeyPatch, cfg: object, field: str)
         return d
 
     with monkeypatch.context() as m:
-        m.setattr(study, "config_dict", before_the_field)
-        return study.search_fingerprint(cfg)
+        m.setattr(session, "config_dict", before_the_field)
+        return session.search_fingerprint(cfg)
 
 
 def test_recovery_precision_in_the_study_and_its_fingerprint(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from nas_fair.search import study
+    from nas_fair.search import session
 
     cfg = parse_study(STUDY.format(extra=""))
     assert cfg.search.recovery_precision == "fp32"
     bf16 = parse_study(STUDY.format(extra='recovery_precision = "bf16"'))
     auto = parse_study(STUDY.format(extra='recovery_precision = "auto"'))
-    now = study.search_fingerprint(cfg)
-    assert len({now, study.search_fingerprint(bf16), study.search_fingerprint(auto)}) == 3
+    now = session.search_fingerprint(cfg)
+    assert len({now, session.search_fingerprint(bf16), session.search_fingerprint(auto)}) == 3
     # A study made before the field existed still resumes: its stored fingerprint was taken
     # from a definition without the field, and fp32 (the old behaviour) hashes the same.
     assert fingerprint_before(monkeypatch, cfg, "recovery_precision") == now
@@ -380,8 +382,8 @@ def test_first_token_only_leaves_a_dynamic_int8_last_layer_alone() -> None:
     and prediction gives exactly the unwrapped model's logits. The per-row int8 linear the
     search builds depends on each row alone, so narrowing applies and computes the same."""
     from nas_fair.modeling import first_token_only, predict_logits
+    from nas_fair.modules import int8_dynamic_linear
     from nas_fair.spaces import compress
-    from nas_fair.spaces._modules import int8_dynamic_linear
     from nas_fair.spaces.quantization import QuantizationConfig
 
     from conftest import random_batch
@@ -425,7 +427,7 @@ def test_first_token_only_restores_the_layer_on_error_and_does_not_nest() -> Non
 def test_recovery_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
     """Off: the student trains in eval mode (no dropout anywhere) and, on a CPU, attention
     runs through the math kernel; deterministic, a different model from training with
-    dropout, logged. The study's setting (ctx.extras) is the default; on is the built-in one."""
+    dropout, logged. The study's setting (ctx.recovery_config) is the default; on is the built-in one."""
     ctx = varied_context(tiny_model("bert"))
     seen: list[tuple[bool, bool]] = []
 
@@ -448,7 +450,7 @@ def test_recovery_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any(not torch.equal(v, on[k]) for k, v in off.items())
     run()
     assert seen == [(True, True)] * 6  # the default: dropout, SDPA chooses its kernel
-    ctx.extras["recovery_dropout"] = False
+    ctx.recovery_config = replace(ctx.recovery_config, dropout=False)
     study_off, study_log = run()
     assert study_log["dropout"] is False
     assert all(torch.equal(v, off[k]) for k, v in study_off.items())
@@ -457,14 +459,14 @@ def test_recovery_without_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_recovery_dropout_in_the_study_and_its_fingerprint(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from nas_fair.search import study
+    from nas_fair.search import session
 
     cfg = parse_study(STUDY.format(extra=""))
     assert cfg.search.recovery_dropout is True
     off = parse_study(STUDY.format(extra="recovery_dropout = false"))
     assert off.search.recovery_dropout is False
-    now = study.search_fingerprint(cfg)
-    assert study.search_fingerprint(off) != now
+    now = session.search_fingerprint(cfg)
+    assert session.search_fingerprint(off) != now
     assert fingerprint_before(monkeypatch, cfg, "recovery_dropout") == now  # old ones resume
     with pytest.raises(UserError, match=r"^\[search\] recovery_dropout must be bool, got str 'no'$"):
         parse_study(STUDY.format(extra='recovery_dropout = "no"'))
@@ -622,3 +624,17 @@ def test_fast_dropout_restores_on_error_and_recovery_logs_the_masks() -> None:
     assert any(not torch.equal(v, torch_masks[k]) for k, v in fast.items())  # another stream
     assert (fast_log["dropout_masks"], torch_log["dropout_masks"],
             off_log["dropout_masks"]) == ("random bits", "bernoulli", None)
+
+
+def test_the_studys_recovery_settings_reach_the_context() -> None:
+    """One place for recovery's defaults (SearchConfig); the study's values reach recover()."""
+    from nas_fair.config import SearchConfig
+    from nas_fair.spaces.base import RecoveryConfig
+
+    assert RecoveryConfig() == RecoveryConfig.from_search(SearchConfig())
+    rc = RecoveryConfig.from_search(SearchConfig(recovery_lr=3e-4, recovery_early_stop=False,
+                                                 recovery_tolerance=0.1,
+                                                 recovery_precision="bf16",
+                                                 recovery_dropout=False))
+    assert rc == RecoveryConfig(lr=3e-4, early_stop=False, tolerance=0.1, precision="bf16",
+                                dropout=False)

@@ -280,7 +280,7 @@ def test_table_rows_on_known_values() -> None:
 def test_search_limit_uses_the_objective_not_the_metric_table() -> None:
     """Regression: the stored reference's "bias" key is the table of every bias metric; the
     search's --max-bias-increase must compare with the objective value (values[3])."""
-    from nas_fair.search.study import limit_constraints
+    from nas_fair.objectives.scores import limit_constraints
 
     cfg = parse_study('name = "x"\n')
     ref = {"values": [1.0, 1.0, 0.8, 0.2], "bias": {"tpr_gap_rms": {"value": 0.2}}}

@@ -12,7 +12,7 @@ from test_search import run_cli, tiny_checkpoint, write_csv, write_study  # noqa
 
 def _prepared_reference(toml: Path, run_dir: Path) -> dict[str, torch.Tensor]:
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     session = Session(load_study(toml), run_dir, quiet=True)
     session.prepare()
@@ -43,7 +43,8 @@ def test_a_reused_recipe_is_judged_by_the_current_limits(tmp_path: Path,
     """A repeated recipe copies the earlier trial's measurements, not its feasibility: after
     --min-accuracy / --max-bias-increase change on resume, its constraints are recomputed."""
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session, directions, limit_constraints
+    from nas_fair.objectives.scores import directions, limit_constraints
+    from nas_fair.search.session import Session
     from nas_fair.search.table import trial_constraints
     from nas_fair.spaces import anchor_trials
 
@@ -124,7 +125,7 @@ def test_a_ctrl_c_trial_is_run_again_on_resume(tmp_path: Path, tiny_checkpoint: 
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the middle of anchor trial 1: it is failed (and does not count against the
     budget), and the next run re-runs its recipe, so every anchor and the whole budget finish."""
-    import nas_fair.search.study as study_module
+    import nas_fair.search.session as study_module
 
     toml = write_study(tmp_path, tiny_checkpoint, steps=2)
     run_dir = tmp_path / "run"
@@ -169,7 +170,7 @@ def test_a_trial_replays_exactly_after_the_cached_reference_is_lost(
     import shutil
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session, predictions_digest
+    from nas_fair.search.session import Session, predictions_digest
 
     # noisy labels: what the fine-tuned reference predicts depends on where training started
     noisy = write_csv(tmp_path / "noisy.csv", cue_right={"f": 0.6, "m": 0.75})

@@ -19,7 +19,7 @@ from pg_server import PASSWORD
 from test_search import write_study
 
 from nas_fair.search.run import available_cores
-from nas_fair.search.study import make_storage
+from nas_fair.search.storage import make_storage
 
 tiny_checkpoint = test_search.tiny_checkpoint  # the fixture, shared with test_search
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -152,7 +152,7 @@ def test_preparation_lock_makes_other_workers_wait(tmp_path: Path) -> None:
     """Another process holds the run folder's lock: we wait, say so, then get it."""
     import time
 
-    from nas_fair.search.study import LOCK_FILE, preparation_lock
+    from nas_fair.search.storage import LOCK_FILE, preparation_lock
 
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time\n"

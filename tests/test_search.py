@@ -199,7 +199,7 @@ def test_hypervolume_matches_hand_computation() -> None:
 def test_replay_reproduces_recorded_metrics(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from nas_fair.config import load_study
     from nas_fair.objectives import ACCURACY
-    from nas_fair.search.study import Session
+    from nas_fair.search.session import Session
 
     toml = write_study(tmp_path, tiny_checkpoint)
     run_dir = tmp_path / "run"
@@ -235,7 +235,7 @@ def test_killed_trial_is_failed_and_retried(tmp_path: Path, tiny_checkpoint: Pat
                                             request: pytest.FixtureRequest) -> None:
     """SIGKILL mid-trial, after one trial completed: the resume fails and retries the killed
     trial, keeps the completed one as it was, and finishes the budget exactly."""
-    from nas_fair.search.study import make_storage
+    from nas_fair.search.storage import make_storage
 
     toml = write_study(tmp_path, tiny_checkpoint, steps=60)
     # anchors queued ahead of the retry would fill the budget first: this test is about the retry
@@ -372,7 +372,8 @@ def test_degraded_and_collapsed_trials_are_infeasible() -> None:
     from types import SimpleNamespace
 
     from nas_fair.config import parse_study
-    from nas_fair.search.study import Scores, Session
+    from nas_fair.objectives.scores import Scores
+    from nas_fair.search.session import Session
 
     cfg = parse_study('name = "x"\n')
     fake = SimpleNamespace(cfg=cfg)
@@ -397,7 +398,8 @@ def test_a_recipe_already_run_is_scored_from_its_trial(tmp_path: Path,
     import torch
 
     from nas_fair.config import load_study
-    from nas_fair.search.study import Session, directions, predictions_digest
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.session import Session, predictions_digest
     from nas_fair.spaces import anchor_trials
 
     cfg = load_study(write_study(tmp_path, tiny_checkpoint, steps=20))
@@ -436,3 +438,17 @@ def test_a_recipe_already_run_is_scored_from_its_trial(tmp_path: Path,
     third = study.trials[2]
     assert third.params == first.params and "same_recipe_as" not in third.user_attrs
     assert third.user_attrs["cost"]["recovery_steps_run"] > 0
+
+
+def test_a_stored_trials_scores_are_read_by_name() -> None:
+    """Optuna keeps the objectives by position; everything else reads them by name."""
+    from nas_fair.objectives.scores import OBJECTIVE_KEYS, Scores
+
+    trial = optuna.trial.create_trial(values=[1.0, 2.0, 3.0, 4.0],
+                                      user_attrs={"bias_ci": [3.5, 4.5]})
+    scores = Scores.of_trial(trial)
+    assert [getattr(scores, k) for k in OBJECTIVE_KEYS] == [1.0, 2.0, 3.0, 4.0]
+    assert (scores.accuracy, scores.bias) == (3.0, 4.0)
+    assert scores.values() == list(trial.values) and scores.attrs == {"bias_ci": [3.5, 4.5]}
+    with pytest.raises(ValueError, match="no 4 objective values"):
+        Scores.of_trial(optuna.trial.create_trial(value=1.0))

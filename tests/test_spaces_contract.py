@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from nas_fair.checkpoint import load_compressed, param_count, save_compressed, stored_bytes
+from nas_fair.encoder import encoder_layers, layer_parts, num_heads
 from nas_fair.errors import UserError
-from nas_fair.spaces import REGISTRY, CompressionContext, RecoveryData, compress
-from nas_fair.spaces._modules import (
+from nas_fair.modules import (
     DynamicInt8Linear,
     Fp16Linear,
     HalfEmbedding,
@@ -28,7 +28,7 @@ from nas_fair.spaces._modules import (
     pack_int4,
     unpack_int4,
 )
-from nas_fair.spaces._util import encoder_layers, layer_parts, num_heads
+from nas_fair.spaces import REGISTRY, CompressionContext, RecoveryData, compress
 from nas_fair.spaces.base import Categorical, FloatRange, IntRange
 
 from conftest import RandomTrial, random_batch, tiny_context, tiny_model
@@ -190,7 +190,7 @@ def test_family_alone(name: str, kind: str, tmp_path) -> None:  # noqa: ANN001
 
 
 def test_recovery_of_an_unchanged_student_is_skipped() -> None:
-    from nas_fair.spaces.distillation import recovery_logs
+    from nas_fair.spaces.recovery import recovery_logs
 
     ref, ctx = model_and_ctx("bert")
     cfg = strong_config("distillation")
@@ -399,7 +399,7 @@ def test_distillation_trains_deterministically_and_seed_matters() -> None:
 
 
 def test_recover_accepts_extra_loss_and_sample_weights() -> None:
-    from nas_fair.spaces.distillation import Batch, recover
+    from nas_fair.spaces.recovery import Batch, recover
 
     ref, ctx = model_and_ctx("distilbert")
     calls: list[int] = []
@@ -429,12 +429,13 @@ def test_recover_accepts_extra_loss_and_sample_weights() -> None:
 
 
 def test_recover_uses_the_study_learning_rate() -> None:
-    from nas_fair.spaces.distillation import recover
+    from nas_fair.spaces.base import RecoveryConfig
+    from nas_fair.spaces.recovery import recover
 
     ref, _ = model_and_ctx("bert")
     slow, fast = tiny_context(ref), tiny_context(ref)
-    slow.extras["recovery_lr"] = 1e-6
-    fast.extras["recovery_lr"] = 1e-2
+    slow.recovery_config = RecoveryConfig(lr=1e-6)
+    fast.recovery_config = RecoveryConfig(lr=1e-2)
     a = recover(tiny_model("bert"), slow, steps=2, temperature=2.0, alpha=0.9)
     b = recover(tiny_model("bert"), fast, steps=2, temperature=2.0, alpha=0.9)
     da = (a.classifier.weight - ref.classifier.weight).abs().max()

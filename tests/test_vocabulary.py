@@ -15,8 +15,8 @@ from torch import nn
 from nas_fair.checkpoint import _stored, load_compressed, save_compressed, stored_bytes
 from nas_fair.errors import UserError
 from nas_fair.modeling import tokenize
+from nas_fair.modules import QuantEmbedding
 from nas_fair.spaces import CompressionContext, RecoveryData, compress
-from nas_fair.spaces._modules import QuantEmbedding
 from nas_fair.spaces.vocabulary import (
     RemappedEmbedding,
     Vocabulary,

@@ -15,6 +15,12 @@ from torch import nn
 
 from nas_fair.errors import UserError
 
+# Model types (config.json "model_type") whose layers :func:`layer_parts` knows: BERT-style
+# (attention.self.query, intermediate, output) and DistilBERT (attention.q_lin, ffn). Families
+# that edit layers (Family.edits_layers) are refused for any other before anything is trained.
+LAYER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
+
+
 # Attributes that transformers' attention modules read their head count from.
 HEAD_COUNT_ATTRS = ("num_attention_heads", "n_heads", "num_heads")
 

@@ -241,7 +241,7 @@ def gender_group_map(values: set[str]) -> dict[str, str] | None:
     if {la, lb} == {"f", "m"}:
         return {a: b, b: a}
     try:
-        from nas_fair.objectives.counterfactual import load_winobias_swaps
+        from nas_fair.swaps import load_winobias_swaps
 
         table = load_winobias_swaps()
     except UserError:

@@ -8,17 +8,13 @@ distillation, quantize) -> evaluate once on the held-out split -> size, latency,
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
-import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from nas_fair import __version__
 from nas_fair.config import StudyConfig
-from nas_fair.data import TaskData, load_task
+from nas_fair.data import load_task
 from nas_fair.errors import UserError
 from nas_fair.io import atomic_path, temp_dir_beside
 from nas_fair.modeling import (
@@ -42,121 +38,19 @@ from nas_fair.modeling import (
     resolve_model_path,
     tokenize,
 )
-from nas_fair.objectives import ACCURACY, BIAS, EvalRecord, get
+from nas_fair.objectives import ACCURACY, EvalRecord
+from nas_fair.objectives.scores import Scores, bias_objective, check_objectives, limit_constraints
+from nas_fair.search.artifacts import artifact_path
+from nas_fair.search.retry import worker_identity
+from nas_fair.search.storage import preparation_lock
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
-from nas_fair.spaces.distillation import recovery_logs
-
-OBJECTIVE_KEYS = ("size_mb", "latency_ms", "accuracy", "bias")
-
-
-@dataclass
-class Scores:
-    """One model's measured objectives and everything recorded beside them (JSON-able)."""
-
-    size_mb: float
-    latency_ms: float
-    accuracy: float
-    bias: float
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-    def values(self) -> list[float]:
-        return [self.size_mb, self.latency_ms, self.accuracy, self.bias]
+from nas_fair.spaces.base import RecoveryConfig, check_architecture
+from nas_fair.spaces.recovery import recovery_logs
 
 
 def predictions_digest(y_pred: np.ndarray) -> str:
     """sha256 of test-split predictions as int64: equal digests mean identical predictions."""
     return hashlib.sha256(np.ascontiguousarray(y_pred, dtype=np.int64).tobytes()).hexdigest()
-
-
-def artifact_path(study: str, number: int) -> Path:
-    """A trial's saved model, relative to the run folder (per study: run folders can be shared)."""
-    return Path("artifacts") / study / f"trial-{number}"
-
-
-def artifact_dir(run_dir: Path, study: str, number: int) -> Path | None:
-    """The trial's saved-model folder inside ``run_dir``, or None if it would lie outside.
-
-    Derived from the study name and trial number only, never from a path stored in the study:
-    whoever can write the storage must not steer a delete or a copy elsewhere.
-    """
-    root = run_dir.resolve()
-    target = root / artifact_path(study, number)
-    try:
-        # parent resolved (the folder itself may be a planted symlink: rmtree refuses those)
-        target.parent.resolve().relative_to(root)
-    except ValueError:
-        return None
-    return target.parent.resolve() / target.name
-
-
-def _signed(cfg: StudyConfig) -> bool:
-    """A signed gap is scored by its distance from zero: anti-bias is not the goal either."""
-    bias = get(BIAS, cfg.objectives.bias, "bias")
-    return not (bias.absolute or bias.direction == "maximize")
-
-
-def objective_names(cfg: StudyConfig) -> list[str]:
-    name = cfg.objectives.bias
-    return ["size_mb", "latency_ms", cfg.objectives.accuracy, f"|{name}|" if _signed(cfg) else name]
-
-
-def directions(cfg: StudyConfig) -> list[str]:
-    acc = get(ACCURACY, cfg.objectives.accuracy, "accuracy")
-    bias_dir = "minimize" if _signed(cfg) else BIAS[cfg.objectives.bias].direction
-    return ["minimize", "minimize", acc.direction, bias_dir]
-
-
-def bias_objective(cfg: StudyConfig, value: float) -> float:
-    return abs(value) if _signed(cfg) else value
-
-
-def limit_constraints(cfg: StudyConfig, accuracy: float, bias: float,
-                      bias_ci: list[float | None] | None, reference: dict[str, Any], *,
-                      max_bias_increase: float | None, min_accuracy: float | None,
-                      ) -> dict[str, float]:
-    """The user's limits as constraint values (<= 0 passes): one rule for the search's
-    feasibility and for ``nas-fair pareto``'s filters. The bias limit is on the CI upper end."""
-    cons: dict[str, float] = {}
-    if max_bias_increase is not None:
-        # The objective's value at the interval's worst end (for a signed metric, the end
-        # farther from zero).
-        ends = [bias_objective(cfg, v) for v in (bias_ci or []) if v is not None]
-        hi = max(ends) if ends else bias
-        # values[3], not reference["bias"]: the stored reference's "bias" key holds every
-        # recorded bias metric (Scores.attrs overrides the objective value of that name).
-        cons["max_bias_increase"] = hi - reference["values"][3] - max_bias_increase
-    if min_accuracy is not None:
-        cons["min_accuracy"] = min_accuracy - accuracy
-    return cons
-
-
-def check_objectives(cfg: StudyConfig, data: TaskData) -> list[str]:
-    """Fail at study start, not after an hour: every metric must apply to this data."""
-    from nas_fair.objectives.stats import check_metric_applicable
-
-    get(ACCURACY, cfg.objectives.accuracy, "accuracy")
-    names = [cfg.objectives.bias, *cfg.objectives.record]
-    groups = data.test.groups
-    facts = dict(
-        has_groups=groups is not None,
-        n_groups=0 if groups is None else len(set(groups.tolist())),
-        has_counterfactual=data.test_counterfactual is not None,
-        has_stereotype=data.test.stereotype is not None,
-        has_reference=True,
-        group_values=None if groups is None else set(groups.tolist()),
-    )
-    for name in names:
-        check_metric_applicable(name, **facts)
-    if cfg.objectives.record:
-        return list(dict.fromkeys(names))
-    recorded = [cfg.objectives.bias]
-    for name in sorted(BIAS):
-        try:
-            check_metric_applicable(name, **facts)
-        except UserError:
-            continue
-        recorded.append(name)
-    return list(dict.fromkeys(recorded))
 
 
 def _hash(obj: Any) -> str:
@@ -191,6 +85,18 @@ def search_fingerprint(cfg: StudyConfig) -> str:
     return _hash(d)
 
 
+def model_type(model_path: Path, cfg: StudyConfig) -> str:
+    """The checkpoint's ``model_type``, from its config.json alone ("" when unreadable: loading
+    the model reports that problem properly)."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001
+        return ""
+    return str(getattr(mc, "model_type", ""))
+
+
 def check_lengths(model_path: Path, cfg: StudyConfig) -> None:
     """Token lengths beyond the model's position table fail at start, not in the first batch."""
     from transformers import AutoConfig
@@ -210,6 +116,11 @@ def check_lengths(model_path: Path, cfg: StudyConfig) -> None:
         if value > positions:
             raise UserError(f"{where} must be at most {positions} (the model's positions), "
                             f"got {value}")
+
+
+# Tensors every cache file holds (the rest depend on the data: validation, counterfactuals).
+CACHED_KEYS = frozenset({"train_ids", "train_mask", "train_labels", "test_ids", "test_mask",
+                         "train_logits", "test_logits"})
 
 
 class Session:
@@ -239,6 +150,7 @@ class Session:
         self.timings["load_data_s"] = time.perf_counter() - t
         self.recorded = check_objectives(cfg, self.data)
         self.space = build_space(cfg.families, self._space_options())
+        check_architecture(model_type(self.model_path, cfg), [fam.name for fam in self.space])
 
     def _space_options(self) -> dict[str, dict[str, Any]]:
         opts = {k: dict(v) for k, v in self.cfg.family_options.items()}
@@ -291,16 +203,12 @@ class Session:
             recovery_steps=self.cfg.search.recovery_steps,
             cache_dir=self.cache_dir,
             tokenizer=self.tokenizer,
-            extras={"recovery_lr": self.cfg.search.recovery_lr,
-                    "recovery_early_stop": self.cfg.search.recovery_early_stop,
-                    "recovery_tolerance": self.cfg.search.recovery_tolerance,
-                    "recovery_precision": self.cfg.search.recovery_precision,
-                    "recovery_dropout": self.cfg.search.recovery_dropout,
-                    "eval_batch_size": self.cfg.search.eval_batch_size},
+            recovery_config=RecoveryConfig.from_search(self.cfg.search),
+            extras={"eval_batch_size": self.cfg.search.eval_batch_size},
         )
         val = self.data.validation
         if "val_ids" in self.tensors and val is not None and len(val):
-            from nas_fair.spaces.postprocess import ValidationData
+            from nas_fair.postprocess import ValidationData
 
             # Post-processing (group thresholds) is fitted here, never on the test split.
             self.ctx.extras["validation"] = ValidationData(
@@ -370,7 +278,18 @@ class Session:
     def _cached_tensors(self) -> dict[str, torch.Tensor]:
         path = self.cache_dir / f"tensors-{self.fingerprint()}.safetensors"
         if path.is_file():
-            return load_file(path)
+            try:
+                cached = load_file(path)
+            except Exception as exc:  # noqa: BLE001 - a truncated cache is rebuilt, not fatal
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                cached = {}
+                self.log(f"warning: the cache file {path} is corrupt ({reason}); rebuilding it")
+            else:
+                if not CACHED_KEYS <= set(cached):
+                    self.log(f"warning: the cache file {path} is incomplete; rebuilding it")
+            if CACHED_KEYS <= set(cached):
+                return cached
+            path.unlink(missing_ok=True)
         L = self.cfg.model.max_length
         d = self.data
         t: dict[str, torch.Tensor] = {}
@@ -403,7 +322,7 @@ class Session:
 
         With group-aware post-processing a swapped row is predicted as the swapped gender's
         (with two gender groups; see ``postprocess.counterfactual_groups``)."""
-        from nas_fair.spaces.postprocess import counterfactual_groups, predict
+        from nas_fair.postprocess import counterfactual_groups, predict
 
         if "cf_rows" not in self.tensors:
             return None
@@ -429,7 +348,7 @@ class Session:
     def evaluate(self, model: torch.nn.Module) -> EvalRecord:
         """Test-split predictions, through the model's group-aware post-processing if it has
         any (which is why the test groups are passed: they must be known at prediction time)."""
-        from nas_fair.spaces.postprocess import predict
+        from nas_fair.postprocess import predict
 
         logits = predict_logits(model, self.tensors["test_ids"], self.tensors["test_mask"],
                                 batch_size=self.cfg.search.eval_batch_size, device=self.device)
@@ -560,8 +479,7 @@ class Session:
         for key, value in same.user_attrs.items():
             if key not in NOT_REUSED:
                 trial.set_user_attr(key, value)
-        assert same.values is not None
-        scores = Scores(*same.values, attrs=dict(same.user_attrs))
+        scores = Scores.of_trial(same)
         constraints = self.constraints(scores, reference)
         for key, value in constraints.items():
             trial.set_constraint(key, value)
@@ -613,149 +531,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-# ---------------------------------------------------------------------- study storage
-
-
-def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
-
-
-_QUERY_SECRETS = frozenset({"password", "passwd", "pwd"})
-
-
-def _parsed(url: str) -> Any:
-    """SQLAlchemy's own reading of ``url`` (what the driver receives), or None."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url)
-    except (ArgumentError, ValueError, TypeError):
-        return None
-
-
-def shown_url(url: str) -> str:
-    """A storage URL fit to print or store: its password (and any password query parameter)
-    replaced by ``***``, as SQLAlchemy parses it; an unparseable URL keeps only its scheme."""
-    parsed = _parsed(url)
-    if parsed is None:
-        return url if "@" not in url else url.split("://", 1)[0] + "://***"
-    hidden = {k: "***" for k in parsed.query if k.lower() in _QUERY_SECRETS}
-    if parsed.password is None and not hidden:
-        return url  # nothing secret: shown exactly as given (rendering would re-encode paths)
-    if parsed.host and "@" in parsed.host:  # "u:p@ss@host": SQLAlchemy splits at the first @
-        parsed = parsed.set(password=parsed.password or "", host=parsed.host.rsplit("@", 1)[1])
-    if hidden:
-        parsed = parsed.update_query_dict(hidden)
-    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
-
-
-def _url_secrets(url: str) -> list[str]:
-    """The password(s) a URL carries, as written and as decoded, to scrub them from messages."""
-    from urllib.parse import quote, quote_plus
-
-    parsed = _parsed(url)
-    if parsed is None:
-        return [url.split("://", 1)[1].rsplit("@", 1)[0]] if "://" in url and "@" in url else []
-    found = [parsed.password] if parsed.password else []
-    if parsed.host and "@" in parsed.host:
-        # the user's password had an unencoded "@": its head went to the driver as the
-        # password, its tail into the host name; scrub the whole and the tail, not the head alone
-        tail = parsed.host.rsplit("@", 1)[0]
-        found = [f"{parsed.password or ''}@{tail}", f"{tail}@"]
-    for key, value in parsed.query.items():
-        if key.lower() in _QUERY_SECRETS:
-            found += [value] if isinstance(value, str) else list(value)
-    return [s for pw in found if pw for s in {pw, quote(pw, safe=""), quote_plus(pw)}]
-
-
-def scrub(text: str, url: str) -> str:
-    """``text`` with exactly the credentials of ``url`` blanked (driver errors may quote them)."""
-    text = text.replace(url, shown_url(url))
-    for secret in sorted(_url_secrets(url), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna's RDB storage with heartbeats (dead remote workers' trials are retried).
-
-    SQLite: WAL journal and a 60 s busy timeout, so local workers (``--jobs``) wait for each
-    other's short write transactions instead of failing with "database is locked". Several
-    workers creating the schema at once (PostgreSQL) is retried: one creates, the others load.
-    """
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    kwargs: dict[str, Any] = {}
-    sqlite = url.startswith("sqlite")
-    if sqlite:
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    elif url.startswith("postgres"):
-        # An unreachable host fails in seconds, not after the OS's TCP timeout; a connection
-        # dropped during an hour-long trial is replaced instead of failing the trial.
-        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10},
-                                   "pool_pre_ping": True}
-    for attempt in range(5):
-        try:
-            storage = RDBStorage(
-                _with_driver(url), heartbeat_interval=20, grace_period=120,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                **kwargs,
-            )
-            break
-        except Exception as exc:  # noqa: BLE001 - every failure here is one line for the user
-            if _schema_race(exc) and attempt < 4:
-                time.sleep(0.2 + 0.5 * attempt)
-                continue
-            raise UserError(_storage_error(url, exc)) from None
-    if sqlite:
-        _sqlite_wal(storage)
-    return storage
-
-
-def _with_driver(url: str) -> str:
-    """``postgresql://`` means whichever driver is installed (SQLAlchemy 2.0 assumes psycopg2,
-    2.1 psycopg 3): pick the one present, so either ``pip install`` works."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("postgresql", "postgres"):
-        return url
-    import importlib.util
-
-    for module, driver in (("psycopg2", "psycopg2"), ("psycopg", "psycopg")):
-        if importlib.util.find_spec(module) is not None:
-            return f"postgresql+{driver}://{rest}"
-    raise UserError(f"cannot open storage {shown_url(url)!r}: no PostgreSQL driver is installed; "
-                    "pip install psycopg2-binary (or nas-fair[postgres])")
-
-
-def _schema_race(exc: BaseException) -> bool:
-    """Another worker was creating the same tables at the same moment."""
-    try:
-        from sqlalchemy.exc import IntegrityError, ProgrammingError
-    except ImportError:  # pragma: no cover - sqlalchemy comes with optuna
-        return False
-    return isinstance(exc, (IntegrityError, ProgrammingError))
-
-
-def _storage_error(url: str, exc: BaseException) -> str:
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    hint = ""
-    if isinstance(exc, ImportError) and url.startswith("postgres"):
-        hint = "; install the driver: pip install psycopg2-binary (or nas-fair[postgres])"
-    elif "://" not in url:
-        hint = "; give an Optuna storage URL, e.g. sqlite:///path/study.db or postgresql://user@host/db"
-    return scrub(f"cannot open storage {shown_url(url)!r}: {reason}{hint}", url)
-
-
-def _sqlite_wal(storage: Any) -> None:
-    """Readers no longer block the writer (persistent in the file; best effort if busy)."""
-    try:
-        with storage.engine.connect() as con:
-            con.exec_driver_sql("PRAGMA journal_mode=WAL")
-    except Exception:  # noqa: BLE001 - a busy database keeps its journal mode; still correct
-        pass
-
-
 # The phases of a trial's "cost" user attribute (seconds), besides total_s and
 # recovery_steps_run; benchmarks/trial_cost.py reads them.
 COST_PHASES = ("compress_s", "recover_s", "mitigation_s", "evaluate_s", "latency_s",
@@ -776,223 +551,3 @@ def same_recipe(trial: optuna.Trial) -> FrozenTrial | None:
                 and (t.user_attrs.get("runtime") or {}).get("threads") == threads):
             return t
     return None
-
-
-def population_for(budget_trials: int | None, anchors: int = 0) -> int:
-    """NSGA-II's first generation is random: keep several generations inside the budget. With
-    ``anchors`` queued first, at least as many random members as anchors stay in it."""
-    population = 16 if budget_trials is None else int(min(50, max(4, round(budget_trials / 4))))
-    return max(population, 2 * anchors)
-
-
-def trial_seeds(seed: int, number: int) -> tuple[int, int]:
-    """Two 32-bit seeds for trial ``number`` of a study seeded ``seed`` (distinct streams)."""
-    a, b = np.random.SeedSequence([seed & (2**64 - 1), number]).generate_state(2)
-    return int(a), int(b)
-
-
-class _SeededPerTrial:
-    """Mixin: before each trial, the sampler's generators restart from ``trial_seeds(seed,
-    trial.number)``.
-
-    What this makes reproducible: a trial's draws depend on the seed, its number and the
-    finished trials before it (NSGA-II's parents are chosen by their measured objectives,
-    latency included), not on how many trials this process ran before, so one process draws
-    the same recipes whether it ran in one go or was stopped and resumed, and the anchors and
-    first (random) generation are the same in every run. Several processes on one storage get
-    distinct trial numbers from the storage, so they draw distinct recipes; which process runs
-    which number depends on timing, so a study run by several workers is not reproducible as
-    a whole (docs/reproducibility.md)."""
-
-    _trial_seed: int
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        for sampler, s in zip((self, getattr(self, "_random_sampler", None)),
-                              trial_seeds(self._trial_seed, trial.number)):
-            rng = getattr(sampler, "_rng", None)
-            if rng is not None:  # optuna's LazyRandomState
-                rng.rng.seed(s)
-        super().before_trial(study, trial)  # type: ignore[misc]
-
-
-class SeededNSGAIISampler(_SeededPerTrial, optuna.samplers.NSGAIISampler):
-    """NSGA-II whose draws for a trial come from the study seed and the trial's number."""
-
-
-class SeededTPESampler(_SeededPerTrial, optuna.samplers.TPESampler):
-    """TPE whose draws for a trial come from the study seed and the trial's number."""
-
-
-class SeededRandomSampler(_SeededPerTrial, optuna.samplers.RandomSampler):
-    """Random search whose draws for a trial come from the study seed and the trial's number."""
-
-
-def make_sampler(cfg: StudyConfig, population: int, seed: int) -> optuna.samplers.BaseSampler:
-    """Samplers read each trial's constraints (``trial.set_constraint``) for feasibility; their
-    draws for a trial come from ``seed`` and the trial's number (see ``_SeededPerTrial``)."""
-    sampler: _SeededPerTrial
-    if cfg.search.sampler == "nsga2":
-        sampler = SeededNSGAIISampler(population_size=population, seed=seed)
-    elif cfg.search.sampler == "tpe":
-        sampler = SeededTPESampler(seed=seed, multivariate=True)
-    else:
-        sampler = SeededRandomSampler(seed=seed)
-    sampler._trial_seed = seed
-    return sampler  # type: ignore[return-value]
-
-
-def worker_identity() -> dict[str, Any]:
-    """Who runs a trial: host and pid, plus the kernel boot and pid namespace where known.
-
-    Two containers may share a host name (and their pids mean nothing to each other): a
-    trial is judged dead by its pid only where boot id and pid namespace match this process.
-    """
-    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        ident["node"] = f"{boot}/{os.readlink('/proc/self/ns/pid')}"
-    except OSError:
-        pass
-    return ident
-
-
-def fail_dead_local_trials(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a killed process on this machine: fail them and queue a retry.
-
-    Remote workers are covered by Optuna's heartbeat (grace period); a local process can be
-    checked directly, so a resume right after a crash needs no waiting. Several workers may
-    find the same dead trial: only the one whose FAIL lands queues the retry.
-    """
-    me = worker_identity()
-    retried = []
-    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        w = tr.user_attrs.get("worker") or {}
-        if w.get("host") != me["host"] or w.get("node") != me.get("node"):
-            continue
-        if _alive(int(w.get("pid", -1))):
-            continue
-        try:
-            if not study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker failed it first (and queued the retry)
-        if queue_retry(study, tr):
-            retried.append(tr.number)
-    return retried
-
-
-def queue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
-    """Queue a stopped trial's recipe to run again (after the trials already queued), marked
-    ``retry_of`` (and ``anchor`` if it was one): its parameters once all were drawn (the
-    ``worker`` mark is set after the last), else those it was queued with. False when it has
-    neither: it drew only part of a recipe, and the next trial draws a new one."""
-    params = (trial.params if "worker" in trial.user_attrs
-              else trial.system_attrs.get("fixed_params"))
-    if not params:
-        return False
-    attrs: dict[str, Any] = {"retry_of": trial.number}
-    if trial.user_attrs.get("anchor"):
-        attrs["anchor"] = True
-    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
-    return True
-
-
-def requeue_interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
-    """A trial stopped by Ctrl-C (KeyboardInterrupt): Optuna fails it, and it is queued again
-    like a dead worker's trial, so the next run finishes the anchors and the budget (a failed
-    trial never counts against the budget). Call before re-raising."""
-    frozen = study._storage.get_trial(trial._trial_id)
-    trial.set_user_attr("interrupted", True)
-    trial.set_user_attr("error", "KeyboardInterrupt: interrupted; queued to run again")
-    queue_retry(study, frozen)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# ---------------------------------------------------------------------- shared run folder
-
-LOCK_FILE = ".prepare.lock"
-_held: set[str] = set()  # lock files this process holds: taking one again is a no-op
-
-
-@contextlib.contextmanager
-def preparation_lock(run_dir: Path, log: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Exclusive ``flock`` on ``<run_dir>/.prepare.lock`` around work done once per run folder.
-
-    Workers of one study (``--jobs``, or machines sharing the run folder) take it around the
-    reference fine-tuning, the caches and the reference's scores: one computes, the others
-    print that they wait, then load. Reentrant within a process; the kernel drops it when the
-    holder dies, so a killed worker never leaves it stuck. No-op where ``fcntl`` is missing.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: single-worker use only
-        yield
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    key = str(path.resolve())
-    if key in _held:  # flock on a second descriptor would wait for ourselves
-        yield
-        return
-    fh = open(path, "a+")  # noqa: SIM115 - held across the yield
-    try:
-        waited = 0.0
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if waited >= 2.0:  # a short wait (another worker loading the cache) is silent
-                    fh.seek(0)
-                    holder = fh.read().strip() or "another worker"
-                    (log or (lambda m: print(m, file=sys.stderr)))(
-                        f"waiting for {holder} to prepare the reference model and caches "
-                        f"in {run_dir}"
-                    )
-                    fcntl.flock(fh, fcntl.LOCK_EX)
-                    break
-                time.sleep(0.1)
-                waited += 0.1
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"worker {socket.gethostname()}:{os.getpid()}\n")
-        fh.flush()
-        _held.add(key)
-        try:
-            yield
-        finally:
-            _held.discard(key)
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    finally:
-        fh.close()
-
-
-def pareto_front(trials: list[FrozenTrial], dirs: list[str], *,
-                 feasible_only: bool = True) -> list[FrozenTrial]:
-    """Non-dominated complete trials (feasible ones only unless asked otherwise)."""
-    cands = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
-    if feasible_only:
-        cands = [t for t in cands if all(c <= 0 for c in t.user_attrs.get("constraints", [0]))]
-    if not cands:
-        return []
-    sign = np.array([1.0 if d == "minimize" else -1.0 for d in dirs])
-    vals = np.array([t.values for t in cands], dtype=float) * sign
-    front = []
-    for i, v in enumerate(vals):
-        dominated = np.any(np.all(vals <= v, axis=1) & np.any(vals < v, axis=1))
-        if not dominated:
-            front.append(cands[i])
-    return front

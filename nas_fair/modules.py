@@ -4,14 +4,15 @@ Every module here stores its compressed form as plain tensors (state_dict / safe
 and describes its own shape with ``spec()``; ``build_module(spec)`` makes an empty module of the
 same shape, which is how ``nas_fair.checkpoint`` rebuilds a compressed architecture without
 pickling anything. The int8 linear layer is :class:`RowInt8Linear` (int8 weights, each
-activation row quantized with its own scale, an exact int8 x int8 -> int32 matmul), so a row's
-output never depends on the other rows of its batch. torch's dynamic quantized Linear (one
+activation row quantized with its own scale, exact int32 accumulation in fbgemm's fused kernel
+or ``torch._int_mm``), so a row's output never depends on the other rows of its batch. torch's dynamic quantized Linear (one
 activation scale per call) is still read from old exports, through adapter functions because its
 weights live in packed params.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -325,32 +326,94 @@ class QuantEmbedding(nn.Module):
 # quantizes to zeros instead of dividing by zero. The ONNX export uses the same constant.
 ROW_SCALE_FLOOR = 1e-8
 INT8_MAX = 127.0
+# A row divided by its own max |x| lies in [-1, 1]; with this fixed scale and zero point the
+# fused uint8 kernel maps it to 1..255 (255 levels, as symmetric int8 with scale 1/127), the
+# same for every batch, so one per-call scale still gives per-row quantization.
+UNIT_SCALE = 1.0 / INT8_MAX
+UNIT_ZERO_POINT = 128
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| of each row of ``x`` (rows, width), floored at :data:`ROW_SCALE_FLOOR`, (rows, 1).
+
+    Two fast reductions and no abs copy; bit-identical to ONNX's ReduceMax(Abs(x))."""
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    return amax.clamp_(min=ROW_SCALE_FLOOR)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization of each row of ``x`` (rows, width) with its own scale.
 
-    Returns (q int8 (rows, width), scale float32 (rows, 1)). Each row's result depends on that
-    row alone, which is what makes int8 predictions independent of batch composition and
-    padding (a padding token is a row of its own). Rounds half to even, as ONNX ``Round``; the
-    ONNX export repeats these ops in this order (``nas_fair.onnx_export._rowwise_int8``)."""
-    # Few full-size temporaries: max |x| as max(max x, -min x) (two fast reductions, no abs
-    # copy; bit-identical to ONNX's ReduceMax(Abs(x))), one multiply, rounding in place.
-    # |x * 127 / amax| <= 127 up to rounding, so no clamp is needed.
-    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
-    amax = amax.clamp_(min=ROW_SCALE_FLOOR)
-    q = (x * (INT8_MAX / amax)).round_().to(torch.int8)
-    return q, amax / INT8_MAX
+    Returns (q int8 (rows, width), row max |x| float32 (rows, 1)); q = round(x / amax * 127),
+    rounding half to even (ONNX ``Round``), as the fused kernel quantizes ``x / amax`` with
+    scale 1/127. Each row's result depends on that row alone, which is what makes int8
+    predictions independent of batch composition and padding (a padding token is a row of its
+    own). ``nas_fair.onnx_export._rowwise_int8`` repeats these ops in this order."""
+    amax = row_absmax(x)
+    # |x / amax| <= 1 exactly (division is correctly rounded), so no clamp is needed.
+    q = (x / amax).mul_(INT8_MAX).round_().to(torch.int8)
+    return q, amax
+
+
+@contextmanager
+def _fbgemm_engine() -> Iterator[None]:
+    """Pack for fbgemm whatever the global engine (onednn / qnnpack packs lack the fused op)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def pack_int8_weight(q: torch.Tensor, scales: torch.Tensor) -> Any:
+    """fbgemm's packed form of an (out, in) int8 weight with per-output-channel fp32 scales."""
+    zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+    with quiet_quantized_deprecation(), _fbgemm_engine():
+        qw = torch._make_per_channel_quantized_tensor(
+            q.contiguous(), scales.double(), zero_points, 0
+        )
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def fused_int8(rows: torch.Tensor, packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``(rows / amax) @ W^T`` in int8 by fbgemm, ``amax``): the caller scales back by
+    ``amax`` (fused with the bias add)."""
+    amax = row_absmax(rows)
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        rows / amax, UNIT_SCALE, UNIT_ZERO_POINT, packed
+    )
+    return y, amax
+
+
+@functools.cache
+def fused_int8_available() -> bool:
+    """Whether fbgemm's fused int8 linear runs here and is exact on full 8-bit activations.
+
+    CPUs without VNNI add u8 x s8 pairs in saturating int16 (why torch's dynamic Linear uses
+    7-bit activations); the probe's pairs overflow int16, so such CPUs take the ``_int_mm``
+    path, which is exact everywhere."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    k = 64
+    try:
+        packed = pack_int8_weight(torch.full((8, k), 127, dtype=torch.int8), torch.ones(8))
+        y, _ = fused_int8(torch.ones(4, k), packed)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.equal(y, torch.full((4, 8), k * INT8_MAX)))
 
 
 class RowInt8Linear(_LinearShape, nn.Module):
     """int8 Linear with one activation scale per row (token) instead of one per call.
 
-    Weights: symmetric per-output-channel int8 (``qweight_t``, stored (in, out) because the int8
-    matmul reads it that way fastest) and fp32 scales. Forward: quantize each input row
-    (:func:`quantize_rows`), ``torch._int_mm`` (exact int32 accumulation), then
-    ``acc * row_scale * weight_scale + bias``. Integer accumulation is exact, so a row's output
-    is bit-identical whatever else is in the batch."""
+    Weights: symmetric per-output-channel int8 (``qweight_t``, stored (in, out)) and fp32
+    scales; that is all a checkpoint holds. Forward: each input row is divided by its own max
+    |x| and run through fbgemm's fused int8 linear with a fixed activation scale (1/127), which
+    packs the weight once (rebuilt when the buffers change) and accumulates in exact int32;
+    the output row is multiplied back by its max |x|, then the bias added. Where that kernel is
+    missing or inexact (:func:`fused_int8_available`), the same integers go through
+    ``torch._int_mm``. Either way a row's output is bit-identical whatever else is in the batch."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
@@ -359,6 +422,8 @@ class RowInt8Linear(_LinearShape, nn.Module):
         self.register_buffer("qweight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
         self.register_buffer("weight_scales", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed: Any = None
+        self._packed_key: tuple[int, ...] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> RowInt8Linear:
@@ -376,15 +441,50 @@ class RowInt8Linear(_LinearShape, nn.Module):
         """The (out, in) fp32 weight the integers stand for."""
         return self.qweight_t.t().float() * self.weight_scales[:, None]
 
+    def packed_weight(self) -> Any:
+        """fbgemm's packed weight, or None where the fused kernel is not used."""
+        if self.qweight_t.device.type != "cpu" or not fused_int8_available():
+            return None
+        key = (*_tensor_key(self.qweight_t), *_tensor_key(self.weight_scales))
+        if key != self._packed_key:
+            self._packed = pack_int8_weight(self.qweight_t.t(), self.weight_scales.float())
+            self._packed_key = key
+        return self._packed
+
+    def int_mm(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The portable path, as :func:`fused_int8`: :func:`quantize_rows`, ``torch._int_mm``
+        and the channel scales (times 1/127, the order of fbgemm's float epilogue)."""
+        q, amax = quantize_rows(rows)
+        y = torch._int_mm(q, self.qweight_t).to(torch.float32)
+        return y.mul_(self.weight_scales.float() * UNIT_SCALE), amax
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).float()
-        q, scale = quantize_rows(rows)
-        y = torch._int_mm(q, self.qweight_t).to(torch.float32)
-        y.mul_(scale).mul_(self.weight_scales)  # in place: no extra (rows, out) buffers
-        if self.bias is not None:
-            y.add_(self.bias)
+        packed = self.packed_weight()
+        y, amax = self.int_mm(rows) if packed is None else fused_int8(rows, packed)
+        # in place, one pass: bias + y * amax (the bias must come after the row rescale)
+        y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias, y, amax, out=y)
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._packed_key = None  # copy_ into the same storage may not change the key
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the packed weight is a cache of the buffers: rebuilt after copy / pickle
+        state = dict(self.__dict__)
+        state["_packed"], state["_packed_key"] = None, None
+        return state
+
+
+def _tensor_key(t: torch.Tensor) -> tuple[int, int]:
+    """(storage address, in-place version) of ``t``; inference tensors have no version."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = -1
+    return t.data_ptr(), version
 
 
 # --------------------------------------------------------------------------- int8 (legacy kernel)
@@ -434,6 +534,83 @@ def int8_has_bias(mod: DynamicInt8Linear) -> bool:
     return mod.bias() is not None
 
 
+# --------------------------------------------------------------------------- trimmed vocabulary
+
+
+class RemappedEmbedding(nn.Module):
+    """The kept rows of a word-embedding table, looked up by the original ids.
+
+    ``kept_mask`` is one bit per original id (bit ``i % 8`` of byte ``i // 8``), so the map costs
+    ``num_original / 8`` bytes; row ``r`` of ``inner`` is the ``r``-th kept id in ascending
+    order, and an id that is not kept reads row ``unk_index`` (the unknown token). ``inner`` is
+    a plain ``nn.Embedding`` until quantization replaces it (found as any other embedding).
+    """
+
+    def __init__(self, num_original: int, num_kept: int, embedding_dim: int, unk_index: int,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_original = num_original
+        self.num_kept = num_kept
+        self.embedding_dim = embedding_dim
+        self.unk_index = unk_index
+        self.inner: nn.Module = nn.Embedding(
+            num_kept, embedding_dim, padding_idx=padding_idx, device="meta").to_empty(device="cpu")
+        self.register_buffer("kept_mask", torch.zeros(-(-num_original // 8), dtype=torch.uint8))
+        self._map: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, kept: torch.Tensor, unk_id: int
+                       ) -> RemappedEmbedding:
+        kept = torch.as_tensor(kept, dtype=torch.int64).unique(sorted=True)
+        index = {int(o): i for i, o in enumerate(kept.tolist())}
+        pad = None if emb.padding_idx is None else index.get(int(emb.padding_idx))
+        mod = cls(emb.num_embeddings, len(kept), emb.embedding_dim, index[unk_id], pad)
+        bits = torch.zeros(len(mod.kept_mask) * 8, dtype=torch.uint8)
+        bits[kept] = 1
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+        with torch.no_grad():
+            mod.inner.weight.copy_(emb.weight.detach()[kept])
+            mod.kept_mask.copy_((bits.reshape(-1, 8) * weights).sum(1).to(torch.uint8))
+        return mod.to(emb.weight.device)
+
+    def kept(self) -> torch.Tensor:
+        """Boolean (num_original,): which original ids have a row."""
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.kept_mask.device)
+        bits = (self.kept_mask[:, None] >> shifts) & 1
+        return bits.flatten()[: self.num_original].bool()
+
+    def kept_ids(self) -> torch.Tensor:
+        """The kept original ids, ascending (row ``r`` of ``inner`` is ``kept_ids()[r]``)."""
+        return self.kept().nonzero().flatten()
+
+    def index_map(self) -> torch.Tensor:
+        """Original id -> row of ``inner`` (int64, ``unk_index`` for every id not kept); the
+        bits are decoded again only when ``kept_mask`` changes (a checkpoint load writes it)."""
+        key = (self.kept_mask.data_ptr(), self.kept_mask._version)
+        if self._map is None or self._map[0] != key:
+            kept = self.kept()
+            rows = torch.where(kept, kept.cumsum(0) - 1, torch.full_like(kept, self.unk_index,
+                                                                         dtype=torch.int64))
+            self._map = (key, rows)
+        return self._map[1]
+
+    def new_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Original ids -> rows of ``inner``."""
+        return self.index_map()[ids]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.new_ids(ids))
+
+    def spec(self) -> dict[str, Any]:
+        pad = getattr(self.inner, "padding_idx", None)
+        return {"num_original": self.num_original, "num_kept": self.num_kept,
+                "embedding_dim": self.embedding_dim, "unk_index": self.unk_index,
+                "padding_idx": pad}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_original} -> {self.num_kept} rows, unk_index={self.unk_index}"
+
+
 # --------------------------------------------------------------------------- spec <-> module
 
 
@@ -449,6 +626,7 @@ def _has_bias(linear: nn.Module) -> bool:
 
 
 CUSTOM_TYPES: dict[str, type[nn.Module]] = {
+    "RemappedEmbedding": RemappedEmbedding,
     "LowRankLinear": LowRankLinear,
     "Fp16Linear": Fp16Linear,
     "Packed4Linear": Packed4Linear,
