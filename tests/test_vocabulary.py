@@ -258,3 +258,25 @@ def test_reserved_entries_the_tokenizer_never_emits_are_not_candidates() -> None
     assert got[6] and got[7] and got[8]
     assert got[9:] == [False] * 3  # beyond the tokenizer's vocabulary
     assert reachable_ids(None, 4).tolist() == [True] * 4
+
+
+def test_a_search_checkpoint_loads_without_the_families(tok: Any, tmp_path: Path) -> None:
+    """The search's checkpoint (original ids, bit mask) is rebuilt by the core alone."""
+    import subprocess
+    import sys
+
+    model, ctx = make("bert", tok)
+    folder = save_compressed(trim(model, ctx), tmp_path / "trial")
+    ids, mask = tokenize(tok, WITH_OOV, 12)
+    torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
+    want = logits_of(load_compressed(folder), ids, mask)
+    code = ("import sys, torch; from nas_fair.checkpoint import load_compressed; "
+            f"m = load_compressed({str(folder)!r}); b = torch.load({str(tmp_path / 'batch.pt')!r}); "
+            "print(type(m.bert.embeddings.word_embeddings).__name__, "
+            "'nas_fair.spaces' in sys.modules); "
+            "torch.save(m(input_ids=b['ids'], attention_mask=b['mask']).logits.detach(), "
+            f"{str(tmp_path / 'out.pt')!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["RemappedEmbedding", "False"]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), want)
