@@ -538,6 +538,83 @@ def int8_has_bias(mod: DynamicInt8Linear) -> bool:
     return mod.bias() is not None
 
 
+# --------------------------------------------------------------------------- trimmed vocabulary
+
+
+class RemappedEmbedding(nn.Module):
+    """The kept rows of a word-embedding table, looked up by the original ids.
+
+    ``kept_mask`` is one bit per original id (bit ``i % 8`` of byte ``i // 8``), so the map costs
+    ``num_original / 8`` bytes; row ``r`` of ``inner`` is the ``r``-th kept id in ascending
+    order, and an id that is not kept reads row ``unk_index`` (the unknown token). ``inner`` is
+    a plain ``nn.Embedding`` until quantization replaces it (found as any other embedding).
+    """
+
+    def __init__(self, num_original: int, num_kept: int, embedding_dim: int, unk_index: int,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_original = num_original
+        self.num_kept = num_kept
+        self.embedding_dim = embedding_dim
+        self.unk_index = unk_index
+        self.inner: nn.Module = nn.Embedding(
+            num_kept, embedding_dim, padding_idx=padding_idx, device="meta").to_empty(device="cpu")
+        self.register_buffer("kept_mask", torch.zeros(-(-num_original // 8), dtype=torch.uint8))
+        self._map: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, kept: torch.Tensor, unk_id: int
+                       ) -> RemappedEmbedding:
+        kept = torch.as_tensor(kept, dtype=torch.int64).unique(sorted=True)
+        index = {int(o): i for i, o in enumerate(kept.tolist())}
+        pad = None if emb.padding_idx is None else index.get(int(emb.padding_idx))
+        mod = cls(emb.num_embeddings, len(kept), emb.embedding_dim, index[unk_id], pad)
+        bits = torch.zeros(len(mod.kept_mask) * 8, dtype=torch.uint8)
+        bits[kept] = 1
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+        with torch.no_grad():
+            mod.inner.weight.copy_(emb.weight.detach()[kept])
+            mod.kept_mask.copy_((bits.reshape(-1, 8) * weights).sum(1).to(torch.uint8))
+        return mod.to(emb.weight.device)
+
+    def kept(self) -> torch.Tensor:
+        """Boolean (num_original,): which original ids have a row."""
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.kept_mask.device)
+        bits = (self.kept_mask[:, None] >> shifts) & 1
+        return bits.flatten()[: self.num_original].bool()
+
+    def kept_ids(self) -> torch.Tensor:
+        """The kept original ids, ascending (row ``r`` of ``inner`` is ``kept_ids()[r]``)."""
+        return self.kept().nonzero().flatten()
+
+    def index_map(self) -> torch.Tensor:
+        """Original id -> row of ``inner`` (int64, ``unk_index`` for every id not kept); the
+        bits are decoded again only when ``kept_mask`` changes (a checkpoint load writes it)."""
+        key = (self.kept_mask.data_ptr(), self.kept_mask._version)
+        if self._map is None or self._map[0] != key:
+            kept = self.kept()
+            rows = torch.where(kept, kept.cumsum(0) - 1, torch.full_like(kept, self.unk_index,
+                                                                         dtype=torch.int64))
+            self._map = (key, rows)
+        return self._map[1]
+
+    def new_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Original ids -> rows of ``inner``."""
+        return self.index_map()[ids]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.new_ids(ids))
+
+    def spec(self) -> dict[str, Any]:
+        pad = getattr(self.inner, "padding_idx", None)
+        return {"num_original": self.num_original, "num_kept": self.num_kept,
+                "embedding_dim": self.embedding_dim, "unk_index": self.unk_index,
+                "padding_idx": pad}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_original} -> {self.num_kept} rows, unk_index={self.unk_index}"
+
+
 # --------------------------------------------------------------------------- spec <-> module
 
 
@@ -553,6 +630,7 @@ def _has_bias(linear: nn.Module) -> bool:
 
 
 CUSTOM_TYPES: dict[str, type[nn.Module]] = {
+    "RemappedEmbedding": RemappedEmbedding,
     "LowRankLinear": LowRankLinear,
     "Fp16Linear": Fp16Linear,
     "Packed4Linear": Packed4Linear,

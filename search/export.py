@@ -216,6 +216,7 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
 
     from nas_fair import postprocess
     from nas_fair.checkpoint import MODEL_FILE, load_compressed
+    from nas_fair.spaces.vocabulary import export_folder
 
     runtime = trial.user_attrs.get("runtime") or {}
     # "threads" is where studies made before "runtime" recorded the count.
@@ -233,9 +234,13 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
         shutil.rmtree(dest)
         source = _model_files(session, trial, dest, log, use_artifact=False)
         model = load_compressed(dest)
-    session.tokenizer.save_pretrained(str(dest))
     record = session.evaluate(model)
     digest = _verify(session, trial, record, runtime)
+    # the tokenizer beside the weights; a trimmed vocabulary rewrites both for its new ids
+    model = export_folder(model, session.tokenizer, dest, texts=session.data.test.texts,
+                          input_ids=session.tensors["test_ids"],
+                          attention_mask=session.tensors["test_mask"],
+                          max_length=session.cfg.model.max_length, groups=session.data.test.groups)
     weight_bytes = (dest / MODEL_FILE).stat().st_size
     recorded = int(trial.user_attrs["size_bytes"])
     if abs(weight_bytes - recorded) > 0.01 * recorded:

@@ -71,6 +71,16 @@ alpha = [0.7, 0.7]
     "int8": _quantized(8),
     "4bit": _quantized(4),
     "fp16": _quantized(16),
+    "vocabulary": """
+[space]
+families = ["vocabulary", "quantization"]
+[space.vocabulary]
+others = [0.0]
+[space.quantization]
+attention_bits = [32]
+ffn_bits = [32]
+embedding_bits = [8]
+""",
     "mitigation": """
 [space]
 families = ["distillation", "mitigation"]
@@ -109,6 +119,7 @@ ON = {
     "distillation": ["sharing", "distillation"],
     **{k: ["quantization"] for k in ("int8", "4bit", "fp16")},
     "mitigation": ["distillation", "mitigation"],
+    "vocabulary": ["vocabulary", "quantization"],
     "all": ["pruning", "lowrank", "sharing", "distillation", "quantization"],
 }
 
@@ -282,6 +293,12 @@ def test_the_family_was_really_applied(world: dict[str, Any], key: str) -> None:
         assert "Packed4Linear" in types_
     if key == "fp16":
         assert {"Fp16Linear", "HalfEmbedding"} <= types_
+    if key == "vocabulary":  # the trimmed table indexed directly, its tokenizer beside it
+        vocab = json.loads((folder / "config.json").read_text())["original_config"]["vocab_size"]
+        tok = json.loads((folder / "tokenizer.json").read_text())
+        assert "QuantEmbedding" in types_ and "RemappedEmbedding" not in types_
+        assert vocab < len(tok["model"]["vocab"]) and not (folder / "vocab.txt").exists()
+        assert max(tok["model"]["vocab"].values()) == vocab - 1
     if key == "mitigation":  # group offsets fitted on validation travel with the weights
         offsets = json.loads((folder / "postprocess.json").read_text())
         assert offsets["groups"] == ["f", "m"] and np.abs(offsets["offsets"]).max() > 0

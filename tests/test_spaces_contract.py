@@ -44,6 +44,7 @@ STRONG: dict[str, dict[str, Any]] = {
     "sharing": {"group_size": 2},
     "distillation": {"steps": 4, "temperature": 2.0, "alpha": 0.5},
     "quantization": {"attention_bits": 8, "ffn_bits": 4, "embedding_bits": 8},
+    "vocabulary": {"others": 0.0},
 }
 # Small recovery budgets so that random combinations stay fast.
 OPTIONS = {"distillation": {"steps": [0, 3]}}
