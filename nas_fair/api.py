@@ -247,6 +247,7 @@ class _Study:
 def open_existing(cfg: StudyConfig, storage: str | None, run_dir: str | None
                   ) -> tuple[Path, str, optuna.Study]:
     """A study that has been run: (its run folder, storage URL, the optuna study)."""
+    from nas_fair.io import read_only_dir
     from nas_fair.search.run import open_study, run_dir_for
     from nas_fair.search.storage import default_storage
 
@@ -254,7 +255,8 @@ def open_existing(cfg: StudyConfig, storage: str | None, run_dir: str | None
     if storage is None and not (folder / "study.db").is_file():
         raise UserError(f"study {cfg.name!r} has not been run yet (no {folder / 'study.db'}); "
                         f"run nas-fair search --study {cfg.name} --budget N first")
-    url = storage or default_storage(folder.resolve())
+    # A shared, finished study (an archive, a group drive) is read without writing into it.
+    url = storage or default_storage(folder.resolve(), read_only=read_only_dir(folder))
     return folder, url, open_study(cfg, url, create=False, budget=None)
 
 
@@ -494,11 +496,16 @@ def export(
 def report_checked(cfg: StudyConfig, out: str | None, *, storage: str | None,
                    run_dir: str | None) -> Path:
     """``nas-fair report``: the HTML report's path after writing it."""
+    from nas_fair.io import read_only_dir
     from nas_fair.objectives.scores import directions, objective_names
     from nas_fair.search.report import write_report
     from nas_fair.search.run import ensure_writable_dir
+    from nas_fair.search.storage import read_only_error
 
     folder, _, opened = open_existing(cfg, storage, run_dir)
+    if not out and read_only_dir(folder):
+        raise read_only_error(folder, "the report goes into it by default",
+                              "give --out FILE outside it")
     path = Path(out) if out else folder / "report.html"
     if path.is_dir():
         raise UserError(f"--out {str(path)!r} is a folder; give a file, e.g. "

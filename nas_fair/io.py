@@ -76,3 +76,8 @@ def finite(obj: Any) -> Any:
 def dumps_json(obj: Any, **kwargs: Any) -> str:
     """Strict JSON (no NaN/Infinity tokens, which other parsers reject): non-finite -> null."""
     return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def read_only_dir(path: str | os.PathLike[str]) -> bool:
+    """An existing folder this process cannot write into (a read-only mount, or permissions)."""
+    return Path(path).is_dir() and not os.access(path, os.W_OK | os.X_OK)

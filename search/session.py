@@ -28,7 +28,7 @@ from nas_fair import __version__
 from nas_fair.config import StudyConfig
 from nas_fair.data import load_task
 from nas_fair.errors import UserError
-from nas_fair.io import atomic_path, temp_dir_beside
+from nas_fair.io import atomic_path, read_only_dir, temp_dir_beside
 from nas_fair.modeling import (
     finetune,
     load_for_task,
@@ -42,7 +42,7 @@ from nas_fair.objectives import ACCURACY, EvalRecord
 from nas_fair.objectives.scores import Scores, bias_objective, check_objectives, limit_constraints
 from nas_fair.search.artifacts import artifact_path
 from nas_fair.search.retry import worker_identity
-from nas_fair.search.storage import preparation_lock
+from nas_fair.search.storage import preparation_lock, read_only_error
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
 from nas_fair.spaces.base import RecoveryConfig, check_architecture
 from nas_fair.spaces.recovery import recovery_logs
@@ -134,6 +134,7 @@ class Session:
         self.quiet = quiet
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.timings: dict[str, float] = {}
+        self.read_only = False  # set by prepare() for a run folder nothing can be written into
         if self.device.type == "cuda":
             # Not yet verified on a GPU (none was available to test it), so refuse rather than
             # report numbers from an untested path.
@@ -173,6 +174,12 @@ class Session:
     # ------------------------------------------------------------------ preparation (cached)
 
     def prepare(self) -> None:
+        if read_only_dir(self.run_dir):
+            # A shared, finished study: everything must be cached already, and nothing can be
+            # written here (not even the lock), so no worker prepares it meanwhile.
+            self.read_only = True
+            self._prepare()
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Workers sharing the run folder (--jobs, or machines on one storage) compute the
         # reference and caches once: the first takes the lock, the others wait and then load.
@@ -181,7 +188,8 @@ class Session:
 
     def _prepare(self) -> None:
         self.cache_dir = self.run_dir / "cache"
-        self.cache_dir.mkdir(exist_ok=True)
+        if not self.read_only:
+            self.cache_dir.mkdir(exist_ok=True)
         t = time.perf_counter()
         self.reference = self._reference_model()
         self.timings["reference_s"] = time.perf_counter() - t
@@ -245,6 +253,9 @@ class Session:
             else:
                 self.reference_info = {**json.loads(stamp.read_text()), "cached": True}
                 return model.eval()
+        if self.read_only:
+            raise read_only_error(self.run_dir, f"its reference model ({ref_dir}) is missing or "
+                                  "was made for another model, data or nas-fair version")
         # Seeded here, not only in finetune: a new head drawn from the global random state
         # would make every fresh run fine-tune a different reference.
         model, trained = load_for_task(self.model_path, self.cfg.model, self.data.label_names,
@@ -289,7 +300,10 @@ class Session:
                     self.log(f"warning: the cache file {path} is incomplete; rebuilding it")
             if CACHED_KEYS <= set(cached):
                 return cached
-            path.unlink(missing_ok=True)
+            if not self.read_only:
+                path.unlink(missing_ok=True)
+        if self.read_only:
+            raise read_only_error(self.run_dir, f"its cache file {path} is missing or damaged")
         L = self.cfg.model.max_length
         d = self.data
         t: dict[str, torch.Tensor] = {}

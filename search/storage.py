@@ -20,14 +20,38 @@ from nas_fair.errors import UserError
 # ---------------------------------------------------------------------- study storage
 
 
-def default_storage(run_dir: Path) -> str:
+def default_storage(run_dir: Path, *, read_only: bool = False) -> str:
     """The run folder's SQLite URL; an existing 0-byte study.db (a truncated copy, a full disk)
-    is refused: SQLite would silently start a new study in it beside the old reference."""
+    is refused: SQLite would silently start a new study in it beside the old reference.
+
+    ``read_only``: opened read-only (a shared, finished study on a read-only folder). A WAL
+    database without its ``-shm`` file cannot be opened read-only there unless SQLite is told
+    the file is immutable; with ``-shm`` present (a search may still write) it reads normally.
+    """
     path = (run_dir / "study.db").resolve()
     if path.is_file() and path.stat().st_size == 0:
         raise UserError(f"{path} is empty (0 bytes), so the study's trials are gone from it: "
                         "restore it from a backup, or delete it to start the study again")
-    return f"sqlite:///{path}"
+    if not read_only:
+        return f"sqlite:///{path}"
+    from urllib.parse import quote
+
+    # Quoted twice: SQLAlchemy decodes the path once, SQLite decodes its URI file name again.
+    name = quote(quote(str(path), safe="/"), safe="/")
+    shm = path.with_name(path.name + "-shm").exists()
+    return f"sqlite:///file:{name}?mode=ro{'' if shm else '&immutable=1'}&uri=true"
+
+
+def _read_only_url(url: str) -> bool:
+    """A SQLite URL opened read-only (``mode=ro`` or ``immutable=1``): nothing may be written."""
+    query = url.partition("?")[2].split("&")
+    return url.startswith("sqlite") and ("mode=ro" in query or "immutable=1" in query)
+
+
+def read_only_error(run_dir: Path, need: str, fix: str = "") -> UserError:
+    """The one-line error for a write a read-only run folder cannot take."""
+    fix = fix or "copy the run folder somewhere writable and give --run-dir COPY"
+    return UserError(f"the run folder {run_dir} is read-only and {need}: {fix}")
 
 
 _QUERY_SECRETS = frozenset({"password", "passwd", "pwd"})
@@ -118,7 +142,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
                 time.sleep(0.2 + 0.5 * attempt)
                 continue
             raise UserError(_storage_error(url, exc)) from None
-    if sqlite:
+    if sqlite and not _read_only_url(url):
         _sqlite_wal(storage)
     return storage
 

@@ -160,10 +160,10 @@ def head_and_ffn_importance(model: nn.Module, ctx: CompressionContext) -> dict[s
             log.warning("ignoring unreadable importance cache %s", path)
     result = _taylor_importance(model, ctx, n) if n else _magnitude_importance(model)
     memo[key] = result
-    if path is not None:
-        from safetensors.torch import save_file
+    from nas_fair.io import atomic_path, read_only_dir
 
-        from nas_fair.io import atomic_path
+    if path is not None and not read_only_dir(path.parent):  # read-only run folder: memory only
+        from safetensors.torch import save_file
 
         with atomic_path(path) as tmp:  # parallel trials: each its own unique temp
             save_file({k: v.contiguous() for k, v in result.items()}, str(tmp))

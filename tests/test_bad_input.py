@@ -26,6 +26,7 @@ from test_search import write_csv, write_study
 from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError
 from nas_fair.search.cli import build_parser, main
+from nas_fair.search.storage import LOCK_FILE
 
 tiny_checkpoint = test_search.tiny_checkpoint  # the fixture, shared with test_search
 
@@ -696,6 +697,102 @@ def test_empty_study_db_is_refused(tmp_path: Path, done_study: tuple[Path, Path]
         code, _, err = run(capsys, *argv, *(["--budget", "2", "--quiet"] * (command == "search")))
         assert_one_line_error(code, err, "study.db", "empty")
         assert (run_dir / "study.db").stat().st_size == 0
+
+
+@pytest.fixture
+def read_only_copy(tmp_path: Path) -> typing.Iterator[typing.Callable[[Path], Path]]:
+    """``mount(src)``: ``src`` seen through a read-only bind mount (root ignores permission bits,
+    so chmod would prove nothing); skipped where mounting is not permitted, always unmounted."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(src: Path) -> Path:
+        dst = tmp_path / f"ro-{len(mounted)}"
+        dst.mkdir()
+        steps = (["mount", "--bind", str(src), str(dst)],
+                 ["mount", "-o", "remount,bind,ro", str(dst)])
+        for i, step in enumerate(steps):
+            try:
+                done = subprocess.run(step, capture_output=True, text=True, check=False)
+            except OSError as exc:
+                pytest.skip(f"no read-only bind mount here: {exc}")
+            if i == 0 and done.returncode == 0:
+                mounted.append(dst)
+            if done.returncode != 0:
+                pytest.skip(f"no read-only bind mount here (needs root): {done.stderr.strip()}")
+        try:
+            (dst / "probe").write_text("")
+        except OSError:
+            return dst
+        pytest.skip("the bind mount is writable after remount,ro")
+
+    try:
+        yield mount
+    finally:
+        for dst in reversed(mounted):
+            # Lazily if busy: this process may still hold the study's SQLite file open.
+            if subprocess.run(["umount", str(dst)], capture_output=True, check=False).returncode:
+                subprocess.run(["umount", "--lazy", str(dst)], check=True)
+
+
+def _as_archived(run_dir: Path) -> None:
+    """The copy as a finished study's archive holds it: no lock file, and the SQLite file
+    alone (the last connection closing folds the WAL in and deletes -wal and -shm)."""
+    import sqlite3
+
+    (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    con = sqlite3.connect(run_dir / "study.db")
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    assert not list(run_dir.glob("study.db-*"))
+
+
+def test_a_read_only_run_folder_can_be_read(tmp_path: Path, done_study: tuple[Path, Path],
+                                            read_only_copy: Any, capsys) -> None:
+    """A finished study shared read-only (an archive, a group drive): pareto, report --out and
+    export --out elsewhere read it without writing into it (no lock, cache or journal)."""
+    import shutil
+
+    toml, done_run = done_study
+    src = tmp_path / "shared"
+    shutil.copytree(done_run, src)
+    _as_archived(src)
+    before = sorted((p.relative_to(src), p.stat().st_mtime_ns) for p in src.rglob("*"))
+    run_dir = read_only_copy(src)
+    argv = ["--config", str(toml), "--run-dir", str(run_dir)]
+
+    code, out, err = run(capsys, "pareto", *argv, "--json")
+    assert code == 0, err
+    assert [row["trial"] for row in json.loads(out)["pareto"]] == [0]
+    code, out, err = run(capsys, "report", *argv, "--out", str(tmp_path / "report.html"))
+    assert code == 0, err
+    assert (tmp_path / "report.html").stat().st_size > 0
+    code, out, err = run(capsys, "export", *argv, "--trials", "0", "--out", str(tmp_path / "exp"))
+    assert code == 0, err
+    assert (tmp_path / "exp" / "trial-0" / "model.safetensors").is_file()
+
+    # The report's default place is inside the folder: one line saying what to do instead.
+    code, _, err = run(capsys, "report", *argv)
+    assert_one_line_error(code, err, str(run_dir), "read-only", "--out")
+    assert sorted((p.relative_to(src), p.stat().st_mtime_ns) for p in src.rglob("*")) == before
+
+
+def test_a_read_only_run_folder_without_its_cache_is_one_line(
+        tmp_path: Path, done_study: tuple[Path, Path], read_only_copy: Any, capsys) -> None:
+    import shutil
+
+    toml, done_run = done_study
+    src = tmp_path / "shared"
+    shutil.copytree(done_run, src)
+    _as_archived(src)
+    for cache in (src / "cache").glob("tensors-*"):
+        cache.unlink()
+    run_dir = read_only_copy(src)
+    code, _, err = run(capsys, "export", "--config", str(toml), "--run-dir", str(run_dir),
+                       "--trials", "0", "--out", str(tmp_path / "exp"))
+    assert_one_line_error(code, err, str(run_dir), "read-only", "cache", "writable")
+    assert not (tmp_path / "exp").exists()
 
 
 def _no_space(path: Path) -> OSError:
