@@ -23,6 +23,7 @@ from nas_fair.errors import UserError, disk_full
 from nas_fair.objectives.scores import directions, objective_names
 from nas_fair.search.artifacts import drop_stale_artifacts
 from nas_fair.search.front import pareto_front
+from nas_fair.search.records import ReferenceRecord
 from nas_fair.search.retry import fail_dead_local_trials, requeue_interrupted
 from nas_fair.search.sampling import make_sampler, population_for
 from nas_fair.search.session import Session, config_dict, predictions_digest, search_fingerprint
@@ -178,9 +179,10 @@ def shared_reference(study: optuna.Study, session: Session) -> dict[str, Any]:
     reference = study.user_attrs.get("reference")
     if reference is None:
         ref = session.score_reference()
-        reference = {"values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
-                     "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs,
-                     "predictions_sha256": predictions_digest(session.ref_pred)}
+        reference = ReferenceRecord.from_attrs({
+            "values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
+            "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs,
+            "predictions_sha256": predictions_digest(session.ref_pred)}).to_attrs()
         if study.user_attrs.get("reference") is None:
             study.set_user_attr("reference", reference)
         reference = study.user_attrs.get("reference") or reference

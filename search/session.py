@@ -41,6 +41,7 @@ from nas_fair.modeling import (
 from nas_fair.objectives import ACCURACY, EvalRecord
 from nas_fair.objectives.scores import Scores, bias_objective, check_objectives, limit_constraints
 from nas_fair.search.artifacts import artifact_path
+from nas_fair.search.records import TrialRecord
 from nas_fair.search.retry import worker_identity
 from nas_fair.search.storage import preparation_lock
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
@@ -429,10 +430,10 @@ class Session:
     def run_trial(self, trial: optuna.Trial, reference: dict[str, Any]) -> list[float]:
         configs = {fam.name: fam.suggest(trial) for fam in self.space}
         # Recorded once every parameter is stored, so a retry replays the whole recipe.
-        trial.set_user_attr("worker", worker_identity())
         # What export needs to rebuild the same model (kernels differ with the thread count).
-        trial.set_user_attr("runtime", {"threads": torch.get_num_threads(),
-                                        "torch": torch.__version__})
+        TrialRecord(worker=worker_identity(),
+                    runtime={"threads": torch.get_num_threads(), "torch": torch.__version__},
+                    ).write(trial)
         t0 = time.perf_counter()
         same = same_recipe(trial)
         if same is not None:
@@ -452,21 +453,19 @@ class Session:
             "evaluate_s": evaluate_s + scores.attrs["timings"]["metrics_s"],
             "latency_s": scores.attrs["timings"]["latency_s"],
         }
-        for key, value in scores.attrs.items():
-            if key != "timings":
-                trial.set_user_attr(key, value)
+        TrialRecord.from_attrs(scores.attrs).without(["timings"]).write(trial)
         constraints = self.constraints(scores, reference)
         for key, value in constraints.items():
             trial.set_constraint(key, value)  # read by NSGA-II / TPE for feasibility
-        trial.set_user_attr("constraints", list(constraints.values()))
+        TrialRecord(constraints=list(constraints.values())).write(trial)
         pp = getattr(model, "nas_fair_postprocess", None)
         if pp is not None:  # the fitted group offsets and what they did on validation
-            trial.set_user_attr("postprocess", _jsonable(pp.to_dict()))
+            TrialRecord(postprocess=_jsonable(pp.to_dict())).write(trial)
         self._save_artifact(trial, model, record)
         cost["bookkeeping_s"] = time.perf_counter() - t
         cost["total_s"] = time.perf_counter() - t0
         cost["recovery_steps_run"] = sum(r["steps_run"] for r in recovery_logs(model))
-        trial.set_user_attr("cost", {k: round(v, 3) for k, v in cost.items()})
+        TrialRecord(cost={k: round(v, 3) for k, v in cost.items()}).write(trial)
         return scores.values()
 
     def _reuse(self, trial: optuna.Trial, same: FrozenTrial, t0: float,
@@ -476,18 +475,15 @@ class Session:
         model (NSGA-II does propose recipes it has already run). Export rebuilds it, checked
         against the predictions' digest copied here. The measurements are copied, the
         constraints recomputed: the limits may have changed since (``--min-accuracy`` on resume)."""
-        for key, value in same.user_attrs.items():
-            if key not in NOT_REUSED:
-                trial.set_user_attr(key, value)
+        TrialRecord.from_trial(same).without(NOT_REUSED).write(trial)
         scores = Scores.of_trial(same)
         constraints = self.constraints(scores, reference)
         for key, value in constraints.items():
             trial.set_constraint(key, value)
-        trial.set_user_attr("constraints", list(constraints.values()))
-        trial.set_user_attr("same_recipe_as", same.number)
+        TrialRecord(constraints=list(constraints.values()), same_recipe_as=same.number).write(trial)
         spent = round(time.perf_counter() - t0, 3)
-        trial.set_user_attr("cost", {**dict.fromkeys(COST_PHASES, 0.0), "bookkeeping_s": spent,
-                                     "total_s": spent, "recovery_steps_run": 0})
+        TrialRecord(cost={**dict.fromkeys(COST_PHASES, 0.0), "bookkeeping_s": spent,
+                          "total_s": spent, "recovery_steps_run": 0}).write(trial)
         return list(same.values)
 
     def _save_artifact(self, trial: optuna.Trial, model: torch.nn.Module,
@@ -504,8 +500,8 @@ class Session:
             shutil.rmtree(target)
         save_compressed(model, target, metadata={"study": self.cfg.name, "trial": trial.number,
                                                  "params": trial.params})
-        trial.set_user_attr("artifact", rel.as_posix())
-        trial.set_user_attr("predictions_sha256", predictions_digest(record.y_pred))
+        TrialRecord(artifact=rel.as_posix(),
+                    predictions_sha256=predictions_digest(record.y_pred)).write(trial)
 
     def replay(self, params: dict[str, Any]) -> torch.nn.Module:
         """The compressed model of a trial, rebuilt from its parameters (deterministic)."""
@@ -545,9 +541,9 @@ NOT_REUSED = frozenset({"worker", "runtime", "cost", "artifact", "anchor", "retr
 
 def same_recipe(trial: optuna.Trial) -> FrozenTrial | None:
     """The first completed trial of the study with ``trial``'s parameters and thread count."""
-    threads = (trial.user_attrs.get("runtime") or {}).get("threads")
+    threads = (TrialRecord.from_trial(trial).runtime or {}).get("threads")
     for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if (t.params == trial.params and t.values is not None
-                and (t.user_attrs.get("runtime") or {}).get("threads") == threads):
+                and (TrialRecord.from_trial(t).runtime or {}).get("threads") == threads):
             return t
     return None
