@@ -77,6 +77,11 @@ class TrialRecord:
         """The record of a trial (frozen or running) as stored now."""
         return cls.from_attrs(trial.user_attrs)
 
+    @classmethod
+    def coerce(cls, attrs: TrialRecord | Mapping[str, Any]) -> TrialRecord:
+        """A record as is, or one read from a user-attribute dictionary."""
+        return attrs if isinstance(attrs, TrialRecord) else cls.from_attrs(attrs)
+
     def to_attrs(self) -> dict[str, Any]:
         """The user attributes, named and valued exactly as stored."""
         return _attrs(self)
@@ -139,6 +144,11 @@ class ReferenceRecord:
     def from_study(cls, study: _HasUserAttrs) -> ReferenceRecord:
         """The study's stored reference (KeyError when none is stored yet)."""
         return cls.from_attrs(study.user_attrs["reference"])
+
+    @classmethod
+    def coerce(cls, attrs: ReferenceRecord | Mapping[str, Any]) -> ReferenceRecord:
+        """A record as is, or one read from the stored dictionary."""
+        return attrs if isinstance(attrs, ReferenceRecord) else cls.from_attrs(attrs)
 
     def to_attrs(self) -> dict[str, Any]:
         """The stored dictionary, keys in the order the search writes them."""
