@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class _HasUserAttrs(Protocol):
@@ -28,13 +28,32 @@ def _split(cls: type, attrs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
     return known, extra
 
 
-def _attrs(record: Any) -> dict[str, Any]:
-    out = {f.name: getattr(record, f.name) for f in fields(record) if f.name != "extra"}
-    return {**{k: v for k, v in out.items() if v is not None}, **record.extra}
+_R = TypeVar("_R", bound="_Record")
+
+
+class _Record:
+    """What both records share: read from a stored dictionary, write back the same one."""
+
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_attrs(cls: type[_R], attrs: Mapping[str, Any]) -> _R:
+        known, extra = _split(cls, attrs)
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def coerce(cls: type[_R], attrs: _R | Mapping[str, Any]) -> _R:
+        """A record as is, or one read from its stored dictionary."""
+        return attrs if isinstance(attrs, cls) else cls.from_attrs(attrs)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The stored names and JSON values, in field order (the order the search writes)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
 
 
 @dataclass(frozen=True)
-class TrialRecord:
+class TrialRecord(_Record):
     """Every user attribute a trial writes (search/session.py, run.py, retry.py, fidelity.py)."""
 
     # Who ran it and with what (set before the trial's work, so a retry can tell).
@@ -68,23 +87,9 @@ class TrialRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> TrialRecord:
-        known, extra = _split(cls, attrs)
-        return cls(**known, extra=extra)
-
-    @classmethod
     def from_trial(cls, trial: _HasUserAttrs) -> TrialRecord:
         """The record of a trial (frozen or running) as stored now."""
         return cls.from_attrs(trial.user_attrs)
-
-    @classmethod
-    def coerce(cls, attrs: TrialRecord | Mapping[str, Any]) -> TrialRecord:
-        """A record as is, or one read from a user-attribute dictionary."""
-        return attrs if isinstance(attrs, TrialRecord) else cls.from_attrs(attrs)
-
-    def to_attrs(self) -> dict[str, Any]:
-        """The user attributes, named and valued exactly as stored."""
-        return _attrs(self)
 
     def without(self, keys: Iterable[str]) -> TrialRecord:
         """This record less ``keys`` (fields or extra keys)."""
@@ -114,7 +119,7 @@ class TrialRecord:
 
 
 @dataclass(frozen=True)
-class ReferenceRecord:
+class ReferenceRecord(_Record):
     """The reference model's scores, stored once as the study's ``reference`` user attribute.
 
     ``bias`` holds every recorded bias metric (the scores' attributes override the objective of
@@ -136,23 +141,9 @@ class ReferenceRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> ReferenceRecord:
-        known, extra = _split(cls, attrs)
-        return cls(**known, extra=extra)
-
-    @classmethod
     def from_study(cls, study: _HasUserAttrs) -> ReferenceRecord:
         """The study's stored reference (KeyError when none is stored yet)."""
         return cls.from_attrs(study.user_attrs["reference"])
-
-    @classmethod
-    def coerce(cls, attrs: ReferenceRecord | Mapping[str, Any]) -> ReferenceRecord:
-        """A record as is, or one read from the stored dictionary."""
-        return attrs if isinstance(attrs, ReferenceRecord) else cls.from_attrs(attrs)
-
-    def to_attrs(self) -> dict[str, Any]:
-        """The stored dictionary, keys in the order the search writes them."""
-        return _attrs(self)
 
     @property
     def collapsed(self) -> bool:
