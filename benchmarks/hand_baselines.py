@@ -59,6 +59,8 @@ from _common import (
 )
 from tqdm.auto import tqdm
 
+from nas_fair.search.records import ReferenceRecord, TrialRecord
+
 RECOVERY = {"distillation.temperature": 2.0, "distillation.alpha": 0.9}
 BASELINES = {
     "int8 dynamic": {"quantization.attention_bits": 8, "quantization.ffn_bits": 8,
@@ -171,7 +173,8 @@ def front_model(session: Any, folder: Path, trial: Any, replay: bool) -> tuple[A
 
     # the folder from the trial number, never from the path stored in the study
     saved = artifact_dir(folder, session.cfg.name, trial.number)
-    if not replay and trial.user_attrs.get("artifact") and saved is not None and saved.is_dir():
+    if (not replay and TrialRecord.from_trial(trial).artifact and saved is not None
+            and saved.is_dir()):
         try:
             return load_compressed(saved), "saved model"
         except UserError as exc:
@@ -244,13 +247,13 @@ def main() -> None:
     try:
         study = optuna.load_study(study_name=cfg.name, storage=url)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        study_ref = study.user_attrs["reference"]["values"]
+        study_ref = ReferenceRecord.from_study(study).values
         others = [{"number": t.number, "ratios": ratios(list(t.values), study_ref),
-                   "feasible": all(c <= 0 for c in t.user_attrs.get("constraints", [0]))}
+                   "feasible": TrialRecord.from_trial(t).feasible}
                   for t in complete]
         for tr in pareto_front(complete, dirs):
             entry = {"number": tr.number, "params": tr.params, "values": list(tr.values),
-                     "bias_ci": tr.user_attrs.get("bias_ci"), "source": "storage"}
+                     "bias_ci": TrialRecord.from_trial(tr).bias_ci, "source": "storage"}
             if args.stored_front:
                 entry["ratios"] = ratios(entry["values"], study_ref)
             else:
@@ -260,7 +263,7 @@ def main() -> None:
                              source=source)
                 # Same model as in the search? Its test predictions must be the same.
                 entry["same_predictions"] = (entry["predictions_sha256"]
-                                             == tr.user_attrs.get("predictions_sha256"))
+                                             == TrialRecord.from_trial(tr).predictions_sha256)
                 if not entry["same_predictions"]:
                     print(f"note: trial {tr.number} predicts differently now than in the search "
                           f"({source}; another thread count or machine?)")

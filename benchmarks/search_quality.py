@@ -44,6 +44,7 @@ from _common import (
 )
 
 from nas_fair.search._optuna import named_constraints, stored_trial
+from nas_fair.search.records import TrialRecord
 
 
 def hv_curve(trials: list[Any], reference: list[float], dirs: list[str]) -> list[float]:
@@ -98,17 +99,17 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
             values, constraints, attrs = cache[key]
             for k, v in constraints.items():
                 trial.set_constraint(k, v)
-            trial.set_user_attr("constraints", list(constraints.values()))
-            for k, v in attrs.items():
-                trial.set_user_attr(k, v)
+            TrialRecord(constraints=list(constraints.values())).write(trial)
+            attrs.write(trial)
             return values
         values = session.run_trial(trial, reference)
         if cache is not None:
             fr = stored_trial(trial.study, trial)
             # set_constraint stores "<prefix>:<name>" system attributes; replay them as set.
             cons = named_constraints(fr)
-            attrs = {k: fr.user_attrs[k] for k in ("bias_ci", "accuracy_ci", "collapse", "cost")
-                     if k in fr.user_attrs}
+            rec = TrialRecord.from_trial(fr)
+            attrs = TrialRecord(bias_ci=rec.bias_ci, accuracy_ci=rec.accuracy_ci,
+                                collapse=rec.collapse, cost=rec.cost)
             cache[key] = (values, cons, attrs)
         return values
 
@@ -119,7 +120,7 @@ def run_one(session: Any, reference: dict[str, Any], sampler: str, seed: int, n:
     curve = hv_curve(study.trials, reference["values"], dirs)
     complete = [tr for tr in study.trials if tr.values is not None]
     feasible = [tr for tr in complete
-                if all(c <= 0 for c in tr.user_attrs.get("constraints", [0]))]
+                if TrialRecord.from_trial(tr).feasible]
     return {
         "sampler": sampler, "seed": seed, "hypervolume": curve[-1] if curve else 0.0,
         "hv_curve": curve, "completed": len(complete), "feasible": len(feasible),

@@ -30,7 +30,16 @@ from typing import Any
 
 from _common import RESULTS, add_study_args, load_cfg, run_dir, shown_storage, table, write_json
 
+from nas_fair.search.records import TrialRecord
 from nas_fair.search.session import COST_PHASES as PHASES
+
+
+def _cost(trial: Any) -> dict[str, float]:
+    """The trial's "cost" record (a KeyError when it has none, as the stored dict's lookup)."""
+    cost = TrialRecord.from_trial(trial).cost
+    if cost is None:
+        raise KeyError("cost")
+    return cost
 
 
 def stored_trials(storage: str, name: str) -> list[Any]:
@@ -39,7 +48,7 @@ def stored_trials(storage: str, name: str) -> list[Any]:
 
     study = optuna.load_study(study_name=name, storage=storage)
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "cost" in t.user_attrs]
+            if TrialRecord.from_trial(t).cost is not None]
 
 
 def run_trials(cfg: Any, folder: Path, k: int, threads: int,
@@ -83,7 +92,7 @@ def replay_rows(before: list[Any], now: list[Any]) -> list[dict[str, Any]]:
         if t.params != old.params:
             raise RuntimeError(f"replayed trial {t.number} ran other params than trial "
                                f"{old.number}")
-        a, b = old.user_attrs["cost"], t.user_attrs["cost"]
+        a, b = _cost(old), _cost(t)
         rows.append({"stored_trial": old.number,
                      "stored": {p: a.get(p, 0.0) for p in REPLAY_PHASES},
                      "now": {p: b.get(p, 0.0) for p in REPLAY_PHASES},
@@ -96,7 +105,7 @@ def replay_rows(before: list[Any], now: list[Any]) -> list[dict[str, Any]]:
 def summarize(trials: list[Any]) -> dict[str, Any]:
     rows = []
     for t in trials:
-        c = t.user_attrs["cost"]
+        c = _cost(t)
         wall = None
         if t.datetime_start and t.datetime_complete:
             wall = (t.datetime_complete - t.datetime_start).total_seconds()
@@ -126,7 +135,7 @@ def summarize(trials: list[Any]) -> dict[str, Any]:
     if len(timed) > 1:
         span = (max(t.datetime_complete for t in timed)
                 - min(t.datetime_start for t in timed)).total_seconds()
-        workers = {json.dumps(t.user_attrs.get("worker"), sort_keys=True) for t in timed}
+        workers = {json.dumps(TrialRecord.from_trial(t).worker, sort_keys=True) for t in timed}
         summary.update(span_s=span, span_trials=len(timed), workers=len(workers),
                        trials_per_hour_span=3600.0 * len(timed) / span,
                        seconds_per_trial_span=span / len(timed))

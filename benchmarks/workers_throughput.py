@@ -113,6 +113,7 @@ def measure(name: str, procs: list[subprocess.Popen], storage: str, study: str,
     import optuna
     from optuna.trial import TrialState
 
+    from nas_fair.search.records import TrialRecord
     from nas_fair.search.storage import make_storage
 
     for p in procs:
@@ -126,8 +127,9 @@ def measure(name: str, procs: list[subprocess.Popen], storage: str, study: str,
             - min(t.datetime_start for t in trials)).total_seconds()
     return {"setting": name, "trials": len(trials), "trial_span_s": round(span, 2),
             "wall_s": round(wall, 2), "trials_per_hour": round(3600 * len(trials) / span, 1),
-            "threads": sorted({(t.user_attrs.get("runtime") or {}).get("threads") for t in trials}),
-            "workers": len({(t.user_attrs.get("worker") or {}).get("pid") for t in trials})}
+            "threads": sorted({(TrialRecord.from_trial(t).runtime or {}).get("threads")
+                               for t in trials}),
+            "workers": len({(TrialRecord.from_trial(t).worker or {}).get("pid") for t in trials})}
 
 
 def main() -> None:

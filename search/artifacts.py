@@ -10,6 +10,8 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
+from nas_fair.search.records import TrialRecord
+
 
 def artifact_path(study: str, number: int) -> Path:
     """A trial's saved model, relative to the run folder (per study: run folders can be shared)."""
@@ -41,7 +43,7 @@ def drop_stale_artifacts(run_dir: Path, study: str, trials: Iterable[FrozenTrial
     the study name and trial number (``artifact_dir``), not from the path stored in the trial.
     """
     for t in trials:
-        if (t.user_attrs.get("artifact") and t.number not in keep
+        if (TrialRecord.from_trial(t).artifact and t.number not in keep
                 and t.state in (TrialState.COMPLETE, TrialState.FAIL)):
             target = artifact_dir(run_dir, study, t.number)
             if target is not None:

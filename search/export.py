@@ -31,6 +31,7 @@ from nas_fair.objectives.scores import Scores
 from nas_fair.search._optuna import named_constraints
 from nas_fair.search.artifacts import CARD_FILE, METRICS_FILE, ONNX_FILE, RECIPE_FILE
 from nas_fair.search.card import base_model_name, model_card
+from nas_fair.search.records import ReferenceRecord, TrialRecord
 
 
 @dataclass
@@ -218,10 +219,10 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     from nas_fair.checkpoint import MODEL_FILE, load_compressed
     from nas_fair.spaces.vocabulary import export_folder
 
-    runtime = trial.user_attrs.get("runtime") or {}
+    rec = TrialRecord.from_trial(trial)
+    runtime = rec.runtime or {}
     # "threads" is where studies made before "runtime" recorded the count.
-    want_threads = int(runtime.get("threads") or trial.user_attrs.get("threads")
-                       or session.cfg.search.threads or 0)
+    want_threads = int(rec.thread_count or session.cfg.search.threads or 0)
     if want_threads:
         torch.set_num_threads(want_threads)  # the search's count: same kernels, same predictions
     source = _model_files(session, trial, dest, log)
@@ -242,7 +243,9 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
                           attention_mask=session.tensors["test_mask"],
                           max_length=session.cfg.model.max_length, groups=session.data.test.groups)
     weight_bytes = (dest / MODEL_FILE).stat().st_size
-    recorded = int(trial.user_attrs["size_bytes"])
+    if rec.size_bytes is None:
+        raise KeyError("size_bytes")  # as reading the missing attribute did
+    recorded = int(rec.size_bytes)
     if abs(weight_bytes - recorded) > 0.01 * recorded:
         raise UserError(f"trial {trial.number}: {MODEL_FILE} holds {weight_bytes} bytes but the "
                         f"search measured {recorded}; refusing to export a mismatched size")
@@ -278,7 +281,7 @@ def _model_files(session: Any, trial: FrozenTrial, dest: Path, log: Callable[[st
     from nas_fair.search.artifacts import artifact_dir
 
     src = None
-    if use_artifact and trial.user_attrs.get("artifact"):
+    if use_artifact and TrialRecord.from_trial(trial).artifact:
         src = artifact_dir(session.run_dir, session.cfg.name, trial.number)
     if src is not None and not src.is_symlink() and (src / MODEL_FILE).is_file():
         try:
@@ -318,10 +321,11 @@ def _verify(session: Any, trial: FrozenTrial, record: Any, runtime: dict[str, An
 
     cfg = session.cfg
     digest = predictions_digest(record.y_pred)
-    want = trial.user_attrs.get("predictions_sha256")
+    rec = TrialRecord.from_trial(trial)
+    want = rec.predictions_sha256
     acc = ACCURACY[cfg.objectives.accuracy](record)
     bias = BIAS[cfg.objectives.bias](record)
-    recorded_bias = (trial.user_attrs.get("bias") or {}).get(cfg.objectives.bias, {}).get("value")
+    recorded_bias = (rec.bias or {}).get(cfg.objectives.bias, {}).get("value")
     problems = []
     if want is not None and digest != want:
         problems.append(f"predictions sha256 {digest[:12]} vs recorded {want[:12]}")
@@ -367,7 +371,7 @@ def build_recipe(session: Any, study: Any, trial: FrozenTrial) -> dict[str, Any]
         "reference_finetuned": bool(session.reference_info.get("finetuned")),
         "study_fingerprint": study.user_attrs.get("fingerprint"),
         "study_config": study.user_attrs.get("config"),
-        "runtime": trial.user_attrs.get("runtime"),
+        "runtime": TrialRecord.from_trial(trial).runtime,
     }
 
 
@@ -382,46 +386,46 @@ def build_metrics(session: Any, study: Any, trial: FrozenTrial,
     from nas_fair.search.front import pareto_front
 
     cfg = session.cfg
-    attrs = trial.user_attrs
-    ref = study.user_attrs["reference"]
+    attrs = TrialRecord.from_trial(trial)
+    ref = ReferenceRecord.from_study(study)
     names = objective_names(cfg)
     dirs = directions(cfg)
     objectives: dict[str, Any] = {}
     for i, name in enumerate(names):
-        value, refv = trial.values[i], ref["values"][i]
+        value, refv = trial.values[i], (ref.values or [])[i]
         objectives[name] = {"value": value, "reference": refv, "ratio": _ratio(value, refv),
                             "direction": dirs[i]}
     size, latency, acc, bias = (objectives[n] for n in names)
-    size.update(bytes=attrs.get("size_bytes"), reference_bytes=ref.get("size_bytes"),
+    size.update(bytes=attrs.size_bytes, reference_bytes=ref.size_bytes,
                 exported_weight_bytes=weight_bytes)
-    latency.update(detail=attrs.get("latency"), reference_detail=ref.get("latency"),
+    latency.update(detail=attrs.latency, reference_detail=ref.latency,
                    batch_size=cfg.search.batch_size, seq_len=cfg.search.seq_len)
-    acc.update(ci=attrs.get("accuracy_ci"), reference_ci=ref.get("accuracy_ci"))
-    bias.update(metric=cfg.objectives.bias, ci=attrs.get("bias_ci"),
-                reference_ci=ref.get("bias_ci"),
+    acc.update(ci=attrs.accuracy_ci, reference_ci=ref.accuracy_ci)
+    bias.update(metric=cfg.objectives.bias, ci=attrs.bias_ci,
+                reference_ci=ref.bias_ci,
                 signed=names[3] != cfg.objectives.bias)  # objective = |value| of a signed gap
     constraints = dict(sorted(named_constraints(trial).items()))
     if not constraints:
-        constraints = {str(i): v for i, v in enumerate(attrs.get("constraints", []))}
+        constraints = {str(i): v for i, v in enumerate(attrs.constraints or [])}
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front = {t.number for t in pareto_front(complete, dirs)}
     return {
         "study": cfg.name,
         "trial": trial.number,
         "objectives": objectives,
-        "params": {"value": attrs.get("params"), "reference": ref.get("params"),
-                   "ratio": _ratio(attrs.get("params"), ref.get("params"))},
-        "bias": attrs.get("bias"),
-        "reference_bias": ref.get("bias"),
-        "collapse": attrs.get("collapse"),
-        "reference_collapse": ref.get("collapse"),
+        "params": {"value": attrs.params, "reference": ref.params,
+                   "ratio": _ratio(attrs.params, ref.params)},
+        "bias": attrs.bias,
+        "reference_bias": ref.bias,
+        "collapse": attrs.collapse,
+        "reference_collapse": ref.collapse,
         "constraints": constraints,
         "feasible": all(v <= 0 for v in constraints.values()),
         "on_pareto_front": trial.number in front,
         "test_rows": len(session.data.test),
-        "predictions_sha256": attrs.get("predictions_sha256"),
-        "reference_predictions_sha256": ref.get("predictions_sha256"),
-        "cost_s": attrs.get("cost"),
+        "predictions_sha256": attrs.predictions_sha256,
+        "reference_predictions_sha256": ref.predictions_sha256,
+        "cost_s": attrs.cost,
     }
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
+from nas_fair.search.records import TrialRecord
+
 
 def pareto_front(trials: list[FrozenTrial], dirs: list[str], *,
                  feasible_only: bool = True) -> list[FrozenTrial]:
     """Non-dominated complete trials (feasible ones only unless asked otherwise)."""
     cands = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
     if feasible_only:
-        cands = [t for t in cands if all(c <= 0 for c in t.user_attrs.get("constraints", [0]))]
+        cands = [t for t in cands if TrialRecord.from_trial(t).feasible]
     if not cands:
         return []
     sign = np.array([1.0 if d == "minimize" else -1.0 for d in dirs])

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from nas_fair.postprocess import DISPARATE_TREATMENT
 from nas_fair.search._optuna import compute_hypervolume
 from nas_fair.search.front import pareto_front
+from nas_fair.search.records import ReferenceRecord, TrialRecord
 from nas_fair.search.table import NEEDS_GROUP_NOTE, status_note, trial_constraints, violated
 
 # Each trial is drawn in one of these groups; the table sorts them in this order too.
@@ -52,7 +53,7 @@ HV_REFERENCE_POINT = 2.0  # every normalized objective: twice the reference mode
 
 
 def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[str, Any]:
-    reference = study.user_attrs["reference"]
+    reference = ReferenceRecord.from_study(study)
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.values is not None]
     front = {t.number for t in pareto_front(complete, dirs)}
@@ -60,7 +61,8 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
     for t in complete:
         cons = trial_constraints(t)
         bad = violated(cons)
-        collapsed = bool((t.user_attrs.get("collapse") or {}).get("collapsed", False))
+        rec = TrialRecord.from_trial(t)
+        collapsed = rec.collapsed
         feasible = not bad
         row = {
             "number": t.number,
@@ -73,23 +75,23 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
             "on_front": t.number in front,
             "group": "front" if t.number in front else ("dominated" if feasible
                                                         else "infeasible"),
-            "bias_ci": t.user_attrs.get("bias_ci"),
-            "disparity": t.user_attrs.get("disparity"),
-            "needs_group": bool(t.user_attrs.get("postprocess")),
+            "bias_ci": rec.bias_ci,
+            "disparity": rec.disparity,
+            "needs_group": bool(rec.postprocess),
         }
         row["note"] = status_note(row)
         trials.append(row)
     hv = []
     if trials:
         vals = np.array([t["values"] for t in trials], dtype=float)
-        norm = normalized(vals, reference["values"], dirs)
+        norm = normalized(vals, reference.values, dirs)
         ref_pt = np.full(len(dirs), HV_REFERENCE_POINT)
         feasible = np.array([t["feasible"] for t in trials])
         for k in range(1, len(trials) + 1):
             pts = norm[:k][feasible[:k]]
             hv.append(hypervolume(pts, ref_pt) if len(pts) else 0.0)
     return {"study": study.study_name, "names": names, "directions": dirs,
-            "reference": reference["values"], "reference_bias_ci": reference.get("bias_ci"),
+            "reference": reference.values, "reference_bias_ci": reference.bias_ci,
             "trials": trials, "hypervolume": hv, "hv_reference_point": HV_REFERENCE_POINT}
 
 

@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from nas_fair.search._optuna import fail_trial, stored_trial
 from nas_fair.search.fidelity import retry_attrs
+from nas_fair.search.records import TrialRecord
 
 
 def worker_identity() -> dict[str, Any]:
@@ -41,7 +42,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     me = worker_identity()
     retried = []
     for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        w = tr.user_attrs.get("worker") or {}
+        w = TrialRecord.from_trial(tr).worker or {}
         if w.get("host") != me["host"] or w.get("node") != me.get("node"):
             continue
         if _alive(int(w.get("pid", -1))):
@@ -61,13 +62,13 @@ def queue_retry(study: optuna.Study, trial: FrozenTrial) -> bool:
     ``retry_of`` (and ``anchor`` if it was one): its parameters once all were drawn (the
     ``worker`` mark is set after the last), else those it was queued with. False when it has
     neither: it drew only part of a recipe, and the next trial draws a new one."""
-    params = (trial.params if "worker" in trial.user_attrs
+    rec = TrialRecord.from_trial(trial)
+    params = (trial.params if rec.worker is not None
               else trial.system_attrs.get("fixed_params"))
     if not params:
         return False
-    attrs: dict[str, Any] = {"retry_of": trial.number}
-    if trial.user_attrs.get("anchor"):
-        attrs["anchor"] = True
+    attrs: dict[str, Any] = TrialRecord(retry_of=trial.number,
+                                        anchor=True if rec.anchor else None).to_attrs()
     attrs.update(retry_attrs(trial))  # a promotion ticket's retry is the same ticket
     study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     return True
@@ -78,8 +79,8 @@ def requeue_interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
     like a dead worker's trial, so the next run finishes the anchors and the budget (a failed
     trial never counts against the budget). Call before re-raising."""
     frozen = stored_trial(study, trial)
-    trial.set_user_attr("interrupted", True)
-    trial.set_user_attr("error", "KeyboardInterrupt: interrupted; queued to run again")
+    TrialRecord(interrupted=True).write(trial)
+    TrialRecord(error="KeyboardInterrupt: interrupted; queued to run again").write(trial)
     queue_retry(study, frozen)
 
 

@@ -23,6 +23,7 @@ from nas_fair.errors import UserError, disk_full
 from nas_fair.objectives.scores import directions, objective_names
 from nas_fair.search.artifacts import drop_stale_artifacts
 from nas_fair.search.front import pareto_front
+from nas_fair.search.records import ReferenceRecord, TrialRecord
 from nas_fair.search.retry import fail_dead_local_trials, requeue_interrupted
 from nas_fair.search.sampling import make_sampler, population_for
 from nas_fair.search.session import Session, config_dict, predictions_digest, search_fingerprint
@@ -178,9 +179,10 @@ def shared_reference(study: optuna.Study, session: Session) -> dict[str, Any]:
     reference = study.user_attrs.get("reference")
     if reference is None:
         ref = session.score_reference()
-        reference = {"values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
-                     "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs,
-                     "predictions_sha256": predictions_digest(session.ref_pred)}
+        reference = ReferenceRecord.from_attrs({
+            "values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
+            "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs,
+            "predictions_sha256": predictions_digest(session.ref_pred)}).to_attrs()
         if study.user_attrs.get("reference") is None:
             study.set_user_attr("reference", reference)
         reference = study.user_attrs.get("reference") or reference
@@ -352,7 +354,7 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             log(label + format_trial_line(trial, reference, names, trial.number in front))
         elif trial.state == TrialState.FAIL:
             failures += 1
-            last_error = trial.user_attrs.get("error", "see log above")
+            last_error = TrialRecord.from_trial(trial).error or "see log above"
             drop_stale_artifacts(session.run_dir, session.cfg.name, [trial], keep=set())
             log(f"{label}trial {trial.number} failed: {last_error}")
             if failures >= 3:
@@ -365,7 +367,7 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
     def guarded(trial: optuna.Trial) -> list[float]:
         if _over_budget(study, trial.number, budget):
             # Other workers hold the remaining places: never complete, stop this worker.
-            trial.set_user_attr("skipped", f"budget of {budget.trials} trials already taken")
+            TrialRecord(skipped=f"budget of {budget.trials} trials already taken").write(trial)
             study.stop()
             raise optuna.TrialPruned("over budget")
         try:
@@ -374,7 +376,7 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
             requeue_interrupted(study, trial)
             raise
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            TrialRecord(error=f"{type(exc).__name__}: {exc}"[:500]).write(trial)
             if disk_full(exc):  # every next trial would fail the same way: stop, say so once
                 full.append(exc)
                 study.stop()

@@ -40,12 +40,10 @@ from nas_fair.modeling import (
 )
 from nas_fair.objectives import ACCURACY, EvalRecord
 from nas_fair.objectives.scores import Scores, bias_objective, check_objectives, limit_constraints
-from nas_fair.search.artifacts import artifact_path
-from nas_fair.search.retry import worker_identity
+from nas_fair.search.records import TrialRecord
 from nas_fair.search.storage import preparation_lock, read_only_error
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
 from nas_fair.spaces.base import RecoveryConfig, check_architecture
-from nas_fair.spaces.recovery import recovery_logs
 
 
 def predictions_digest(y_pred: np.ndarray) -> str:
@@ -441,85 +439,22 @@ class Session:
     # ------------------------------------------------------------------ trials
 
     def run_trial(self, trial: optuna.Trial, reference: dict[str, Any]) -> list[float]:
-        configs = {fam.name: fam.suggest(trial) for fam in self.space}
-        # Recorded once every parameter is stored, so a retry replays the whole recipe.
-        trial.set_user_attr("worker", worker_identity())
-        # What export needs to rebuild the same model (kernels differ with the thread count).
-        trial.set_user_attr("runtime", {"threads": torch.get_num_threads(),
-                                        "torch": torch.__version__})
-        t0 = time.perf_counter()
-        same = same_recipe(trial)
-        if same is not None:
-            return self._reuse(trial, same, t0, reference)
-        times: dict[str, float] = {}
-        model = compress(self.reference, configs, self.ctx, timings=times)
-        t = time.perf_counter()
-        record = self.evaluate(model)
-        evaluate_s = time.perf_counter() - t
-        scores = self.score(model, record, paired=True)
-        t = time.perf_counter()
-        cost = {
-            "compress_s": sum(v for k, v in times.items()
-                              if k not in ("distillation", "mitigation")),
-            "recover_s": times.get("distillation", 0.0),
-            "mitigation_s": times.get("mitigation", 0.0),
-            "evaluate_s": evaluate_s + scores.attrs["timings"]["metrics_s"],
-            "latency_s": scores.attrs["timings"]["latency_s"],
-        }
-        for key, value in scores.attrs.items():
-            if key != "timings":
-                trial.set_user_attr(key, value)
-        constraints = self.constraints(scores, reference)
-        for key, value in constraints.items():
-            trial.set_constraint(key, value)  # read by NSGA-II / TPE for feasibility
-        trial.set_user_attr("constraints", list(constraints.values()))
-        pp = getattr(model, "nas_fair_postprocess", None)
-        if pp is not None:  # the fitted group offsets and what they did on validation
-            trial.set_user_attr("postprocess", _jsonable(pp.to_dict()))
-        self._save_artifact(trial, model, record)
-        cost["bookkeeping_s"] = time.perf_counter() - t
-        cost["total_s"] = time.perf_counter() - t0
-        cost["recovery_steps_run"] = sum(r["steps_run"] for r in recovery_logs(model))
-        trial.set_user_attr("cost", {k: round(v, 3) for k, v in cost.items()})
-        return scores.values()
+        """Compress, evaluate and score one trial (the body is in search/trial.py)."""
+        from nas_fair.search.trial import run_trial
+
+        return run_trial(self, trial, reference)
 
     def _reuse(self, trial: optuna.Trial, same: FrozenTrial, t0: float,
                reference: dict[str, Any]) -> list[float]:
-        """Score ``trial`` as ``same``, a completed trial with the same recipe: compression and
-        recovery are deterministic for a recipe and thread count, so it would build the same
-        model (NSGA-II does propose recipes it has already run). Export rebuilds it, checked
-        against the predictions' digest copied here. The measurements are copied, the
-        constraints recomputed: the limits may have changed since (``--min-accuracy`` on resume)."""
-        for key, value in same.user_attrs.items():
-            if key not in NOT_REUSED:
-                trial.set_user_attr(key, value)
-        scores = Scores.of_trial(same)
-        constraints = self.constraints(scores, reference)
-        for key, value in constraints.items():
-            trial.set_constraint(key, value)
-        trial.set_user_attr("constraints", list(constraints.values()))
-        trial.set_user_attr("same_recipe_as", same.number)
-        spent = round(time.perf_counter() - t0, 3)
-        trial.set_user_attr("cost", {**dict.fromkeys(COST_PHASES, 0.0), "bookkeeping_s": spent,
-                                     "total_s": spent, "recovery_steps_run": 0})
-        return list(same.values)
+        from nas_fair.search.trial import reuse
+
+        return reuse(self, trial, same, t0, reference)
 
     def _save_artifact(self, trial: optuna.Trial, model: torch.nn.Module,
                        record: EvalRecord) -> None:
-        """Keep the trial's model (safetensors + JSON) so that export copies it instead of
-        recompressing; the search deletes it once the trial leaves the Pareto front. The
-        predictions' digest and the thread count let export prove a copy or replay is the same
-        model."""
-        from nas_fair.checkpoint import save_compressed
+        from nas_fair.search.trial import save_artifact
 
-        rel = artifact_path(self.cfg.name, trial.number)
-        target = self.run_dir / rel
-        if target.exists():  # left by a deleted study of the same name in this run folder
-            shutil.rmtree(target)
-        save_compressed(model, target, metadata={"study": self.cfg.name, "trial": trial.number,
-                                                 "params": trial.params})
-        trial.set_user_attr("artifact", rel.as_posix())
-        trial.set_user_attr("predictions_sha256", predictions_digest(record.y_pred))
+        save_artifact(self, trial, model, record)
 
     def replay(self, params: dict[str, Any]) -> torch.nn.Module:
         """The compressed model of a trial, rebuilt from its parameters (deterministic)."""
@@ -559,9 +494,9 @@ NOT_REUSED = frozenset({"worker", "runtime", "cost", "artifact", "anchor", "retr
 
 def same_recipe(trial: optuna.Trial) -> FrozenTrial | None:
     """The first completed trial of the study with ``trial``'s parameters and thread count."""
-    threads = (trial.user_attrs.get("runtime") or {}).get("threads")
+    threads = (TrialRecord.from_trial(trial).runtime or {}).get("threads")
     for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if (t.params == trial.params and t.values is not None
-                and (t.user_attrs.get("runtime") or {}).get("threads") == threads):
+                and (TrialRecord.from_trial(t).runtime or {}).get("threads") == threads):
             return t
     return None

@@ -19,6 +19,7 @@ from nas_fair.errors import UserError, one_of
 from nas_fair.objectives.scores import OBJECTIVE_KEYS, Scores, limit_constraints
 from nas_fair.postprocess import DISPARATE_TREATMENT
 from nas_fair.search.front import pareto_front
+from nas_fair.search.records import ReferenceRecord, TrialRecord
 
 NEEDS_GROUP_NOTE = "needs the sensitive attribute at inference"
 
@@ -40,7 +41,7 @@ def trial_constraints(trial: FrozenTrial) -> dict[str, float]:
     named = dict(getattr(trial, "constraints", None) or {})
     if named:
         return {k: float(v) for k, v in named.items()}
-    values = trial.user_attrs.get("constraints") or []
+    values = TrialRecord.from_trial(trial).constraints or []
     return {f"constraint_{i}": float(v) for i, v in enumerate(values)}
 
 
@@ -71,23 +72,27 @@ def display_note(row: dict[str, Any]) -> str:
     return note
 
 
-def trial_row(values: list[float], attrs: dict[str, Any], reference: dict[str, Any],
-              names: list[str], constraints: dict[str, float] | None = None) -> dict[str, Any]:
+def trial_row(values: list[float], attrs: TrialRecord | ReferenceRecord | dict[str, Any],
+              reference: ReferenceRecord | dict[str, Any], names: list[str],
+              constraints: dict[str, float] | None = None) -> dict[str, Any]:
+    """A trial's (or the reference's) table row; records or their stored dictionaries."""
+    rec = attrs if isinstance(attrs, ReferenceRecord) else TrialRecord.coerce(attrs)
     row: dict[str, Any] = {}
-    for key, name, value, ref in zip(OBJECTIVE_KEYS, names, values, reference["values"]):
+    ref_values = ReferenceRecord.coerce(reference).values or []
+    for key, name, value, ref in zip(OBJECTIVE_KEYS, names, values, ref_values):
         row[key] = {"name": name, "value": value, "ratio": _ratio(value, ref)}
-    row["bias"]["ci"] = attrs.get("bias_ci")
-    row["accuracy"]["ci"] = attrs.get("accuracy_ci")
-    row["collapsed"] = bool((attrs.get("collapse") or {}).get("collapsed", False))
+    row["bias"]["ci"] = rec.bias_ci
+    row["accuracy"]["ci"] = rec.accuracy_ci
+    row["collapsed"] = rec.collapsed
     if constraints is None:
-        constraints = {f"constraint_{i}": float(v)
-                       for i, v in enumerate(attrs.get("constraints") or [])}
+        stored = rec.constraints if isinstance(rec, TrialRecord) else None
+        constraints = {f"constraint_{i}": float(v) for i, v in enumerate(stored or [])}
     row["constraints"] = constraints
     row["violated"] = violated(constraints)
     row["feasible"] = not row["violated"]
-    row["params_count"] = attrs.get("params")
+    row["params_count"] = rec.params
     # group-aware decision offsets: predicting needs each row's sensitive attribute
-    row["needs_group"] = bool(attrs.get("postprocess"))
+    row["needs_group"] = isinstance(rec, TrialRecord) and bool(rec.postprocess)
     return row
 
 
@@ -133,7 +138,8 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
                                  ("min_accuracy", min_accuracy)) if v is not None}
     if filters and cfg is None:
         raise ValueError("filters need the study's configuration (the bias metric's sign)")
-    reference = study.user_attrs["reference"]
+    reference = study.user_attrs["reference"]  # the stored dict, as limit_constraints takes it
+    ref = ReferenceRecord.from_attrs(reference)
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     trials = [t for t in trials if t.values is not None]
     kept = trials
@@ -142,7 +148,7 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
 
         def passes(t: FrozenTrial) -> bool:
             s = Scores.of_trial(t)
-            cons = limit_constraints(cfg, s.accuracy, s.bias, t.user_attrs.get("bias_ci"),
+            cons = limit_constraints(cfg, s.accuracy, s.bias, TrialRecord.from_trial(t).bias_ci,
                                      reference, max_bias_increase=max_bias_increase,
                                      min_accuracy=min_accuracy)
             return all(v <= 0 for v in cons.values())
@@ -158,7 +164,8 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
     def rows(group: list[FrozenTrial], on_front: bool) -> list[dict[str, Any]]:
         out = []
         for t in sorted(group, key=lambda t: (sign * t.values[key], t.number)):
-            row = trial_row(list(t.values), t.user_attrs, reference, names, trial_constraints(t))
+            row = trial_row(list(t.values), TrialRecord.from_trial(t), ref, names,
+                            trial_constraints(t))
             row["trial"] = t.number
             row["on_front"] = on_front
             row["note"] = status_note(row)
@@ -166,8 +173,8 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
             out.append(row)
         return out
 
-    ref_row = trial_row(reference["values"], reference, reference, names, {})
-    costs = [t.user_attrs.get("cost", {}) for t in trials]
+    ref_row = trial_row(ref.values or [], ref, ref, names, {})
+    costs = [TrialRecord.from_trial(t).cost or {} for t in trials]
     cost_keys = ("compress_s", "recover_s", "evaluate_s", "latency_s", "bookkeeping_s", "total_s")
     mean_cost = ({k: sum(c.get(k, 0.0) for c in costs) / len(costs) for k in cost_keys}
                  if costs else {})
@@ -253,12 +260,12 @@ def render_table(result: dict[str, Any]) -> str:
 
 def format_trial_line(trial: FrozenTrial, reference: dict[str, Any], names: list[str],
                       on_front: bool) -> str:
-    row = trial_row(list(trial.values), trial.user_attrs, reference, names,
-                    trial_constraints(trial))
-    cost = trial.user_attrs.get("cost", {})
+    rec = TrialRecord.from_trial(trial)
+    row = trial_row(list(trial.values), rec, reference, names, trial_constraints(trial))
+    cost = rec.cost or {}
     flags = ["on front"] if on_front else []
-    if "same_recipe_as" in trial.user_attrs:
-        flags.append(f"same recipe as trial {trial.user_attrs['same_recipe_as']}: scores reused")
+    if rec.same_recipe_as is not None:
+        flags.append(f"same recipe as trial {rec.same_recipe_as}: scores reused")
     note = display_note(row)
     if note:
         flags.append(note)

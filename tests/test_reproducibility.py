@@ -125,7 +125,7 @@ def test_a_ctrl_c_trial_is_run_again_on_resume(tmp_path: Path, tiny_checkpoint: 
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in the middle of anchor trial 1: it is failed (and does not count against the
     budget), and the next run re-runs its recipe, so every anchor and the whole budget finish."""
-    import nas_fair.search.session as study_module
+    import nas_fair.search.trial as study_module  # the trial body compresses
 
     toml = write_study(tmp_path, tiny_checkpoint, steps=2)
     run_dir = tmp_path / "run"

@@ -1,0 +1,111 @@
+"""The trial body: compress one recipe, evaluate and score it, record it on the trial.
+
+``Session.run_trial`` / ``_reuse`` / ``_save_artifact`` call these with the session, which
+holds everything trials share (reference, cached tensors, the space); overriding those methods
+(tests, benchmarks) still takes effect, as the body calls back through them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+
+from nas_fair.objectives import EvalRecord
+from nas_fair.objectives.scores import Scores
+from nas_fair.search.artifacts import artifact_path
+from nas_fair.search.records import TrialRecord
+from nas_fair.search.retry import worker_identity
+from nas_fair.search.session import (
+    COST_PHASES,
+    NOT_REUSED,
+    Session,
+    _jsonable,
+    predictions_digest,
+    same_recipe,
+)
+from nas_fair.spaces import compress
+from nas_fair.spaces.recovery import recovery_logs
+
+
+def run_trial(session: Session, trial: optuna.Trial, reference: dict[str, Any]) -> list[float]:
+    configs = {fam.name: fam.suggest(trial) for fam in session.space}
+    # Recorded once every parameter is stored, so a retry replays the whole recipe.
+    # What export needs to rebuild the same model (kernels differ with the thread count).
+    TrialRecord(worker=worker_identity(),
+                runtime={"threads": torch.get_num_threads(), "torch": torch.__version__},
+                ).write(trial)
+    t0 = time.perf_counter()
+    same = same_recipe(trial)
+    if same is not None:
+        return session._reuse(trial, same, t0, reference)
+    times: dict[str, float] = {}
+    model = compress(session.reference, configs, session.ctx, timings=times)
+    t = time.perf_counter()
+    record = session.evaluate(model)
+    evaluate_s = time.perf_counter() - t
+    scores = session.score(model, record, paired=True)
+    t = time.perf_counter()
+    cost = {
+        "compress_s": sum(v for k, v in times.items()
+                          if k not in ("distillation", "mitigation")),
+        "recover_s": times.get("distillation", 0.0),
+        "mitigation_s": times.get("mitigation", 0.0),
+        "evaluate_s": evaluate_s + scores.attrs["timings"]["metrics_s"],
+        "latency_s": scores.attrs["timings"]["latency_s"],
+    }
+    TrialRecord.from_attrs(scores.attrs).without(["timings"]).write(trial)
+    constraints = session.constraints(scores, reference)
+    for key, value in constraints.items():
+        trial.set_constraint(key, value)  # read by NSGA-II / TPE for feasibility
+    TrialRecord(constraints=list(constraints.values())).write(trial)
+    pp = getattr(model, "nas_fair_postprocess", None)
+    if pp is not None:  # the fitted group offsets and what they did on validation
+        TrialRecord(postprocess=_jsonable(pp.to_dict())).write(trial)
+    session._save_artifact(trial, model, record)
+    cost["bookkeeping_s"] = time.perf_counter() - t
+    cost["total_s"] = time.perf_counter() - t0
+    cost["recovery_steps_run"] = sum(r["steps_run"] for r in recovery_logs(model))
+    TrialRecord(cost={k: round(v, 3) for k, v in cost.items()}).write(trial)
+    return scores.values()
+
+
+def reuse(session: Session, trial: optuna.Trial, same: FrozenTrial, t0: float,
+          reference: dict[str, Any]) -> list[float]:
+    """Score ``trial`` as ``same``, a completed trial with the same recipe: compression and
+    recovery are deterministic for a recipe and thread count, so it would build the same
+    model (NSGA-II does propose recipes it has already run). Export rebuilds it, checked
+    against the predictions' digest copied here. The measurements are copied, the
+    constraints recomputed: the limits may have changed since (``--min-accuracy`` on resume)."""
+    TrialRecord.from_trial(same).without(NOT_REUSED).write(trial)
+    scores = Scores.of_trial(same)
+    constraints = session.constraints(scores, reference)
+    for key, value in constraints.items():
+        trial.set_constraint(key, value)
+    TrialRecord(constraints=list(constraints.values()), same_recipe_as=same.number).write(trial)
+    spent = round(time.perf_counter() - t0, 3)
+    TrialRecord(cost={**dict.fromkeys(COST_PHASES, 0.0), "bookkeeping_s": spent,
+                      "total_s": spent, "recovery_steps_run": 0}).write(trial)
+    return list(same.values)
+
+
+def save_artifact(session: Session, trial: optuna.Trial, model: torch.nn.Module,
+                  record: EvalRecord) -> None:
+    """Keep the trial's model (safetensors + JSON) so that export copies it instead of
+    recompressing; the search deletes it once the trial leaves the Pareto front. The
+    predictions' digest and the thread count let export prove a copy or replay is the same
+    model."""
+    from nas_fair.checkpoint import save_compressed
+
+    rel = artifact_path(session.cfg.name, trial.number)
+    target = session.run_dir / rel
+    if target.exists():  # left by a deleted study of the same name in this run folder
+        shutil.rmtree(target)
+    save_compressed(model, target, metadata={"study": session.cfg.name, "trial": trial.number,
+                                             "params": trial.params})
+    TrialRecord(artifact=rel.as_posix(),
+                predictions_sha256=predictions_digest(record.y_pred)).write(trial)
