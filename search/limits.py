@@ -6,7 +6,6 @@ checks.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from nas_fair.config import FINETUNE, LIMITS, MAX_NAME, PRECISIONS, SAMPLERS
@@ -60,5 +59,16 @@ def markdown() -> str:
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "limits.md"
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m nas_fair.search.limits",
+                                     description="Write the accepted-settings page.")
+    parser.add_argument("out", nargs="?", type=Path, default=DOC,
+                        help="where to write it (default: docs/limits.md)")
+    args = parser.parse_args(argv)
+    args.out.write_text(markdown())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    (Path(sys.argv[1]) if len(sys.argv) > 1 else DOC).write_text(markdown())
+    main()
