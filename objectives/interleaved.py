@@ -17,8 +17,6 @@ round biases half the rounds each way and the median not at all.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,26 +24,12 @@ import torch
 from torch import nn
 
 from nas_fair.errors import UserError
-from nas_fair.objectives.latency import _count_macs, _inputs
+from nas_fair.objectives.latency import _count_macs, _inputs, pass_timer
 
 
 def _check_int(name: str, value: object, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise UserError(f"interleaved latency: {name} must be an integer >= {lo}, got {value!r}")
-
-
-def _timer(model: nn.Module, args: tuple, kwargs: dict, cuda: bool,
-           dev: torch.device) -> Callable[[], float]:
-    def run() -> float:
-        if cuda:
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        model(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize(dev)
-        return (time.perf_counter() - start) * 1000.0
-
-    return run
 
 
 def measure_latency_ratio(
@@ -83,7 +67,6 @@ def measure_latency_ratio(
         raise UserError(f"interleaved latency: reference_ms must be a number > 0, "
                         f"got {reference_ms!r}")
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
     c_args, c_kwargs = _inputs(candidate, batch_size, seq_len, vocab_size, dev)
     r_args, r_kwargs = _inputs(reference, batch_size, seq_len, vocab_size, dev)
     old_threads = torch.get_num_threads()
@@ -97,8 +80,8 @@ def measure_latency_ratio(
         with torch.inference_mode():
             with _count_macs(candidate) as macs:
                 candidate(*c_args, **c_kwargs)
-            time_c = _timer(candidate, c_args, c_kwargs, cuda, dev)
-            time_r = _timer(reference, r_args, r_kwargs, cuda, dev)
+            time_c = pass_timer(candidate, c_args, c_kwargs, dev)
+            time_r = pass_timer(reference, r_args, r_kwargs, dev)
             for _ in range(warmup):
                 time_r()
                 time_c()

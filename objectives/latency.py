@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -139,6 +139,23 @@ def _inputs(
     return (ids,), {}
 
 
+def pass_timer(model: nn.Module, args: tuple, kwargs: dict,
+               dev: torch.device) -> Callable[[], float]:
+    """A function timing one forward pass in ms (synchronizing a GPU before and after)."""
+    cuda = dev.type == "cuda"
+
+    def run() -> float:
+        if cuda:
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        model(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return (time.perf_counter() - start) * 1000.0
+
+    return run
+
+
 def measure_latency(
     model: nn.Module,
     *,
@@ -164,7 +181,6 @@ def measure_latency(
         raise UserError(f"measure_latency: threads must be a positive integer, got {threads!r}")
     dev = torch.device(device)
     args, kwargs = _inputs(model, batch_size, seq_len, vocab_size, dev)
-    cuda = dev.type == "cuda"
     old_threads = torch.get_num_threads()
     n_threads = threads or old_threads
     was_training = model.training
@@ -176,15 +192,8 @@ def measure_latency(
                 model(*args, **kwargs)
             for _ in range(warmup):
                 model(*args, **kwargs)
-            times = []
-            for _ in range(repeats):
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                start = time.perf_counter()
-                model(*args, **kwargs)
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                times.append((time.perf_counter() - start) * 1000.0)
+            one_pass = pass_timer(model, args, kwargs, dev)
+            times = [one_pass() for _ in range(repeats)]
     finally:
         torch.set_num_threads(old_threads)
         model.train(was_training)
