@@ -68,6 +68,13 @@ def test_candidates_are_promoted_and_continue_their_student(tmp_path: Path, tiny
     top = {t.number for t in done if fid[t.number]["rung"] == 2}
     assert result["pareto"] and {row["trial"] for row in result["pareto"]} <= top
     assert result["provisional_rung"] is None
+    # each trial's latency was timed interleaved with the reference; the front re-timed at the end
+    assert all(t.user_attrs["latency"]["method"] == "interleaved" for t in done)
+    retimed = study.user_attrs["retimed"]
+    assert {row["trial"] for row in result["pareto"]} == {int(n) for n in retimed}
+    for row in result["pareto"]:
+        again = row["latency_retimed"]
+        assert again["latency_ms"] > 0 and again["ratio"] > 0
     assert result["evaluations_per_rung"] == {str(k): v for k, v in sorted(by_rung.items())}
     assert all("artifact" not in t.user_attrs for t in done if fid[t.number]["rung"] < 2)
     # a lower rung's trial is provisional: export refuses it, naming the rule
