@@ -27,6 +27,7 @@ SAMPLERS = ("nsga2", "random", "tpe")
 FINETUNE = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")
+LATENCY_BACKENDS = ("torch", "onnxruntime")  # objectives/onnx_latency.py checks it is installed
 MAX_THREADS = 1024  # torch threads per worker; more is a typo (and would spawn that many)
 # Training steps (recovery, a family's own pass): more is a typo that would run for weeks.
 MAX_STEPS = 1_000_000
@@ -177,6 +178,9 @@ class SearchConfig:
     # see Family.anchor), inside NSGA-II's first generation and inside the budget.
     anchors: bool = True
     latency_repeats: int = 10
+    # What the latency objective times: the torch model, or its ONNX graph in onnxruntime (as
+    # `nas-fair export --onnx` writes it, 8-bit linears as ORT int8 MatMuls).
+    latency_backend: str = "torch"
     bootstrap: int = 1000
     device: str = "cpu"
     threads: int = 0  # 0 = all cores
@@ -192,6 +196,8 @@ class SearchConfig:
                 f"[search] population_size must be 0 (auto) or >= 2, got {self.population_size}"
             )
         check_limits(self, "search.")
+        if self.latency_backend not in LATENCY_BACKENDS:
+            raise one_of("[search] latency_backend", self.latency_backend, LATENCY_BACKENDS)
         if self.recovery_precision not in PRECISIONS:
             raise one_of("[search] recovery_precision", self.recovery_precision, PRECISIONS)
         steps = self.fidelity_steps

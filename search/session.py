@@ -64,7 +64,7 @@ def config_dict(cfg: StudyConfig) -> dict[str, Any]:
 
 ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_dropout": True,
                                        "allow_group_postprocessing": True, "fidelity_steps": [],
-                                       "fidelity_eta": 3}
+                                       "fidelity_eta": 3, "latency_backend": "torch"}
 
 
 def search_fingerprint(cfg: StudyConfig) -> str:
@@ -166,6 +166,11 @@ class Session:
         self.timings["load_data_s"] = time.perf_counter() - t
         self.recorded = check_objectives(cfg, self.data)
         self.rungs = rungs_for(cfg)
+        if cfg.search.latency_backend != "torch":
+            from nas_fair.objectives.onnx_latency import check_backend
+
+            check_backend(cfg.search.latency_backend)
+        self._ort_reference: Any = None
         self.space = build_space(cfg.families, self._space_options())
         check_architecture(model_type(self.model_path, cfg), [fam.name for fam in self.space])
 
@@ -401,13 +406,40 @@ class Session:
 
         s = self.cfg.search
         common: dict[str, Any] = {
-            "batch_size": s.batch_size, "seq_len": s.seq_len, "device": str(self.device),
-            "threads": s.threads or None,
+            "batch_size": s.batch_size, "seq_len": s.seq_len,
             "vocab_size": getattr(self.reference.config, "vocab_size", None)}
+        if s.latency_backend == "onnxruntime":
+            return self._ort_latency(model, reference_ms, common)
+        common.update(device=str(self.device), threads=s.threads or None)
         if reference_ms is None:
             return measure_latency(model, repeats=s.latency_repeats, **common)
         rec = measure_latency_ratio(model, self.reference, rounds=s.latency_repeats,
                                     per_round=1, reference_ms=reference_ms, **common)
+        return {"median_ms": rec["latency_ms"], "iqr_ms": rec["ratio_iqr"] * reference_ms,
+                "method": "interleaved", "reference_ms": reference_ms, **rec}
+
+    def ort_reference(self) -> Any:
+        """The reference's onnxruntime session, exported once per session."""
+        from nas_fair.objectives.onnx_latency import ort_session
+
+        if self._ort_reference is None:
+            self._ort_reference = ort_session(self.reference, max_length=self.cfg.search.seq_len,
+                                              threads=self.cfg.search.threads
+                                              or torch.get_num_threads())
+        return self._ort_reference
+
+    def _ort_latency(self, model: torch.nn.Module, reference_ms: float | None,
+                     common: dict[str, Any]) -> dict[str, Any]:
+        from nas_fair.objectives.onnx_latency import measure_ort_latency, measure_ort_latency_ratio
+
+        s = self.cfg.search
+        if reference_ms is None:
+            return measure_ort_latency(self.ort_reference(), model, repeats=s.latency_repeats,
+                                       **common)
+        rec = measure_ort_latency_ratio(
+            model, self.ort_reference(), self.reference, rounds=s.latency_repeats,
+            threads=s.threads or torch.get_num_threads(), max_length=s.seq_len,
+            reference_ms=reference_ms, **common)
         return {"median_ms": rec["latency_ms"], "iqr_ms": rec["ratio_iqr"] * reference_ms,
                 "method": "interleaved", "reference_ms": reference_ms, **rec}
 

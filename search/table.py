@@ -287,9 +287,12 @@ def render_table(result: dict[str, Any]) -> str:
     again = [(row["trial"], row["latency_retimed"]) for row in result["pareto"]
              if row.get("latency_retimed")]
     if again:
-        out.append(f"{names[1]} re-timed side by side against the reference at the end: "
-                   + ", ".join(f"trial {n} {r['latency_ms']:.1f} ({r['ratio']:.2f}x)"
-                               for n, r in again))
+        out.append(f"{names[1]} re-timed side by side against the reference at the end "
+                   "(ratio to the reference per backend): " + ", ".join(
+                       f"trial {n} {r['latency_ms']:.1f} ("
+                       + ", ".join(f"{k} {v['ratio']:.2f}x"
+                                   for k, v in (r.get("backends") or {}).items()) + ")"
+                       for n, r in again))
     per_rung = result.get("evaluations_per_rung") or {}
     if per_rung:
         out.append("evaluations per rung (multi-fidelity; the front holds top-rung results): "

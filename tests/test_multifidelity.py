@@ -75,6 +75,7 @@ def test_candidates_are_promoted_and_continue_their_student(tmp_path: Path, tiny
     for row in result["pareto"]:
         again = row["latency_retimed"]
         assert again["latency_ms"] > 0 and again["ratio"] > 0
+        assert set(again["backends"]) == {"torch", "onnxruntime"}  # both, side by side
     assert result["evaluations_per_rung"] == {str(k): v for k, v in sorted(by_rung.items())}
     assert all("artifact" not in t.user_attrs for t in done if fid[t.number]["rung"] < 2)
     # the report draws lower rungs as such and counts only final results for the hypervolume
