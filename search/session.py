@@ -178,7 +178,8 @@ class Session:
         opts = {k: dict(v) for k, v in self.cfg.family_options.items()}
         # Under multi-fidelity the recipe's steps are the top rung's: what a finalist recovers,
         # and what export replays; lower rungs stop earlier on the same LR schedule.
-        steps = self.rungs.steps[-1] if self.rungs else self.cfg.search.recovery_steps
+        rungs = rungs_for(self.cfg)
+        steps = rungs.steps[-1] if rungs else self.cfg.search.recovery_steps
         opts.setdefault("distillation", {}).setdefault("steps", [steps])
         if self.cfg.families is not None and "distillation" not in self.cfg.families:
             opts.pop("distillation")
