@@ -1,4 +1,4 @@
-"""Typed records of what a study stores: a trial's user attributes and the reference's scores.
+"""Typed records of what a study stores: its own user attributes, a trial's, the reference's scores.
 
 Optuna keeps both as JSON under string keys; these dataclasses name every key the search writes,
 so readers use attributes instead of repeating the keys. ``to_attrs()`` gives back exactly the
@@ -143,8 +143,42 @@ class ReferenceRecord(_Record):
     @classmethod
     def from_study(cls, study: _HasUserAttrs) -> ReferenceRecord:
         """The study's stored reference (KeyError when none is stored yet)."""
-        return cls.from_attrs(study.user_attrs["reference"])
+        stored = StudyRecord.from_study(study).reference
+        if stored is None:
+            raise KeyError("reference")
+        return cls.from_attrs(stored)
 
     @property
     def collapsed(self) -> bool:
         return bool((self.collapse or {}).get("collapsed", False))
+
+
+@dataclass(frozen=True)
+class StudyRecord(_Record):
+    """Every user attribute the search writes on the study itself (search/run.py).
+
+    Written when the study is created (``population_size`` to ``anchors``), then once each by
+    the worker that queues the anchors and the one that scores the reference."""
+
+    population_size: int | None = None  # NSGA-II's, fixed for the study's life
+    fingerprint: str | None = None  # of the definition: a changed TOML is refused
+    config: dict[str, Any] | None = None  # the definition, as JSON
+    nas_fair_version: str | None = None  # every worker must run this one
+    anchors: list[dict[str, Any]] | None = None  # params of the trials to run first
+    anchors_queued: bool | None = None
+    reference: dict[str, Any] | None = None  # ReferenceRecord's stored dict
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_study(cls, study: _HasUserAttrs) -> StudyRecord:
+        """The study's record as stored now (read from the storage on every call)."""
+        return cls.from_attrs(study.user_attrs)
+
+    def write(self, study: Any) -> None:
+        """Set every attribute this record holds on the study."""
+        for key, value in self.to_attrs().items():
+            study.set_user_attr(key, value)
+
+    @property
+    def reference_record(self) -> ReferenceRecord | None:
+        return None if self.reference is None else ReferenceRecord.from_attrs(self.reference)

@@ -138,8 +138,8 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
                                  ("min_accuracy", min_accuracy)) if v is not None}
     if filters and cfg is None:
         raise ValueError("filters need the study's configuration (the bias metric's sign)")
-    reference = study.user_attrs["reference"]  # the stored dict, as limit_constraints takes it
-    ref = ReferenceRecord.from_attrs(reference)
+    ref = ReferenceRecord.from_study(study)
+    reference = ref.to_attrs()  # the stored dict, as limit_constraints takes it
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     trials = [t for t in trials if t.values is not None]
     kept = trials
