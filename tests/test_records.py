@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import optuna
+import pytest
 import test_search
 from test_search import load, run_cli, write_study
-
-import pytest
 
 from nas_fair.search.records import ReferenceRecord, StudyRecord, TrialRecord
 
