@@ -108,7 +108,8 @@ class LowRank(Family):
 @contextmanager
 def single_thread() -> Iterator[None]:
     """Run LAPACK on one thread: an SVD of an encoder-sized matrix gains little from threads, and
-    measured 100x *slower* (0.05 s -> 5 s) with 2 threads when another process holds a core."""
+    with 2 threads it became far *slower* when another process held a core (docs/measurements.md,
+    "Figures once quoted in code comments")."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
