@@ -42,7 +42,8 @@ from nas_fair.objectives.base import ACCURACY, BIAS, NEEDS, EvalRecord, Metric
 # Rows per resample chunk times resamples, so memory stays ~tens of MB for large splits.
 _CHUNK_CELLS = 4_000_000
 # Memoized resamples and count tables (see the module docstring), least recently used dropped
-# beyond this many bytes (about 22 MB per record scored on the default study).
+# beyond this many bytes: room for the reference's tables and several trials' on the default
+# study (docs/measurements.md, "Figures once quoted in code comments").
 _MEMO_BYTES = 256 * 2**20
 _MEMO: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
 _T = TypeVar("_T")
