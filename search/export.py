@@ -365,6 +365,7 @@ def build_recipe(session: Any, study: Any, trial: FrozenTrial) -> Recipe:
     configs = off_configs(session.space)
     configs.update(configs_from_params(trial.params))
     order = sorted(configs, key=lambda n: REGISTRY[n].stage)
+    stored = StudyRecord.from_study(study)
     return Recipe(
         nas_fair_version=__version__,
         study=session.cfg.name,
@@ -374,8 +375,8 @@ def build_recipe(session: Any, study: Any, trial: FrozenTrial) -> Recipe:
         families={n: configs[n] for n in order},
         base_model=base_model_name(session),
         reference_finetuned=bool(session.reference_info.get("finetuned")),
-        study_fingerprint=StudyRecord.from_study(study).fingerprint,
-        study_config=StudyRecord.from_study(study).config,
+        study_fingerprint=stored.fingerprint,
+        study_config=stored.config,
         runtime=TrialRecord.from_trial(trial).runtime,
     )
 
