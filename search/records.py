@@ -51,6 +51,11 @@ class _Record:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
 
+    def write(self, target: Any) -> None:
+        """Set every attribute this record holds on ``target`` (a running trial, or a study)."""
+        for key, value in self.to_attrs().items():
+            target.set_user_attr(key, value)
+
 
 @dataclass(frozen=True)
 class TrialRecord(_Record):
@@ -97,11 +102,6 @@ class TrialRecord(_Record):
         names = {f.name for f in fields(self)} - {"extra"}
         return replace(self, **{k: None for k in keys & names},
                        extra={k: v for k, v in self.extra.items() if k not in keys})
-
-    def write(self, trial: Any) -> None:
-        """Set every attribute this record holds on a running trial."""
-        for key, value in self.to_attrs().items():
-            trial.set_user_attr(key, value)
 
     @property
     def thread_count(self) -> int | None:
@@ -173,12 +173,3 @@ class StudyRecord(_Record):
     def from_study(cls, study: _HasUserAttrs) -> StudyRecord:
         """The study's record as stored now (read from the storage on every call)."""
         return cls.from_attrs(study.user_attrs)
-
-    def write(self, study: Any) -> None:
-        """Set every attribute this record holds on the study."""
-        for key, value in self.to_attrs().items():
-            study.set_user_attr(key, value)
-
-    @property
-    def reference_record(self) -> ReferenceRecord | None:
-        return None if self.reference is None else ReferenceRecord.from_attrs(self.reference)
