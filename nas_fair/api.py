@@ -542,8 +542,20 @@ def load(directory: str | os.PathLike[str]) -> torch.nn.Module:
 
     A folder with ``postprocess.json`` (group-aware decision offsets, part of what the study
     scored) loads as a ``GroupAwareClassifier``: call it with ``groups=[...]`` (one per row);
-    without them it raises a ``UserError`` naming the argument. Others load as the network."""
+    without them it raises a ``UserError`` naming the argument. Others load as the network.
+
+    The folder's ``recipe.json``, when it has one, is read back through every family's config
+    and validated first, and the result is the model's ``nas_fair_recipe`` (a
+    ``nas_fair.search.recipe.Recipe``; None for a folder without one)."""
     from nas_fair.checkpoint import load_compressed
     from nas_fair.postprocess import for_inference
+    from nas_fair.search.artifacts import RECIPE_FILE
 
-    return for_inference(load_compressed(directory))
+    recipe = None
+    if (Path(directory) / RECIPE_FILE).exists():
+        from nas_fair.search.recipe import Recipe
+
+        recipe = Recipe.read(directory)
+    model = for_inference(load_compressed(directory))
+    model.nas_fair_recipe = recipe
+    return model

@@ -167,8 +167,9 @@ class SearchConfig:
     # precision.
     recovery_precision: str = "fp32"
     # Dropout while recovering. Off, a full-width student's TPR gap came out larger in each of
-    # three seeds (README, "Recovery without dropout"), so on is the default; with masks drawn
-    # from random bits a step with dropout costs about what one without does (README).
+    # three seeds (docs/measurements.md, "Recovery without dropout"), so on is the default; with
+    # masks drawn from random bits a step with dropout costs about what one without does
+    # (docs/measurements.md, "Dropout masks from random bits").
     recovery_dropout: bool = True
     # Group-aware decision offsets (mitigation.thresholds > 0) make a model's predictions need
     # each row's sensitive attribute at inference (disparate treatment in many jurisdictions).

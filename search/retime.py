@@ -18,9 +18,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from nas_fair.search.artifacts import artifact_dir
-from nas_fair.search.records import TrialRecord
-
-RETIMED_ATTR = "retimed"
+from nas_fair.search.records import StudyRecord, TrialRecord
 
 
 def retime_front(study: optuna.Study, session: Any, front: Sequence[FrozenTrial],
@@ -40,7 +38,7 @@ def retime_front(study: optuna.Study, session: Any, front: Sequence[FrozenTrial]
     ort = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
     s = session.cfg.search
-    out: dict[str, dict[str, Any]] = dict(study.user_attrs.get(RETIMED_ATTR) or {})
+    out: dict[str, dict[str, Any]] = dict(StudyRecord.from_study(study).retimed or {})
     old = torch.get_num_threads()
     timed = 0
     try:
@@ -74,6 +72,6 @@ def retime_front(study: optuna.Study, session: Any, front: Sequence[FrozenTrial]
     finally:
         torch.set_num_threads(old)
     if timed:
-        study.set_user_attr(RETIMED_ATTR, out)
+        StudyRecord(retimed=out).write(study)
         log(f"re-timed {timed} front models side by side against the reference")
     return out
