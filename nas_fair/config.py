@@ -153,6 +153,10 @@ class SearchConfig:
     # 1/fidelity_eta of each rung, by the multi-objective order, continue to the next.
     fidelity_steps: list[int] = field(default_factory=list)
     fidelity_eta: int = 3
+    # Whether promotion ranks on the bias objective too; false ranks on size, latency and
+    # accuracy only (bias still decides the front at the top rung), for when a short
+    # recovery's bias does not predict the top rung's (benchmarks/fidelity_tau.py).
+    fidelity_rank_bias: bool = True
     recovery_lr: float = 1e-4
     # Stop a trial's recovery once its distillation loss has flattened: the mean loss of the
     # last fifth of the budget fell by less than recovery_tolerance (relative) from the fifth

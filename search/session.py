@@ -64,7 +64,8 @@ def config_dict(cfg: StudyConfig) -> dict[str, Any]:
 
 ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_dropout": True,
                                        "allow_group_postprocessing": True, "fidelity_steps": [],
-                                       "fidelity_eta": 3, "latency_backend": "torch"}
+                                       "fidelity_eta": 3, "fidelity_rank_bias": True,
+                                       "latency_backend": "torch"}
 
 
 def search_fingerprint(cfg: StudyConfig) -> str:
@@ -97,7 +98,9 @@ def rungs_for(cfg: StudyConfig) -> Rungs | None:
     if "steps" in cfg.family_options.get("distillation", {}):
         raise UserError("[space.distillation] steps cannot be set with [search] fidelity_steps "
                         "(the rungs set each trial's recovery steps); drop one of them")
-    return Rungs(tuple(s.fidelity_steps), s.fidelity_eta)
+    # objectives are size, latency, accuracy, bias (objective_names)
+    return Rungs(tuple(s.fidelity_steps), s.fidelity_eta,
+                 rank_on=None if s.fidelity_rank_bias else (0, 1, 2))
 
 
 def model_type(model_path: Path, cfg: StudyConfig) -> str:
