@@ -134,14 +134,33 @@ def front_summary(study: optuna.Study, front: Sequence[FrozenTrial], *, bias_met
         })
     ok = [m for m in models if m["not_worse"]]
     ref_size = (ref.values or [None])[0]
-    if ok:
-        m = ok[0]
+    ref_acc, ref_ci = (ref.values or [None] * 3)[2], ref.accuracy_ci
+
+    def overlaps(m: dict[str, Any]) -> bool:
+        ci = m["accuracy_ci"]
+        return bool(ci and ref_ci and None not in (*ci[:2], *ref_ci[:2])
+                    and ci[0] <= ref_ci[1] and ref_ci[0] <= ci[1])
+
+    def describe(m: dict[str, Any]) -> str:
         p = m["paired"]
         ratio = f", {m['size_mb'] / ref_size:.2f}x the reference's size" if ref_size else ""
+        ci = m["accuracy_ci"] or [math.nan, math.nan]
+        return (f"{m['size_mb']:.3g} MB{ratio}, paired difference {p['diff']:+.3g} "
+                f"[{p['low']:+.3g}, {p['high']:+.3g}], {accuracy_name} {m['accuracy']:.3g} "
+                f"[{_fmt(ci[0])}, {_fmt(ci[1])}]")
+
+    if ok:
+        m = ok[0]
         headline = (f"Trial {m['trial']} is the smallest front model whose {bias_metric} is not "
-                    f"worse than the reference's: {m['size_mb']:.3g} MB{ratio}, paired difference "
-                    f"{p['diff']:+.3g} [{p['low']:+.3g}, {p['high']:+.3g}] (95% interval reaches "
-                    f"no change or better), {accuracy_name} {m['accuracy']:.3g}.")
+                    f"worse than the reference's (its paired 95% interval reaches no change or "
+                    f"better): {describe(m)}.")
+        if not overlaps(m) and ref_ci:
+            kept = [o for o in ok if overlaps(o)]
+            headline += (f" Its {accuracy_name} interval does not reach the reference's "
+                         f"({_fmt(ref_acc)} [{_fmt(ref_ci[0])}, {_fmt(ref_ci[1])}]); ")
+            headline += (f"the smallest that also keeps it is trial {kept[0]['trial']}: "
+                         f"{describe(kept[0])}." if kept else
+                         "no model qualifies on both.")
     elif not models:
         headline = "No feasible model is on the Pareto front, so there is nothing to recommend."
     elif all(m["paired"] is None for m in models):
@@ -153,6 +172,10 @@ def front_summary(study: optuna.Study, front: Sequence[FrozenTrial], *, bias_met
     return {"metric": bias_metric, "signed": signed, "models": models, "headline": headline,
             "recommended": ok[0]["trial"] if ok else None, "reference_accuracy_ci":
             ref.accuracy_ci, "reference_accuracy": (ref.values or [None] * 3)[2]}
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
 
 
 # --------------------------------------------------------------------------- metric notes
@@ -341,6 +364,9 @@ def importance(study: optuna.Study, names: Sequence[str], dirs: Sequence[str], *
         return out
     out["note"] = (f"small sample ({len(trials)} trials): indicative only" if out["small"]
                    else f"{len(trials)} trials")
+    # A parameter that held one value in every trial explains nothing: left out, and said so.
+    out["constant"] = sorted({k for t in trials for k in t.params} - varying)
+    params = sorted(p for p in varying if all(p in t.params for t in trials))
     sub = optuna.create_study(directions=list(dirs))
     sub.add_trials(trials)
     for j in objectives:
@@ -353,7 +379,8 @@ def importance(study: optuna.Study, names: Sequence[str], dirs: Sequence[str], *
             warnings.simplefilter("ignore")  # PED-ANOVA's "lower is better" notice: handled
             try:
                 imp = optuna.importance.get_param_importances(
-                    sub, evaluator=ev, target=lambda t, j=j, s=sign: s * t.values[j])
+                    sub, evaluator=ev, params=params,
+                    target=lambda t, j=j, s=sign: s * t.values[j])
             except (ValueError, RuntimeError) as exc:
                 out["objectives"][names[j]] = {"unavailable": str(exc).splitlines()[0]}
                 continue
@@ -368,6 +395,8 @@ def render_importance(result: dict[str, Any]) -> str:
     if "unavailable" in result:
         return "\n".join([*lines, result["unavailable"]])
     lines.append(result["note"])
+    if result.get("constant"):
+        lines.append(f"left out (one value in every trial): {', '.join(result['constant'])}")
     for name, obj in result["objectives"].items():
         lines.append("")
         lines.append(f"{name}:")

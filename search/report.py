@@ -484,6 +484,8 @@ def _cie_section(audit: dict[str, Any]) -> str:
             + _table(["group", "rows", "CIEs", "CIE rate [Wilson 95%]",
                       "CIEs the reference had right", "CIEs the modal prediction has right"],
                      rows) + test
+            + ("<p>No compression-identified example: the front's modal prediction is the "
+               "reference's on every test row.</p>" if not cie["examples"] else "")
             + "<p><input id='cie-filter' placeholder='filter rows (any text)' "
               "oninput=\"const q=this.value.toLowerCase();document.querySelectorAll("
               "'#cie-examples tbody tr').forEach(r=>r.style.display="
@@ -498,7 +500,9 @@ def _importance_section(audit: dict[str, Any]) -> str:
             f"({_e(imp['evaluator'])})</h2>")
     if "unavailable" in imp:
         return head + f"<p class='na'>{_e(imp['unavailable'])}.</p></section>"
-    parts = [head, f"<p><b>{_e(imp['note'])}</b>; scored, non-collapsed trials only.</p>"]
+    const = (f" Left out (one value in every trial): {_e(', '.join(imp['constant']))}."
+             if imp.get("constant") else "")
+    parts = [head, f"<p><b>{_e(imp['note'])}</b>; scored, non-collapsed trials only.{const}</p>"]
     for name, obj in imp["objectives"].items():
         if "unavailable" in obj:
             parts.append(f"<h3>{_e(name)}</h3><p class='na'>not computed: "

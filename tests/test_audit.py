@@ -167,9 +167,18 @@ def test_headline_is_the_smallest_model_not_worse() -> None:
     assert out["recommended"] == 1
     assert out["headline"].startswith("Trial 1 is the smallest front model whose m is not worse")
     assert "2 MB, 0.20x the reference's size" in out["headline"]
+    assert "acc 0.7 [0.6, 0.8]" in out["headline"] and "does not reach" not in out["headline"]
     assert out["models"][1]["export"] == ("nas-fair export --study 'my study' --trials 1 "
                                           "--out exports")
     assert out["models"][0]["accuracy_ci"] == pytest.approx([0.6, 0.8])
+    # the smallest not-worse model lost accuracy (its interval misses the reference's
+    # [0.7, 0.9]): the headline says so and names the smallest that keeps it
+    lossy = _study_with_bias([([1.0, 5, 0.4, 0.3], reaches), ([2.0, 5, 0.75, 0.1], better)])
+    h = front_summary(lossy, lossy.trials, bias_metric="m", accuracy_name="acc",
+                      signed=False)["headline"]
+    assert h.startswith("Trial 0 is the smallest")
+    assert "Its acc interval does not reach the reference's (0.8 [0.7, 0.9]); the smallest " \
+           "that also keeps it is trial 1: 2 MB" in h
     # none qualifies: a plain sentence
     none = front_summary(s, s.trials[:1], bias_metric="m", accuracy_name="acc", signed=False)
     assert none["recommended"] is None and "No front model" in none["headline"]
