@@ -68,6 +68,19 @@ def test_permutation_chi2_by_hand() -> None:
     p1, p2, p = 2 / 4, 5 / 6, 7 / 10
     z = (p1 - p2) / math.sqrt(p * (1 - p) * (1 / 4 + 1 / 6))
     assert permutation_chi2(o, g, n=10)["chi2"] == pytest.approx(z * z)
+    # three groups: the p-value of every placement of the ones, enumerated by hand
+    import itertools
+
+    o3 = np.array([1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0])
+    g3 = np.array(list("aaaabbbbccc"))
+    observed = permutation_chi2(o3, g3, n=1)["chi2"]
+    null = []
+    for ones in itertools.combinations(range(len(o3)), int(o3.sum())):
+        o = np.zeros(len(o3))
+        o[list(ones)] = 1
+        null.append(permutation_chi2(o, g3, n=1)["chi2"])
+    exact = np.mean(np.array(null) >= observed - 1e-9)
+    assert permutation_chi2(o3, g3, n=40000, seed=1)["p_value"] == pytest.approx(exact, abs=0.01)
     # nothing changed anywhere: no evidence, p = 1
     assert permutation_chi2(np.zeros(6), np.array(list("aabbcc")), n=50)["p_value"] == 1.0
     with pytest.raises(UserError, match="permutation n must be >= 1"):
@@ -367,3 +380,34 @@ def test_importance_cli_and_its_errors(study, capsys) -> None:
     assert "has not been run yet" in bad(*never)
     # options are checked before the study is looked for
     assert "--evaluator must be one of" in bad(*never, "--evaluator", "x")
+
+
+def test_front_cie_says_why_when_predictions_are_missing() -> None:
+    from nas_fair.search.audit import front_cie
+
+    ref = np.array([0, 1, 1, 0])
+    y = np.array([0, 1, 0, 0])
+    s = optuna.create_study(directions=DIRS)
+    s.set_user_attr("reference", {"values": [1.0, 1.0, 0.8, 0.1]})  # an older study
+    assert "reference has no stored test predictions" in front_cie(
+        s, [], y_true=y, groups=None)["unavailable"]
+    s.set_user_attr("reference", {"values": [1.0, 1.0, 0.8, 0.1],
+                                  "test_predictions": encode_predictions(ref),
+                                  "predictions_sha256": predictions_digest(ref)})
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    good, other = np.array([1, 1, 1, 0]), np.array([1, 0, 1, 0])
+    attrs = [{"test_predictions": encode_predictions(good),
+              "predictions_sha256": predictions_digest(good)},
+             {"test_predictions": encode_predictions(other),
+              "predictions_sha256": predictions_digest(good)},  # does not match its digest
+             {}]  # scored before predictions were stored
+    for i, a in enumerate(attrs):
+        s.add_trial(optuna.trial.create_trial(values=[1.0, 1.0, 0.8, 0.1], params={"x": i / 10},
+                                              distributions=dist, user_attrs=a))
+    out = front_cie(s, s.trials, y_true=y, groups=np.array(list("ffmm")))
+    assert out["models"] == [0] and out["missing"] == [1, 2]
+    assert [e["row"] for e in out["examples"]] == [0]  # one model: its own flips
+    assert "the test split loaded now has 3 rows, the study scored 4" in front_cie(
+        s, s.trials, y_true=y[:3], groups=None)["unavailable"]
+    assert "no front model has stored test predictions" in front_cie(
+        s, s.trials[1:], y_true=y, groups=None)["unavailable"]
