@@ -554,7 +554,9 @@ def report(
     run_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the study's self-contained HTML report (``nas-fair report``; default
-    ``<run folder>/report.html``) and return its path."""
+    ``<run folder>/report.html``) and return its path. Beside it,
+    ``<name>-compression-identified.csv`` lists the test rows the front's models changed
+    (docs/audit-report.md)."""
     out_text = _text(out, "--out")
     storage, folder_text = _text(storage, "--storage"), _text(run_dir, "--run-dir")
     cfg = _Study(study).load()

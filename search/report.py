@@ -332,6 +332,8 @@ def write_report(study: optuna.Study, dirs: list[str], names: list[str], out: Pa
         from nas_fair.search.audit import cie_csv
 
         atomic_write_text(cie_file(out), cie_csv(audit["cie"]))
+    elif audit is not None and cie_file(out).is_file() and not cie_file(out).is_symlink():
+        cie_file(out).unlink()  # an earlier report's examples must not pass for this one's
     # a unique temporary name: a fixed "<out>.tmp" could be a planted symlink
     return atomic_write_text(out, draw(report_data(study, dirs, names), audit))
 

@@ -411,3 +411,37 @@ def test_front_cie_says_why_when_predictions_are_missing() -> None:
         s, s.trials, y_true=y[:3], groups=None)["unavailable"]
     assert "no front model has stored test predictions" in front_cie(
         s, s.trials[1:], y_true=y, groups=None)["unavailable"]
+
+
+def test_export_command_names_the_study_as_typed(tmp_path: Path) -> None:
+    from nas_fair.config import parse_study
+    from nas_fair.search.audit import export_command
+
+    cfg = parse_study('name = "x"\n')  # no file: named
+    assert export_command(cfg, storage=None, run_dir=None) == ["nas-fair", "export", "--study",
+                                                               "x"]
+    toml = tmp_path / "my.toml"
+    toml.write_text('name = "mine"\n')
+    from nas_fair.config import load_study
+
+    cmd = export_command(load_study(toml), storage="postgresql://u:secret@db/nas",
+                         run_dir="runs/a")
+    assert cmd[:4] == ["nas-fair", "export", "--config", str(toml)]
+    assert cmd[4:6] == ["--run-dir", "runs/a"]
+    assert cmd[6] == "--storage" and "secret" not in cmd[7] and "***" in cmd[7]
+
+
+def test_a_report_without_examples_removes_a_stale_csv(tmp_path: Path) -> None:
+    from nas_fair.search.report import cie_file, write_report
+
+    s = optuna.create_study(directions=DIRS)
+    s.set_user_attr("reference", {"values": [1.0, 1.0, 0.8, 0.1]})
+    out = tmp_path / "r.html"
+    cie_file(out).write_text("row\n1\n")
+    audit = {"summary": front_summary(s, [], bias_metric="m", accuracy_name="a", signed=False),
+             "notes": {"reference": {}}, "cie": {"unavailable": "why"},
+             "importance": importance(s, NAMES, DIRS), "disparity": [], "metric_rows": [],
+             "reference_bias": {}, "bias_metrics": []}
+    page = write_report(s, DIRS, NAMES, out, audit=audit).read_text()
+    assert not cie_file(out).exists()
+    assert "Not available: why." in page and "nothing to recommend" in page
