@@ -479,6 +479,12 @@ def _cie_section(audit: dict[str, Any]) -> str:
     shown = cie["examples"][:CIE_ROWS_SHOWN]
     ex = [[_e(e["row"]), _e(e["group"]), _e(e["label"]), _e(e["reference"]), _e(e["modal"]),
            _e(f"{e['disagree']} of {e['models']}"), _e(e["text"] or "")] for e in shown]
+    table = ("<p><input id='cie-filter' placeholder='filter rows (any text)' "
+             "oninput=\"const q=this.value.toLowerCase();document.querySelectorAll("
+             "'#cie-examples tbody tr').forEach(r=>r.style.display="
+             "r.textContent.toLowerCase().includes(q)?'':'none')\"></p>"
+             + _table(["row", "group", "label", "reference", "modal",
+                       "front models disagreeing", "text"], ex, table_id="cie-examples"))
     more = (f"<p>First {CIE_ROWS_SHOWN} of {len(cie['examples'])} shown; the CSV beside this "
             "report has them all.</p>" if len(cie["examples"]) > CIE_ROWS_SHOWN else "")
     return (intro + f"<p>{cie['cie']} of {cie['rows']} test rows over {cie['n_models']} front "
@@ -486,14 +492,9 @@ def _cie_section(audit: dict[str, Any]) -> str:
             + _table(["group", "rows", "CIEs", "CIE rate [Wilson 95%]",
                       "CIEs the reference had right", "CIEs the modal prediction has right"],
                      rows) + test
-            + ("<p>No compression-identified example: the front's modal prediction is the "
-               "reference's on every test row.</p>" if not cie["examples"] else "")
-            + "<p><input id='cie-filter' placeholder='filter rows (any text)' "
-              "oninput=\"const q=this.value.toLowerCase();document.querySelectorAll("
-              "'#cie-examples tbody tr').forEach(r=>r.style.display="
-              "r.textContent.toLowerCase().includes(q)?'':'none')\"></p>"
-            + _table(["row", "group", "label", "reference", "modal", "front models disagreeing",
-                      "text"], ex, table_id="cie-examples") + more + "</section>")
+            + (table if cie["examples"] else "<p>No compression-identified example: the "
+               "front's modal prediction is the reference's on every test row.</p>")
+            + more + "</section>")
 
 
 def _importance_section(audit: dict[str, Any]) -> str:

@@ -340,12 +340,14 @@ def test_report_leads_with_the_answer_and_exports_the_examples(study, capsys) ->
         counts = np.bincount(preds[:, i], minlength=3)
         if counts[ref[i]] < counts.max():
             rows.append(i)
+    assert f"{len(rows)} of {len(ref)} test rows over {len(front)} front models" in page
     got = list(csv.DictReader(io.StringIO(cie_file(out).read_text())))
     assert [int(r["row"]) for r in got] == rows
     for r in got:
         assert int(r["disagree"]) == int((preds[:, int(r["row"])] != ref[int(r["row"])]).sum())
         assert int(r["models"]) == len(front) and r["text"]
-    assert "id='cie-examples'" in page and "Compression-identified examples" in page
+    assert ("id='cie-examples'" in page) == bool(rows)
+    assert "Compression-identified examples" in page
     assert "What drives each objective" in page
     assert "small sample (5 trials): indicative only" in page or \
         "parameter importance needs" in page
@@ -445,3 +447,30 @@ def test_a_report_without_examples_removes_a_stale_csv(tmp_path: Path) -> None:
     page = write_report(s, DIRS, NAMES, out, audit=audit).read_text()
     assert not cie_file(out).exists()
     assert "Not available: why." in page and "nothing to recommend" in page
+
+
+def test_examples_are_browsable_and_written_beside_the_report(tmp_path: Path) -> None:
+    from nas_fair.search.report import cie_file, write_report
+
+    ref = np.array([0, 1, 1, 0, 2, 2])
+    preds = np.array([[1, 1, 1, 0, 2, 0], [1, 0, 1, 0, 2, 0], [0, 0, 2, 0, 2, 1]])
+    texts = ["<b>she</b> nurse", "t1", "t2", "t3", "t4", 'he said "x", then']
+    cie = compression_identified(preds, ref, np.array([0, 0, 1, 0, 2, 1]),
+                                 np.array(list("fffmmm")), texts=texts, models=[1, 2, 3], n=100)
+    s = optuna.create_study(directions=DIRS)
+    s.set_user_attr("reference", {"values": [1.0, 1.0, 0.8, 0.1]})
+    audit = {"summary": front_summary(s, [], bias_metric="m", accuracy_name="a", signed=False),
+             "notes": {"reference": {}}, "cie": cie, "importance": importance(s, NAMES, DIRS),
+             "disparity": [], "metric_rows": [], "reference_bias": {}, "bias_metrics": []}
+    out = tmp_path / "r.html"
+    page = write_report(s, DIRS, NAMES, out, audit=audit).read_text()
+    assert "3 of 6 test rows over 3 front models (trials 1, 2, 3)" in page
+    table = page[page.index("id='cie-examples'"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 1 + 3  # header + the CIEs
+    assert "&lt;b&gt;she&lt;/b&gt; nurse" in table and "<b>she" not in table
+    assert "<td>2 of 3</td>" in table and "<td>3 of 3</td>" in table
+    got = list(csv.DictReader(io.StringIO(cie_file(out).read_text())))
+    assert [(r["row"], r["group"], r["reference"], r["modal"], r["disagree"]) for r in got] == [
+        ("0", "f", "0", "1", "2"), ("1", "f", "1", "0", "2"), ("5", "m", "2", "0", "3")]
+    assert got[0]["text"] == "<b>she</b> nurse" and got[2]["text"] == 'he said "x", then'
