@@ -298,6 +298,8 @@ def front_cie(study: optuna.Study, front: Sequence[FrozenTrial], *, y_true: np.n
     if len(y_true) != len(ref):
         return {"unavailable": f"the test split loaded now has {len(y_true)} rows, the study "
                                f"scored {len(ref)}: the data changed since the search"}
+    if not front:
+        return {"unavailable": "no feasible model is on the Pareto front"}
     have = {t.number: trial_predictions(t) for t in front}
     missing = sorted(k for k, v in have.items() if v is None or len(v) != len(ref))
     got = {k: v for k, v in have.items() if k not in missing}

@@ -411,6 +411,8 @@ def test_front_cie_says_why_when_predictions_are_missing() -> None:
     assert [e["row"] for e in out["examples"]] == [0]  # one model: its own flips
     assert "the test split loaded now has 3 rows, the study scored 4" in front_cie(
         s, s.trials, y_true=y[:3], groups=None)["unavailable"]
+    assert front_cie(s, [], y_true=y, groups=None) == {
+        "unavailable": "no feasible model is on the Pareto front"}
     assert "no front model has stored test predictions" in front_cie(
         s, s.trials[1:], y_true=y, groups=None)["unavailable"]
 
