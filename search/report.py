@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from nas_fair.postprocess import DISPARATE_TREATMENT
 from nas_fair.search._optuna import compute_hypervolume
+from nas_fair.search.fidelity import at_top, fidelity_of
 from nas_fair.search.front import pareto_front
 from nas_fair.search.records import ReferenceRecord, TrialRecord
 from nas_fair.search.table import NEEDS_GROUP_NOTE, status_note, trial_constraints, violated
@@ -27,6 +28,9 @@ GROUPS = {
     "front": {"label": "Pareto front (feasible)", "color": "#1f77b4", "symbol": "circle"},
     "dominated": {"label": "dominated (feasible)", "color": "#c7c7c7", "symbol": "circle"},
     "infeasible": {"label": "infeasible or collapsed", "color": "#ff7f0e", "symbol": "x"},
+    # multi-fidelity: scored after a shorter recovery than the top rung's, so provisional
+    "lower rung": {"label": "lower rung (provisional)", "color": "#aec7e8",
+                   "symbol": "circle-open"},
 }
 REFERENCE_STYLE = {"label": "reference (uncompressed)", "color": "#d62728", "symbol": "star"}
 
@@ -64,6 +68,7 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
         rec = TrialRecord.from_trial(t)
         collapsed = rec.collapsed
         feasible = not bad
+        final = at_top(t)
         row = {
             "number": t.number,
             "values": list(t.values),
@@ -73,8 +78,10 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
             "feasible": feasible,
             "collapsed": collapsed,
             "on_front": t.number in front,
-            "group": "front" if t.number in front else ("dominated" if feasible
-                                                        else "infeasible"),
+            "group": ("front" if t.number in front else "lower rung" if not final
+                      else "dominated" if feasible else "infeasible"),
+            "rung": fidelity_of(t)["rung"] if rec.fidelity is not None else None,
+            "final": final,
             "bias_ci": rec.bias_ci,
             "disparity": rec.disparity,
             "needs_group": bool(rec.postprocess),
@@ -86,7 +93,8 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
         vals = np.array([t["values"] for t in trials], dtype=float)
         norm = normalized(vals, reference.values, dirs)
         ref_pt = np.full(len(dirs), HV_REFERENCE_POINT)
-        feasible = np.array([t["feasible"] for t in trials])
+        # lower-rung scores are provisional: only final results count
+        feasible = np.array([t["feasible"] and t["final"] for t in trials])
         for k in range(1, len(trials) + 1):
             pts = norm[:k][feasible[:k]]
             hv.append(hypervolume(pts, ref_pt) if len(pts) else 0.0)
@@ -177,7 +185,7 @@ def _parcoords(data: dict[str, Any]):  # noqa: ANN202
                              tickvals=list(range(len(cats))), ticktext=cats))
     for j, n in enumerate(data["names"]):
         dims.append(dict(label=n, values=[t["values"][j] for t in trials]))
-    code = {"infeasible": 0.0, "dominated": 0.5, "front": 1.0}
+    code = {"infeasible": 0.0, "lower rung": 0.5, "dominated": 0.5, "front": 1.0}
     fig = go.Figure(go.Parcoords(
         dimensions=dims, labelangle=-30, labelside="top",
         line=dict(color=[code[t["group"]] for t in trials], cmin=0, cmax=1,
@@ -265,7 +273,10 @@ def _summary(data: dict[str, Any]) -> str:
     needs = sum(bool(t.get("needs_group")) for t in trials)
     return (f"{len(trials)} completed trials: {count['front']} on the feasible Pareto front, "
             f"{count['dominated']} dominated, {count['infeasible']} infeasible "
-            f"({collapsed} collapsed). Infeasible trials never count for the front or the "
+            f"({collapsed} collapsed)"
+            + (f", {count['lower rung']} scored at a lower rung (provisional: a shorter "
+               "recovery)" if count["lower rung"] else "")
+            + ". Infeasible and lower-rung trials never count for the front or the "
             "hypervolume; the table lists feasible trials first."
             + (f" {needs} marked '{NEEDS_GROUP_NOTE}': {DISPARATE_TREATMENT}." if needs else ""))
 
@@ -292,7 +303,8 @@ def _page(data: dict[str, Any], parts: list[str]) -> str:
     rank = {g: i for i, g in enumerate(GROUPS)}
     rows = []
     for t in table_order(data["trials"]):
-        status = {"front": "Pareto front", "dominated": "dominated"}.get(t["group"], t["note"])
+        status = {"front": "Pareto front", "dominated": "dominated",
+                  "lower rung": f"rung {t.get('rung')} (provisional)"}.get(t["group"], t["note"])
         if t.get("needs_group"):
             status += f"; {NEEDS_GROUP_NOTE}"
         params = html.escape(json.dumps(t["params"]))
