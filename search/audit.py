@@ -81,16 +81,13 @@ def reference_predictions(study: optuna.Study) -> np.ndarray | None:
 
 
 def scored_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials at the study's highest rung (all of them in a single-fidelity study):
-    results after a shorter recovery are not comparable with the rest."""
-    from nas_fair.search.fidelity import fidelity_of
+    """Complete trials the front, export and report use: top-rung results only in a
+    multi-fidelity study (a lower rung's scores are provisional), never a duplicate ticket."""
+    from nas_fair.search.fidelity import top_rung_trials
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.values is not None]
-    if not complete:
-        return []
-    top = max(fidelity_of(t)["rung"] for t in complete)
-    return [t for t in complete if fidelity_of(t)["rung"] == top]
+    return top_rung_trials(t for t in study.get_trials(deepcopy=False,
+                                                       states=(TrialState.COMPLETE,))
+                           if t.values is not None)
 
 
 # --------------------------------------------------------------------------- the answer first

@@ -476,3 +476,19 @@ def test_examples_are_browsable_and_written_beside_the_report(tmp_path: Path) ->
     assert [(r["row"], r["group"], r["reference"], r["modal"], r["disagree"]) for r in got] == [
         ("0", "f", "0", "1", "2"), ("1", "f", "1", "0", "2"), ("5", "m", "2", "0", "3")]
     assert got[0]["text"] == "<b>she</b> nurse" and got[2]["text"] == 'he said "x", then'
+
+
+def test_importance_uses_top_rung_results_only() -> None:
+    """A multi-fidelity study's lower-rung scores are provisional: importance ignores them,
+    as the front does."""
+    s = _importance_study(6)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1),
+            "y": optuna.distributions.FloatDistribution(0, 1)}
+    for i in range(5):  # rung 0 of a two-rung schedule, and one duplicate ticket
+        s.add_trial(optuna.trial.create_trial(
+            values=[1.0, 1.0, 0.5, 0.5], params={"x": i / 5, "y": i / 5}, distributions=dist,
+            user_attrs={"fidelity": {"rung": 0, "candidate": 100 + i, "top": 1}}))
+    s.add_trial(optuna.trial.create_trial(
+        values=[1.0, 1.0, 0.5, 0.5], params={"x": 0.5, "y": 0.5}, distributions=dist,
+        user_attrs={"fidelity": {"rung": 1, "candidate": 100, "top": 1}, "duplicate_of": 3}))
+    assert importance(s, NAMES, DIRS)["trials"] == 6
