@@ -67,6 +67,8 @@ class TrialRecord(_Record):
     bias: dict[str, dict[str, Any]] | None = None  # every recorded bias metric
     bias_ci: list[float | None] | None = None  # of the study's bias objective
     collapse: dict[str, Any] | None = None
+    # Per class: TPR and count per group with intervals, the gap; the training-share view.
+    class_rates: dict[str, Any] | None = None
     disparity: dict[str, Any] | None = None
     # Feasibility, post-processing, the saved model, cost.
     constraints: list[float] | None = None
@@ -136,6 +138,7 @@ class ReferenceRecord(_Record):
     accuracy_ci: list[float | None] | None = None
     bias_ci: list[float | None] | None = None
     collapse: dict[str, Any] | None = None
+    class_rates: dict[str, Any] | None = None  # as TrialRecord.class_rates
     timings: dict[str, float] | None = None
     predictions_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
