@@ -242,3 +242,79 @@ def test_unreadable_words_drop_the_test_or_fail_when_chosen() -> None:
         "tpr_gap_rms"]
     with pytest.raises(UserError, match="weat_math_arts.*unknown token"):
         A.check_vocabulary(small, names, objective="weat_math_arts", explicit=[])
+
+
+# ----------------------------------------------------------------------------- in a study
+
+
+@pytest.fixture(scope="module")
+def weat_study(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> dict[str, Any]:
+    """A tiny search whose bias objective is the encoder's WEAT math/arts effect size."""
+    from test_search import run_cli, write_study
+
+    tmp = tmp_path_factory.mktemp("weat")
+    model = tiny("bert", tok)
+    model.save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    toml = write_study(tmp, tmp / "model", name="weat", steps=0, extra="""
+[space]
+families = ["pruning", "quantization"]
+""")
+    text = toml.read_text().replace('bias = "tpr_gap_rms"', 'bias = "weat_math_arts"')
+    toml.write_text(text)
+    run_dir = tmp / "run"
+    args = ["--config", str(toml), "--run-dir", str(run_dir)]
+    assert run_cli("search", *args, "--budget", "2") == 0
+    import optuna
+
+    study = optuna.load_study(study_name="weat", storage=f"sqlite:///{run_dir / 'study.db'}")
+    return {"study": study, "args": args, "tmp": tmp}
+
+
+def test_weat_is_the_objective_and_rates_are_recorded(weat_study: dict[str, Any]) -> None:
+    from nas_fair.search.records import ReferenceRecord, TrialRecord
+
+    study = weat_study["study"]
+    assert study.metric_names[3] == "|weat_math_arts|"
+    ref = ReferenceRecord.from_study(study)
+    assert ref.values[3] == pytest.approx(abs(ref.bias["weat_math_arts"]["value"]))
+    assert {"weat_career_family", "weat_science_arts", "tpr_gap_rms"} <= set(ref.bias)
+    assert ref.class_rates["groups"] == ["f", "m"]
+    assert ref.class_rates["training_share"]["group"] == "f"
+    done = [t for t in study.trials if t.values is not None]
+    assert len(done) == 2
+    for t in done:
+        rec = TrialRecord.from_trial(t)
+        row = rec.bias["weat_math_arts"]
+        assert t.values[3] == pytest.approx(abs(row["value"]))
+        assert row["diff"] == pytest.approx(row["value"] - row["ref_value"])
+        assert 0 < row["p_value"] <= 1
+        assert len(rec.class_rates["classes"]) == 3
+
+
+def test_export_writes_class_rates_and_the_card_table(weat_study: dict[str, Any]) -> None:
+    import json
+
+    from test_search import run_cli
+
+    out = weat_study["tmp"] / "export"
+    assert run_cli("export", *weat_study["args"], "--trials", "1", "--out", str(out)) == 0
+    folder = out / "trial-1"
+    rates = json.loads((folder / "class_rates.json").read_text())
+    number = 1
+    from nas_fair.search.records import TrialRecord
+
+    stored = TrialRecord.from_trial(weat_study["study"].trials[number]).class_rates
+    assert rates["model"] == stored  # recomputed on the reloaded model: the search's record
+    card = (folder / "README.md").read_text()
+    assert "| class | TPR f (n) | TPR m (n) | gap [95% CI] | reference gap |" in card
+    assert "weat_math_arts" in card
+
+
+def test_report_draws_the_class_views(weat_study: dict[str, Any]) -> None:
+    from test_search import run_cli
+
+    out = weat_study["tmp"] / "report.html"
+    assert run_cli("report", *weat_study["args"], "--out", str(out)) == 0
+    page = out.read_text()
+    assert "Per-class TPR gap" in page and "De-Arteaga" in page
