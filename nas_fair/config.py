@@ -30,6 +30,7 @@ PRECISIONS = ("fp32", "bf16", "auto")
 MAX_THREADS = 1024  # torch threads per worker; more is a typo (and would spawn that many)
 # Training steps (recovery, a family's own pass): more is a typo that would run for weeks.
 MAX_STEPS = 1_000_000
+MAX_RUNGS = 8  # multi-fidelity rungs; each is a full pass over the surviving candidates
 MAX_NAME = 100  # a study name is a folder and file name (run folder, artifacts, exports)
 
 
@@ -75,6 +76,7 @@ LIMITS: dict[str, Limit] = {
     "search.batch_size": Limit(1, 65536),
     "search.seq_len": Limit(1, 8192),
     "search.recovery_steps": Limit(0, MAX_STEPS),
+    "search.fidelity_eta": Limit(2, 100),
     "search.recovery_lr": Limit(0, 1, low_open=True),
     "search.recovery_tolerance": Limit(0, 1, high_open=True),
     "search.latency_repeats": Limit(1, 10_000),
@@ -145,6 +147,11 @@ class SearchConfig:
     batch_size: int = 32  # latency is measured at this batch size and sequence length
     seq_len: int = 64
     recovery_steps: int = 150
+    # Multi-fidelity search: recovery steps per rung, strictly increasing (empty = every trial
+    # recovers recovery_steps). A candidate is scored after the first rung's steps; the top
+    # 1/fidelity_eta of each rung, by the multi-objective order, continue to the next.
+    fidelity_steps: list[int] = field(default_factory=list)
+    fidelity_eta: int = 3
     recovery_lr: float = 1e-4
     # Stop a trial's recovery once its distillation loss has flattened: the mean loss of the
     # last fifth of the budget fell by less than recovery_tolerance (relative) from the fifth
@@ -187,6 +194,14 @@ class SearchConfig:
         check_limits(self, "search.")
         if self.recovery_precision not in PRECISIONS:
             raise one_of("[search] recovery_precision", self.recovery_precision, PRECISIONS)
+        steps = self.fidelity_steps
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_STEPS
+               for v in steps):
+            raise UserError(f"[search] fidelity_steps must be integers in [1, {MAX_STEPS}], "
+                            f"got {steps}")
+        if any(b <= a for a, b in zip(steps, steps[1:])) or len(steps) > MAX_RUNGS:
+            raise UserError(f"[search] fidelity_steps must be strictly increasing, at most "
+                            f"{MAX_RUNGS} rungs, got {steps}")
 
 
 @dataclass

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="run or resume a study")
     _add_study_args(s)
     s.add_argument("--budget", required=True, metavar="N|DURATION",
-                   help="completed trials for the study in total (e.g. 8; re-running finishes "
-                        "the rest, a larger N continues) or a duration for this run (45m, 2h)")
+                   help="a duration for this run (45m, 2h: recommended), or N completed "
+                        "evaluations for the study in total, a multi-fidelity promotion counting "
+                        "as one (re-running finishes the rest, a larger N continues)")
     s.add_argument("--device", help="cpu (default); cuda is refused until it is tested")
     s.add_argument("--sampler", help="nsga2 (default), random or tpe")
     s.add_argument("--max-bias-increase", type=float, metavar="X",

@@ -74,6 +74,7 @@ def check_onnx_available() -> None:
 
 def select_trials(study: Any, numbers: Sequence[int] | None, dirs: list[str]) -> list[FrozenTrial]:
     """The requested complete trials, or the feasible Pareto front when ``numbers`` is None."""
+    from nas_fair.search.fidelity import at_top
     from nas_fair.search.front import pareto_front
 
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -93,6 +94,13 @@ def select_trials(study: Any, numbers: Sequence[int] | None, dirs: list[str]) ->
         if t.state != TrialState.COMPLETE:
             raise UserError(f"trial {n} of study {study.study_name!r} is {t.state.name}, not "
                             "COMPLETE; only complete trials can be exported")
+        if not at_top(t):
+            f = TrialRecord.from_trial(t).fidelity or {}
+            raise UserError(
+                f"trial {n} of study {study.study_name!r} was scored at rung {f.get('rung')} "
+                f"({f.get('steps')} recovery steps), below the top rung {f.get('top')}: its "
+                "model is provisional; export a top-rung trial (nas-fair pareto lists them) "
+                "or run the search longer")
         chosen.append(t)
     return chosen
 

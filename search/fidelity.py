@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from nas_fair.errors import UserError
 from nas_fair.search._optuna import trial_id
+from nas_fair.spaces.base import RecoveryRun
+from nas_fair.spaces.recovery_state import JSON_FILE
 
 if TYPE_CHECKING:  # the ranking needs no Optuna
     import optuna
@@ -215,8 +217,11 @@ def _results(trials: Iterable[FrozenTrial], rung: int) -> dict[int, FrozenTrial]
     out: dict[int, FrozenTrial] = {}
     for t in trials:
         f = fidelity_of(t)
+        # A trial scored as an earlier one with the same recipe is that candidate again: it
+        # neither competes for promotion a second time nor has a checkpoint to continue.
         if (t.state == TrialState.COMPLETE and f["rung"] == rung and t.values is not None
-                and t.user_attrs.get(DUPLICATE_ATTR) is None):
+                and t.user_attrs.get(DUPLICATE_ATTR) is None
+                and t.user_attrs.get("same_recipe_as") is None):
             out.setdefault(f["candidate"], t)
     return out
 
@@ -259,7 +264,7 @@ def claim_promotions(study: optuna.Study, rungs: Rungs,
             study.enqueue_trial(
                 dict(src.params),
                 user_attrs={FIDELITY_ATTR: {"rung": rung + 1, "candidate": cand,
-                                            "promoted_from": src.number}},
+                                            "promoted_from": src.number, "top": rungs.top}},
                 skip_if_exists=False,
             )
             queued.append((cand, rung + 1))
@@ -281,13 +286,22 @@ def check_ticket(study: optuna.Study, trial: optuna.Trial) -> int | None:
     return live[0].number
 
 
-def top_rung_trials(trials: Iterable[FrozenTrial], rungs: Rungs | None) -> list[FrozenTrial]:
-    """The trials the front, export and report may use: top-rung results only when the study is
-    multi-fidelity (``rungs`` given), every trial otherwise; duplicates never."""
-    out = [t for t in trials if t.user_attrs.get(DUPLICATE_ATTR) is None]
-    if rungs is None:
-        return out
-    return [t for t in out if fidelity_of(t)["rung"] == rungs.top]
+def at_top(trial: FrozenTrial, rungs: Rungs | None = None) -> bool:
+    """Whether ``trial`` is a final result: at the top rung of ``rungs`` (or of the schedule
+    recorded on the trial); a trial of a single-fidelity study always is."""
+    f = trial.user_attrs.get(FIDELITY_ATTR)
+    if rungs is not None:
+        return fidelity_of(trial)["rung"] == rungs.top
+    if not isinstance(f, dict) or f.get("top") is None:
+        return True
+    return int(f["rung"]) == int(f["top"])
+
+
+def top_rung_trials(trials: Iterable[FrozenTrial], rungs: Rungs | None = None,
+                    ) -> list[FrozenTrial]:
+    """The trials the front, export and report may use: top-rung results only (by ``rungs``,
+    or by the schedule each trial records), never a duplicate ticket."""
+    return [t for t in trials if t.user_attrs.get(DUPLICATE_ATTR) is None and at_top(t, rungs)]
 
 
 def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
@@ -312,18 +326,61 @@ def recovery_state_dir(run_dir: Path, study: str, number: int) -> Path | None:
     return target.parent.resolve() / target.name
 
 
+def stale_checkpoints(trials: Sequence[FrozenTrial], rungs: Rungs,
+                      directions: Sequence[str]) -> set[int]:
+    """Trials whose recovery checkpoint no promotion is expected to read: finished without a
+    result, already continued (a complete ticket was promoted from them), or ranked outside
+    the top ``2/eta`` of their rung. A checkpoint deleted too eagerly only costs time: a
+    promoted trial without one recovers from the start (:func:`recovery_plan`)."""
+    from optuna.trial import TrialState
+
+    stale = {t.number for t in trials if t.state in (TrialState.FAIL, TrialState.PRUNED)}
+    for t in trials:
+        f = fidelity_of(t)
+        if t.state == TrialState.COMPLETE and f["promoted_from"] is not None:
+            stale.add(int(f["promoted_from"]))
+    waiting = {key for key, ts in _live_tickets(trials).items()
+               if any(t.state != TrialState.COMPLETE for t in ts)}
+    for rung in range(rungs.top):
+        sources = _results(trials, rung)
+        ranked = rank(rung_results(trials, rung, directions))
+        keep = max(1, math.ceil(2 * len(ranked) / rungs.eta))
+        stale.update(sources[r.candidate].number for r in ranked[keep:]
+                     if (r.candidate, rung + 1) not in waiting)
+    return stale
+
+
+def drop_stale_checkpoints(run_dir: Path, study: str, trials: Sequence[FrozenTrial],
+                           rungs: Rungs, directions: Sequence[str]) -> None:
+    """Delete the recovery checkpoints of :func:`stale_checkpoints` (best effort)."""
+    import shutil
+
+    for number in stale_checkpoints(trials, rungs, directions):
+        target = recovery_state_dir(run_dir, study, number)
+        if target is not None:
+            shutil.rmtree(target, ignore_errors=True)  # refuses a symlink: nothing followed
+
+
 def recovery_plan(rungs: Rungs, trial: FrozenTrial | optuna.Trial, run_dir: Path,
-                  study: str) -> tuple[int, dict[str, Any]]:
-    """(recovery steps, ``ctx.extras`` entries) for ``trial`` at its rung: every rung uses the
+                  study: str) -> tuple[int, RecoveryRun]:
+    """(recovery steps, :class:`RecoveryRun`) for ``trial`` at its rung: every rung uses the
     top rung's LR schedule, so a promoted trial continues its source's run exactly; a trial
-    below the top rung saves its checkpoint; a promoted one resumes from its source's."""
+    below the top rung saves its checkpoint; a promoted one resumes from its source's when
+    that is still on disk, and otherwise recovers from the start to its rung's steps, which
+    gives the same student (resuming is bit-identical to one longer run), only slower."""
     f = fidelity_of(trial)
-    extras: dict[str, Any] = {"recovery_schedule_steps": rungs.steps[-1]}
+    save = resume = None
     if f["rung"] < rungs.top:
-        extras["recovery_save_state_to"] = recovery_state_dir(run_dir, study, trial.number)
+        save = recovery_state_dir(run_dir, study, trial.number)
+        if save is None:
+            raise UserError(f"study name {study!r} would put recovery checkpoints outside "
+                            f"{run_dir}")
     if f["promoted_from"] is not None:
-        extras["recovery_resume_from"] = recovery_state_dir(run_dir, study,
-                                                            int(f["promoted_from"]))
-    if None in extras.values():
-        raise UserError(f"study name {study!r} would put recovery checkpoints outside {run_dir}")
-    return rungs.budget(f["rung"]), extras
+        resume = recovery_state_dir(run_dir, study, int(f["promoted_from"]))
+        if resume is None:
+            raise UserError(f"study name {study!r} would put recovery checkpoints outside "
+                            f"{run_dir}")
+        if not (resume / JSON_FILE).is_file():
+            resume = None
+    return rungs.budget(f["rung"]), RecoveryRun(schedule_steps=rungs.steps[-1],
+                                                resume_from=resume, save_state_to=save)

@@ -1,18 +1,22 @@
-"""The Pareto front of a study's trials.
-"""
+"""The Pareto front of a study's trials."""
 
 from __future__ import annotations
 
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
+from nas_fair.search.fidelity import top_rung_trials
 from nas_fair.search.records import TrialRecord
 
 
 def pareto_front(trials: list[FrozenTrial], dirs: list[str], *,
-                 feasible_only: bool = True) -> list[FrozenTrial]:
-    """Non-dominated complete trials (feasible ones only unless asked otherwise)."""
+                 feasible_only: bool = True, final_only: bool = True) -> list[FrozenTrial]:
+    """Non-dominated complete trials: feasible ones only unless asked otherwise, and of a
+    multi-fidelity study only top-rung results unless asked otherwise (a lower rung's
+    scores are a candidate's provisional ones, after a shorter recovery)."""
     cands = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
+    if final_only:
+        cands = top_rung_trials(cands)
     if feasible_only:
         cands = [t for t in cands if TrialRecord.from_trial(t).feasible]
     if not cands:

@@ -22,8 +22,10 @@ from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError, disk_full
 from nas_fair.objectives.scores import directions, objective_names
 from nas_fair.search.artifacts import drop_stale_artifacts
+from nas_fair.search.fidelity import claim_promotions, drop_stale_checkpoints
 from nas_fair.search.front import pareto_front
 from nas_fair.search.records import ReferenceRecord, TrialRecord
+from nas_fair.search.retime import retime_front
 from nas_fair.search.retry import fail_dead_local_trials, requeue_interrupted
 from nas_fair.search.sampling import make_sampler, population_for
 from nas_fair.search.session import Session, config_dict, predictions_digest, search_fingerprint
@@ -276,7 +278,6 @@ def run_search(
         log(f"starting {n} workers with {threads} torch thread{'s' * (threads != 1)} each")
         spec = WorkerSpec(cfg=cfg, budget=budget, storage=url, run_dir=str(session.run_dir),
                           device=device, quiet=quiet, as_json=as_json, threads=threads)
-        del session  # the workers load their own copy; free this one's memory
         codes = run_workers(spec, n)
         bad = [(i, c) for i, c in enumerate(codes, 1) if c != 0]
         if bad:
@@ -287,6 +288,10 @@ def run_search(
             )
     else:
         _optimize(study, session, reference, budget, remaining, dirs, names, quiet, log)
+    if not session.read_only and reference.get("latency_ms"):
+        front = pareto_front(_complete(study), dirs)
+        retime_front(study, session, front, float(reference["latency_ms"]),
+                     threads=threads if jobs > 1 else None, log=log)
     result = pareto_rows(study, dirs, names)
     if show and as_json:
         print(json.dumps(result, indent=2))
@@ -333,11 +338,25 @@ def _over_budget(study: optuna.Study, number: int, budget: Budget) -> bool:
     return sum(t.number < number for t in live) >= budget.trials
 
 
+def promote(study: optuna.Study, session: Session, dirs: list[str], log: Callable[[str], None],
+            label: str = "") -> None:
+    """Queue the promotions the study's results earn now (search/fidelity.py), and drop the
+    recovery checkpoints no promotion will read any more."""
+    assert session.rungs is not None
+    for cand, rung in claim_promotions(study, session.rungs, dirs):
+        log(f"{label}candidate {cand} promoted to rung {rung} "
+            f"({session.rungs.steps[rung]} recovery steps)")
+    drop_stale_checkpoints(session.run_dir, session.cfg.name, study.get_trials(deepcopy=False),
+                           session.rungs, dirs)
+
+
 def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], budget: Budget,
               remaining: int | None, dirs: list[str], names: list[str], quiet: bool,
               log: Any, label: str = "") -> None:
     bar = tqdm(total=remaining, desc="trials", unit="trial", disable=quiet, file=sys.stderr,
                dynamic_ncols=True)
+    if session.rungs is not None:  # promotions a stopped run had earned but not queued
+        promote(study, session, dirs, log, label)
     stop_at = None if budget.seconds is None else time.monotonic() + budget.seconds
     failures = 0
     last_error = "?"
@@ -345,6 +364,8 @@ def _optimize(study: optuna.Study, session: Session, reference: dict[str, Any], 
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal failures, last_error
+        if trial.state == TrialState.COMPLETE and session.rungs is not None:
+            promote(study, session, dirs, log, label)
         complete = _complete(study)
         if trial.state == TrialState.COMPLETE:
             failures = 0

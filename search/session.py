@@ -40,6 +40,7 @@ from nas_fair.modeling import (
 )
 from nas_fair.objectives import ACCURACY, EvalRecord
 from nas_fair.objectives.scores import Scores, bias_objective, check_objectives, limit_constraints
+from nas_fair.search.fidelity import Rungs, fidelity_of
 from nas_fair.search.records import TrialRecord
 from nas_fair.search.storage import preparation_lock, read_only_error
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
@@ -62,7 +63,8 @@ def config_dict(cfg: StudyConfig) -> dict[str, Any]:
 
 
 ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_dropout": True,
-                                       "allow_group_postprocessing": True}
+                                       "allow_group_postprocessing": True, "fidelity_steps": [],
+                                       "fidelity_eta": 3}
 
 
 def search_fingerprint(cfg: StudyConfig) -> str:
@@ -81,6 +83,21 @@ def search_fingerprint(cfg: StudyConfig) -> str:
     for k in ("max_bias_increase", "min_accuracy"):
         d["objectives"].pop(k, None)
     return _hash(d)
+
+
+def rungs_for(cfg: StudyConfig) -> Rungs | None:
+    """The study's rung schedule, or None for a single-fidelity study."""
+    s = cfg.search
+    if not s.fidelity_steps:
+        return None
+    if cfg.families is not None and "distillation" not in cfg.families:
+        raise UserError("[search] fidelity_steps needs the distillation family (a rung is a "
+                        "recovery budget): add \"distillation\" to [space] families or drop "
+                        "fidelity_steps")
+    if "steps" in cfg.family_options.get("distillation", {}):
+        raise UserError("[space.distillation] steps cannot be set with [search] fidelity_steps "
+                        "(the rungs set each trial's recovery steps); drop one of them")
+    return Rungs(tuple(s.fidelity_steps), s.fidelity_eta)
 
 
 def model_type(model_path: Path, cfg: StudyConfig) -> str:
@@ -149,12 +166,16 @@ class Session:
         self.timings["load_data_s"] = time.perf_counter() - t
         self.recorded = check_objectives(cfg, self.data)
         self.recorded = _readable_metrics(self, self.recorded)
+        self.rungs = rungs_for(cfg)
         self.space = build_space(cfg.families, self._space_options())
         check_architecture(model_type(self.model_path, cfg), [fam.name for fam in self.space])
 
     def _space_options(self) -> dict[str, dict[str, Any]]:
         opts = {k: dict(v) for k, v in self.cfg.family_options.items()}
-        opts.setdefault("distillation", {}).setdefault("steps", [self.cfg.search.recovery_steps])
+        # Under multi-fidelity the recipe's steps are the top rung's: what a finalist recovers,
+        # and what export replays; lower rungs stop earlier on the same LR schedule.
+        steps = self.rungs.steps[-1] if self.rungs else self.cfg.search.recovery_steps
+        opts.setdefault("distillation", {}).setdefault("steps", [steps])
         if self.cfg.families is not None and "distillation" not in self.cfg.families:
             opts.pop("distillation")
         if not self.cfg.search.allow_group_postprocessing:
@@ -396,23 +417,39 @@ class Session:
         return self._record(y_pred, self._cf_pred(logits, model), self.ref_pred,
                             probe=self._probe(model))
 
-    def latency(self, model: torch.nn.Module) -> dict[str, Any]:
-        """The study's latency protocol (batch, length, device, threads, repeats) on a model."""
+    def latency(self, model: torch.nn.Module, *, reference_ms: float | None = None,
+                ) -> dict[str, Any]:
+        """The study's latency protocol (batch, length, device, threads) on a model.
+
+        Without ``reference_ms`` (the reference itself, once per study) the median of
+        ``latency_repeats`` passes. With it, the model and the reference are timed in
+        alternating rounds and the median ratio times ``reference_ms`` is recorded: load on the
+        machine slows both alike and cancels out of the ratio."""
+        from nas_fair.objectives.interleaved import measure_latency_ratio
         from nas_fair.objectives.latency import measure_latency
 
         s = self.cfg.search
-        return measure_latency(model, batch_size=s.batch_size, seq_len=s.seq_len,
-                               device=str(self.device), threads=s.threads or None,
-                               repeats=s.latency_repeats,
-                               vocab_size=getattr(self.reference.config, "vocab_size", None))
+        common: dict[str, Any] = {
+            "batch_size": s.batch_size, "seq_len": s.seq_len, "device": str(self.device),
+            "threads": s.threads or None,
+            "vocab_size": getattr(self.reference.config, "vocab_size", None)}
+        if reference_ms is None:
+            return measure_latency(model, repeats=s.latency_repeats, **common)
+        rec = measure_latency_ratio(model, self.reference, rounds=s.latency_repeats,
+                                    per_round=1, reference_ms=reference_ms, **common)
+        return {"median_ms": rec["latency_ms"], "iqr_ms": rec["ratio_iqr"] * reference_ms,
+                "method": "interleaved", "reference_ms": reference_ms, **rec}
 
-    def score(self, model: torch.nn.Module, record: EvalRecord, *, paired: bool) -> Scores:
-        """Size, latency, accuracy and every recorded bias metric (with intervals) of one model."""
+    def score(self, model: torch.nn.Module, record: EvalRecord, *, paired: bool,
+              reference_ms: float | None = None, latency: dict[str, Any] | None = None,
+              ) -> Scores:
+        """Size, latency, accuracy and every recorded bias metric (with intervals) of one model;
+        ``latency`` is a record measured before on a model of the same architecture."""
         from nas_fair.objectives.size import model_size
 
         times: dict[str, float] = {}
         t = time.perf_counter()
-        lat = self.latency(model)
+        lat = latency if latency is not None else self.latency(model, reference_ms=reference_ms)
         times["latency_s"] = time.perf_counter() - t
         t = time.perf_counter()
         (acc, acc_lo, acc_hi), bias, collapse = self.metrics(record, paired=paired)
@@ -530,14 +567,17 @@ COST_PHASES = ("compress_s", "recover_s", "mitigation_s", "evaluate_s", "latency
 # cost and queue marks, and its constraints (recomputed under the current limits); the saved
 # model stays the earlier trial's (export rebuilds).
 NOT_REUSED = frozenset({"worker", "runtime", "cost", "artifact", "anchor", "retry_of",
-                        "same_recipe_as", "constraints"})
+                        "same_recipe_as", "constraints", "fidelity", "duplicate_of"})
 
 
 def same_recipe(trial: optuna.Trial) -> FrozenTrial | None:
-    """The first completed trial of the study with ``trial``'s parameters and thread count."""
+    """The first completed trial of the study with ``trial``'s parameters, thread count and
+    rung (a promoted candidate has its source's parameters, not its model)."""
     threads = (TrialRecord.from_trial(trial).runtime or {}).get("threads")
+    rung = fidelity_of(trial)["rung"]
     for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if (t.params == trial.params and t.values is not None
-                and (TrialRecord.from_trial(t).runtime or {}).get("threads") == threads):
+                and (TrialRecord.from_trial(t).runtime or {}).get("threads") == threads
+                and fidelity_of(t)["rung"] == rung and t.user_attrs.get("duplicate_of") is None):
             return t
     return None

@@ -18,8 +18,10 @@ from nas_fair.config import StudyConfig
 from nas_fair.errors import UserError, one_of
 from nas_fair.objectives.scores import OBJECTIVE_KEYS, Scores, limit_constraints
 from nas_fair.postprocess import DISPARATE_TREATMENT
+from nas_fair.search.fidelity import FIDELITY_ATTR, fidelity_of, top_rung_trials
 from nas_fair.search.front import pareto_front
 from nas_fair.search.records import ReferenceRecord, TrialRecord
+from nas_fair.search.retime import RETIMED_ATTR
 
 NEEDS_GROUP_NOTE = "needs the sensitive attribute at inference"
 
@@ -122,6 +124,16 @@ def check_limits(max_bias_increase: float | None, min_accuracy: float | None) ->
         raise UserError(f"--min-accuracy must be a number in [0, 1], got {min_accuracy}")
 
 
+def rung_counts(trials: list[FrozenTrial]) -> dict[int, int]:
+    """Complete results per rung of a multi-fidelity study ({} for a single-fidelity one)."""
+    counts: dict[int, int] = {}
+    for t in trials:
+        if isinstance(t.user_attrs.get(FIDELITY_ATTR), dict):
+            r = fidelity_of(t)["rung"]
+            counts[r] = counts.get(r, 0) + 1
+    return counts
+
+
 def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
                 sort: str = "size", cfg: StudyConfig | None = None,
                 max_bias_increase: float | None = None,
@@ -154,9 +166,18 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
             return all(v <= 0 for v in cons.values())
 
         kept = [t for t in trials if passes(t)]
-    feasible = pareto_front(kept, dirs)
+    retimed = study.user_attrs.get(RETIMED_ATTR) or {}
+    rungs = rung_counts(kept)
+    shown = kept
+    provisional = None
+    if rungs and not top_rung_trials(kept):
+        # No candidate has finished its recovery yet: show the highest rung's front, as such.
+        provisional = max(rungs)
+        shown = [t for t in kept if fidelity_of(t)["rung"] == provisional]
+    final = provisional is None
+    feasible = pareto_front(shown, dirs, final_only=final)
     feasible_numbers = {t.number for t in feasible}
-    infeasible = [t for t in pareto_front(kept, dirs, feasible_only=False)
+    infeasible = [t for t in pareto_front(shown, dirs, feasible_only=False, final_only=final)
                   if t.number not in feasible_numbers
                   and violated(trial_constraints(t))]
     sign = 1.0 if dirs[key] == "minimize" else -1.0
@@ -169,7 +190,16 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
             row["trial"] = t.number
             row["on_front"] = on_front
             row["note"] = status_note(row)
+            if provisional is not None:
+                row["note"] = "; ".join(filter(None, [row["note"],
+                                                      f"rung {provisional}, provisional"]))
             row["recipe"] = t.params
+            if str(t.number) in retimed:
+                row["latency_retimed"] = retimed[str(t.number)]
+            fid = TrialRecord.from_trial(t).fidelity
+            if fid is not None:
+                row["rung"] = fidelity_of(t)["rung"]
+                row["recovery_steps"] = fid.get("steps")
             out.append(row)
         return out
 
@@ -185,7 +215,10 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
             # feasible front first, then the infeasible trials no trial dominates
             "pareto": rows(feasible, True) + rows(infeasible, False),
             "feasible_on_front": len(feasible), "infeasible_not_dominated": len(infeasible),
-            "mean_trial_cost_s": mean_cost}
+            "mean_trial_cost_s": mean_cost,
+            # multi-fidelity studies: results per rung, and the rung shown while none is final
+            "evaluations_per_rung": {str(k): v for k, v in sorted(rungs.items())},
+            "provisional_rung": provisional}
 
 
 def _num(v: float, digits: int) -> str:
@@ -251,6 +284,20 @@ def render_table(result: dict[str, Any]) -> str:
         out.append(count)
     if any(row.get("needs_group") for row in result["pareto"]):
         out.append(f"{NEEDS_GROUP_NOTE}: {DISPARATE_TREATMENT}")
+    again = [(row["trial"], row["latency_retimed"]) for row in result["pareto"]
+             if row.get("latency_retimed")]
+    if again:
+        out.append(f"{names[1]} re-timed side by side against the reference at the end: "
+                   + ", ".join(f"trial {n} {r['latency_ms']:.1f} ({r['ratio']:.2f}x)"
+                               for n, r in again))
+    per_rung = result.get("evaluations_per_rung") or {}
+    if per_rung:
+        out.append("evaluations per rung (multi-fidelity; the front holds top-rung results): "
+                   + ", ".join(f"rung {k}: {v}" for k, v in per_rung.items()))
+    if result.get("provisional_rung") is not None:
+        out.append(f"no candidate has reached the top rung yet: this is rung "
+                   f"{result['provisional_rung']}'s front, provisional (shorter recovery); "
+                   "run the search longer for final results")
     cost = result.get("mean_trial_cost_s") or {}
     if cost:
         parts = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in cost.items() if k != "total_s")
@@ -264,6 +311,10 @@ def format_trial_line(trial: FrozenTrial, reference: dict[str, Any], names: list
     row = trial_row(list(trial.values), rec, reference, names, trial_constraints(trial))
     cost = rec.cost or {}
     flags = ["on front"] if on_front else []
+    if rec.fidelity is not None:
+        f = rec.fidelity
+        flags.append(f"rung {f['rung']} of 0-{f.get('top', '?')}, {f.get('steps', '?')} steps"
+                     + (", same model at every rung" if f.get("independent") else ""))
     if rec.same_recipe_as is not None:
         flags.append(f"same recipe as trial {rec.same_recipe_as}: scores reused")
     note = display_note(row)

@@ -7,6 +7,7 @@ holds everything trials share (reference, cached tensors, the space); overriding
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from optuna.trial import FrozenTrial
 from nas_fair.objectives import EvalRecord
 from nas_fair.objectives.scores import Scores
 from nas_fair.search.artifacts import artifact_path
+from nas_fair.search.fidelity import check_ticket, fidelity_of, recovery_plan
 from nas_fair.search.records import TrialRecord
 from nas_fair.search.retry import worker_identity
 from nas_fair.search.session import (
@@ -28,8 +30,9 @@ from nas_fair.search.session import (
     predictions_digest,
     same_recipe,
 )
-from nas_fair.spaces import compress
+from nas_fair.spaces import CompressionContext, compress
 from nas_fair.spaces.recovery import recovery_logs
+from nas_fair.spaces.recovery_state import JSON_FILE
 
 
 def run_trial(session: Session, trial: optuna.Trial, reference: dict[str, Any]) -> list[float]:
@@ -39,16 +42,23 @@ def run_trial(session: Session, trial: optuna.Trial, reference: dict[str, Any]) 
     TrialRecord(worker=worker_identity(),
                 runtime={"threads": torch.get_num_threads(), "torch": torch.__version__},
                 ).write(trial)
+    ctx, fidelity = session.ctx, None
+    if session.rungs is not None:
+        ctx, fidelity = _rung(session, trial, configs)
     t0 = time.perf_counter()
     same = same_recipe(trial)
     if same is not None:
         return session._reuse(trial, same, t0, reference)
     times: dict[str, float] = {}
-    model = compress(session.reference, configs, session.ctx, timings=times)
+    model = compress(session.reference, configs, ctx, timings=times)
+    latency = None
+    if fidelity is not None:
+        fidelity, latency = _after_recovery(session, trial, ctx, fidelity)
     t = time.perf_counter()
     record = session.evaluate(model)
     evaluate_s = time.perf_counter() - t
-    scores = session.score(model, record, paired=True)
+    scores = session.score(model, record, paired=True, latency=latency,
+                           reference_ms=reference.get("latency_ms"))
     t = time.perf_counter()
     cost = {
         "compress_s": sum(v for k, v in times.items()
@@ -66,12 +76,59 @@ def run_trial(session: Session, trial: optuna.Trial, reference: dict[str, Any]) 
     pp = getattr(model, "nas_fair_postprocess", None)
     if pp is not None:  # the fitted group offsets and what they did on validation
         TrialRecord(postprocess=_jsonable(pp.to_dict())).write(trial)
-    session._save_artifact(trial, model, record)
+    _check_canonical(trial)
+    if fidelity is None or fidelity["rung"] == fidelity["top"]:
+        session._save_artifact(trial, model, record)  # only final results are exported
     cost["bookkeeping_s"] = time.perf_counter() - t
     cost["total_s"] = time.perf_counter() - t0
-    cost["recovery_steps_run"] = sum(r["steps_run"] for r in recovery_logs(model))
+    # steps this trial ran: a promoted one continues from its source's step
+    cost["recovery_steps_run"] = sum(r["steps_run"] - (r.get("resumed_from_step") or 0)
+                                     for r in recovery_logs(model))
     TrialRecord(cost={k: round(v, 3) for k, v in cost.items()}).write(trial)
     return scores.values()
+
+
+def _check_canonical(trial: optuna.Trial) -> None:
+    """A duplicate promotion ticket is never run, nor told values (search/fidelity.py)."""
+    dup = check_ticket(trial.study, trial)
+    if dup is not None:
+        raise optuna.TrialPruned(f"a duplicate of promotion ticket {dup}: not run")
+
+
+def _rung(session: Session, trial: optuna.Trial, configs: dict[str, Any],
+          ) -> tuple[CompressionContext, dict[str, Any]]:
+    """The trial's rung: its recovery budget and checkpoints, recorded as ``fidelity``."""
+    assert session.rungs is not None
+    f = fidelity_of(trial)
+    TrialRecord(fidelity={**f, "top": session.rungs.top}).write(trial)  # rung 0 has no ticket
+    _check_canonical(trial)
+    steps, run = recovery_plan(session.rungs, trial, session.run_dir, session.cfg.name)
+    if run.save_state_to is not None and run.save_state_to.exists():
+        shutil.rmtree(run.save_state_to)  # left by a deleted study of the same name
+    configs["distillation"] = dataclasses.replace(configs["distillation"], steps=steps)
+    fidelity = {**f, "top": session.rungs.top, "steps": steps,
+                "resumed": run.resume_from is not None}
+    TrialRecord(fidelity=fidelity).write(trial)
+    return dataclasses.replace(session.ctx, recovery_run=run), fidelity
+
+
+def _after_recovery(session: Session, trial: optuna.Trial, ctx: CompressionContext,
+                    fidelity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(fidelity, latency to reuse): a student that saved no checkpoint below the top rung had
+    no recovery (every family before it was off), so it is the same model at every rung and
+    this result is final; a promoted trial keeps its source's latency (same architecture)."""
+    save = ctx.recovery_run.save_state_to
+    if fidelity["rung"] < fidelity["top"] and save is not None and not (save / JSON_FILE).is_file():
+        fidelity = {**fidelity, "rung": fidelity["top"], "independent": True}
+        TrialRecord(fidelity=fidelity).write(trial)
+    latency = None
+    source = fidelity.get("promoted_from")
+    if source is not None:
+        src = trial.study.get_trials(deepcopy=False)[int(source)]
+        latency = TrialRecord.from_trial(src).latency
+        if latency is not None:
+            latency = {**latency, "copied_from": int(source)}
+    return fidelity, latency
 
 
 def reuse(session: Session, trial: optuna.Trial, same: FrozenTrial, t0: float,

@@ -227,6 +227,16 @@ class RecoveryConfig:
                    dropout=search.recovery_dropout)
 
 
+@dataclass(frozen=True)
+class RecoveryRun:
+    """One trial's place in a longer recovery (multi-fidelity search): the LR schedule's length,
+    the checkpoint to continue from (a lower rung's student), and where to save one."""
+
+    schedule_steps: int | None = None
+    resume_from: Path | None = None
+    save_state_to: Path | None = None
+
+
 @dataclass
 class CompressionContext:
     """Everything a family may need beyond the model; built once per study, shared by trials."""
@@ -243,6 +253,7 @@ class CompressionContext:
     extras: dict[str, Any] = field(default_factory=dict)
     # Per trial, set by ``compress`` on its private copy of the context (never on the shared one).
     recovery: RecoveryOptions | None = None
+    recovery_run: RecoveryRun = field(default_factory=RecoveryRun)
     # False while every family applied so far was off: the model still equals the reference
     # (recovery toward the reference's own logits would then only cost time).
     student_changed: bool = True

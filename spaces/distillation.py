@@ -85,7 +85,7 @@ class Distillation(Family):
             extra_loss=None if opts is None else opts.extra_loss,
             sample_weights=None if opts is None else opts.sample_weights,
             # Multi-fidelity search: a promoted candidate continues its lower rung's student.
-            schedule_steps=ctx.extras.get("recovery_schedule_steps"),
-            resume_from=ctx.extras.get("recovery_resume_from"),
-            save_state_to=ctx.extras.get("recovery_save_state_to"),
+            schedule_steps=ctx.recovery_run.schedule_steps,
+            resume_from=ctx.recovery_run.resume_from,
+            save_state_to=ctx.recovery_run.save_state_to,
         )

@@ -117,6 +117,8 @@ def wrong_types(hint: Any) -> list[Any]:
         return ["0.5", True, [0.5], {"a": 1}]
     if base is str:
         return [1, True, ["a"], {"a": "b"}]
+    if origin is list and typing.get_args(base) == (int,):
+        return ["a", ["a"], [True], [1.5]]
     if origin is list:
         return ["a", [1], [True]]
     if origin is dict:
@@ -157,7 +159,9 @@ STR_OUT_OF_RANGE: dict[str, list[str]] = {
 # Numbers a study may take by type and sign, but not with this model (64 positions here).
 MODEL_LIMITS = {"model.max_length": [100_000], "search.seq_len": [100_000],
                 "search.threads": [100_000]}
-LIST_BAD = {"objectives.record": [["no_such_metric"]], "space.families": [["nope"]]}
+LIST_BAD = {"objectives.record": [["no_such_metric"]], "space.families": [["nope"]],
+            "search.fidelity_steps": [[0, 2], [4, 2], [2, 2], [-1], [2**40],
+                                      list(range(1, 11))]}
 
 
 @pytest.fixture(scope="module")

@@ -230,15 +230,20 @@ def test_recovery_plan_chains_rungs(tmp_path):
     study = _study(tmp_path / "s.db")
     _add_rung0(study, 3)
     rungs = Rungs(steps=(10, 20, 40), eta=3)
-    steps, extras = fd.recovery_plan(rungs, study.trials[0], tmp_path, "s")
-    assert steps == 10 and extras["recovery_schedule_steps"] == 40
-    assert extras["recovery_save_state_to"] == (tmp_path / "recovery/s/trial-0").resolve()
-    assert "recovery_resume_from" not in extras
+    steps, run = fd.recovery_plan(rungs, study.trials[0], tmp_path, "s")
+    assert steps == 10 and run.schedule_steps == 40
+    assert run.save_state_to == (tmp_path / "recovery/s/trial-0").resolve()
+    assert run.resume_from is None
     [(cand, _)] = fd.claim_promotions(study, rungs, DIRS)
     ticket = study.ask()
-    steps, extras = fd.recovery_plan(rungs, ticket, tmp_path, "s")
-    assert steps == 20
-    assert extras["recovery_resume_from"] == (tmp_path / f"recovery/s/trial-{cand}").resolve()
-    assert extras["recovery_save_state_to"].name == f"trial-{ticket.number}"
+    # the source's checkpoint is gone (deleted as stale): recover from the start instead
+    steps, run = fd.recovery_plan(rungs, ticket, tmp_path, "s")
+    assert steps == 20 and run.resume_from is None
+    state = tmp_path / f"recovery/s/trial-{cand}"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text("{}")
+    steps, run = fd.recovery_plan(rungs, ticket, tmp_path, "s")
+    assert run.resume_from == state.resolve()
+    assert run.save_state_to.name == f"trial-{ticket.number}"
     with pytest.raises(UserError, match="outside"):
         fd.recovery_plan(rungs, ticket, tmp_path, "../../x")

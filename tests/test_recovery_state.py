@@ -72,13 +72,14 @@ def test_resume_refuses_a_different_schedule_or_student(tmp_path: Path) -> None:
 
 
 def test_distillation_family_continues_through_the_context(tmp_path: Path) -> None:
+    from nas_fair.spaces.base import RecoveryRun
     from nas_fair.spaces.distillation import Distillation, DistillationConfig
 
     ctx = tiny_context(tiny_model("bert"), n=64)
     whole = Distillation().apply(_student(), DistillationConfig(steps=12), ctx)
-    ctx.extras.update(recovery_schedule_steps=12, recovery_save_state_to=tmp_path / "ck")
+    ctx.recovery_run = RecoveryRun(schedule_steps=12, save_state_to=tmp_path / "ck")
     Distillation().apply(_student(), DistillationConfig(steps=6), ctx)
-    ctx.extras = {"recovery_schedule_steps": 12, "recovery_resume_from": tmp_path / "ck"}
+    ctx.recovery_run = RecoveryRun(schedule_steps=12, resume_from=tmp_path / "ck")
     resumed = Distillation().apply(_student(), DistillationConfig(steps=12), ctx)
     _assert_same(whole, resumed)
     log = recovery_log(resumed)

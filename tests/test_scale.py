@@ -170,3 +170,35 @@ def test_preparation_lock_makes_other_workers_wait(tmp_path: Path) -> None:
     holder.wait()
     assert waited > 2.0, waited
     assert len(said) == 1 and "waiting for worker other:1" in said[0], said
+
+
+def test_multi_fidelity_workers_promote_each_candidate_once(tmp_path: Path, tiny_checkpoint: Path,
+                                                            postgres_server) -> None:
+    """Three workers on one PostgreSQL multi-fidelity study: every (candidate, rung) has at
+    most one result, promotions happened, and nothing failed."""
+    from collections import Counter
+
+    url = postgres_server.new_database()
+    toml = write_study(tmp_path, tiny_checkpoint, steps=4)
+    toml.write_text(toml.read_text().replace(
+        "threads = 1\n", "threads = 1\nanchors = false\nfidelity_steps = [2, 4, 8]\n"
+                         "fidelity_eta = 2\n"))
+    shared = tmp_path / "shared-run"
+    procs = [subprocess.Popen(search_cmd(toml, shared, 8, "--storage", url, "--quiet"), env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+        assert "Traceback" not in out + err
+    trials = trials_of(url)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 8
+    keys = Counter((t.user_attrs["fidelity"]["candidate"], t.user_attrs["fidelity"]["rung"])
+                   for t in complete)
+    assert max(keys.values()) == 1, keys
+    assert any(rung > 0 for _, rung in keys)
+    for t in trials:
+        assert t.state != TrialState.FAIL, t
+        if t.state == TrialState.PRUNED:  # turned away: the budget, or a duplicate ticket
+            assert t.user_attrs.get("skipped") or t.user_attrs.get("duplicate_of") is not None
