@@ -318,3 +318,20 @@ def test_report_draws_the_class_views(weat_study: dict[str, Any]) -> None:
     assert run_cli("report", *weat_study["args"], "--out", str(out)) == 0
     page = out.read_text()
     assert "Per-class TPR gap" in page and "De-Arteaga" in page
+
+
+def test_weat_declarations() -> None:
+    for name in ("weat_career_family", "weat_math_arts", "weat_science_arts"):
+        m = BIAS[name]
+        assert (m.direction, m.needs, m.absolute) == ("minimize", ("encoder_probe",), False)
+        assert m.description.startswith("WEAT effect size")
+
+
+def test_an_unreadable_test_asked_for_in_record_fails() -> None:
+    from transformers import BertTokenizerFast
+
+    small = BertTokenizerFast(vocab={w: i for i, w in enumerate(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])})
+    with pytest.raises(UserError, match="weat_career_family"):
+        A.check_vocabulary(small, ["weat_career_family"], objective="tpr_gap_rms",
+                           explicit=["weat_career_family"])
