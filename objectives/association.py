@@ -320,6 +320,15 @@ def metric_names() -> list[str]:
     return [PREFIX + t for t in word_lists()[1]]
 
 
+def objective_token_ids(tokenizer: Any, objective: str) -> list[int]:
+    """The token ids of a WEAT objective's words (none for any other metric)."""
+    _, tests = word_lists()
+    if not objective.startswith(PREFIX) or objective[len(PREFIX):] not in tests:
+        return []
+    words = tests[objective[len(PREFIX):]].words
+    return sorted({i for w in words for i in tokenizer(w, add_special_tokens=False)["input_ids"]})
+
+
 def check_vocabulary(tokenizer: Any, recorded: list[str], *, objective: str,
                      explicit: list[str]) -> list[str]:
     """The recorded metrics less the WEAT tests this tokenizer cannot read (a set with fewer

@@ -234,6 +234,9 @@ class Session:
             recovery_config=RecoveryConfig.from_search(self.cfg.search),
             extras={"eval_batch_size": self.cfg.search.eval_batch_size},
         )
+        keep = _objective_token_ids(self)
+        if keep:  # vocabulary trimming keeps them, as it keeps the gender-swap words
+            self.ctx.extras["keep_token_ids"] = keep
         val = self.data.validation
         if "val_ids" in self.tensors and val is not None and len(val):
             from nas_fair.postprocess import ValidationData
@@ -541,6 +544,14 @@ def _readable_metrics(session: Session, recorded: list[str]) -> list[str]:
 
     o = session.cfg.objectives
     return check_vocabulary(session.tokenizer, recorded, objective=o.bias, explicit=o.record)
+
+
+def _objective_token_ids(session: Session) -> list[int]:
+    """Token ids of the words the study's bias objective reads from the encoder (a WEAT test):
+    a vocabulary-trimmed model that read them all as [UNK] would score no association at all."""
+    from nas_fair.objectives.association import objective_token_ids
+
+    return objective_token_ids(session.tokenizer, session.cfg.objectives.bias)
 
 
 def _jsonable(obj: Any) -> Any:

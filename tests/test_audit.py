@@ -335,3 +335,20 @@ def test_an_unreadable_test_asked_for_in_record_fails() -> None:
     with pytest.raises(UserError, match="weat_career_family"):
         A.check_vocabulary(small, ["weat_career_family"], objective="tpr_gap_rms",
                            explicit=["weat_career_family"])
+
+
+def test_a_weat_objective_keeps_its_words_through_vocabulary_trimming(tok: Any) -> None:
+    from nas_fair.spaces import REGISTRY, compress
+
+    model = tiny("bert", tok)
+    ctx = ctx_for(model, tok)
+    cfg = {"vocabulary": REGISTRY["vocabulary"].config_class.from_dict({"others": 0.0})}
+    assert A.objective_token_ids(tok, "tpr_gap_rms") == []
+    keep = A.objective_token_ids(tok, "weat_math_arts")
+    ctx.extras["keep_token_ids"] = keep
+    probe = A.encoder_probe(compress(model, cfg, ctx), tok)
+    test = A.word_lists()[1]["math_arts"]
+    assert not set(test.words) & probe.unknown  # every word of the objective's test is kept
+    assert "executive" in probe.unknown  # another test's words are still trimmed
+    rec = EvalRecord(np.zeros(2, int), np.zeros(2, int), probe=probe)
+    assert math.isfinite(BIAS["weat_math_arts"](rec))
