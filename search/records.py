@@ -73,6 +73,8 @@ class TrialRecord(_Record):
     bias_ci: list[float | None] | None = None  # of the study's bias objective
     collapse: dict[str, Any] | None = None
     disparity: dict[str, Any] | None = None
+    disparity_stats: dict[str, Any] | None = None  # Wilson intervals, between-group tests
+    test_predictions: dict[str, Any] | None = None  # search/audit.py encode_predictions
     # Feasibility, post-processing, the saved model, cost.
     constraints: list[float] | None = None
     postprocess: dict[str, Any] | None = None
@@ -136,6 +138,7 @@ class ReferenceRecord(_Record):
     accuracy_ci: list[float | None] | None = None
     bias_ci: list[float | None] | None = None
     collapse: dict[str, Any] | None = None
+    test_predictions: dict[str, Any] | None = None
     timings: dict[str, float] | None = None
     predictions_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -477,6 +477,15 @@ class Session:
             from nas_fair.objectives.compression import disparity_by_group
 
             attrs["disparity"] = _jsonable(disparity_by_group(record))
+            from nas_fair.objectives.compression import disparity_stats
+
+            attrs["disparity_stats"] = _jsonable(disparity_stats(
+                record, n=self.cfg.search.bootstrap, seed=self.cfg.seed))
+        from nas_fair.search.audit import encode_predictions
+
+        # A few bytes a row, so the report can compare front models example by example
+        # without reloading them (checked against predictions_sha256 when read).
+        attrs["test_predictions"] = encode_predictions(record.y_pred)
         return Scores(size["bytes"] / 1e6, float(lat["median_ms"]), float(acc),
                       bias_objective(self.cfg, float(primary["value"])), attrs)
 
