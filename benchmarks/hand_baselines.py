@@ -59,7 +59,7 @@ from _common import (
 )
 from tqdm.auto import tqdm
 
-from nas_fair.search.records import ReferenceRecord, TrialRecord
+from nas_fair.search.records import ReferenceRecord, StudyRecord, TrialRecord
 
 RECOVERY = {"distillation.temperature": 2.0, "distillation.alpha": 0.9}
 BASELINES = {
@@ -268,10 +268,11 @@ def main() -> None:
                     print(f"note: trial {tr.number} predicts differently now than in the search "
                           f"({source}; another thread count or machine?)")
             front.append(entry)
-        if study.user_attrs.get("config", {}).get("search", {}).get("recovery_steps") != steps:
+        study_steps = ((StudyRecord.from_study(study).config or {}).get("search", {})
+                       .get("recovery_steps"))
+        if study_steps != steps:
             note = ("the study's trials used a different recovery budget "
-                    f"({study.user_attrs['config']['search'].get('recovery_steps')} steps) than "
-                    f"these baselines ({steps})")
+                    f"({study_steps} steps) than these baselines ({steps})")
     except Exception as exc:  # no finished study here: baselines only
         others = []
         note = f"no finished study read from {url}: {str(exc).splitlines()[0]}"

@@ -511,8 +511,39 @@ def report_checked(cfg: StudyConfig, out: str | None, *, storage: str | None,
         raise UserError(f"--out {str(path)!r} is a folder; give a file, e.g. "
                         f"{path / 'report.html'}")
     ensure_writable_dir(path.parent, "the folder of --out")
-    write_report(opened, directions(cfg), objective_names(cfg), path)
+    write_report(opened, directions(cfg), objective_names(cfg), path,
+                 audit=report_audit(cfg, opened, storage=storage, run_dir=run_dir))
     return path
+
+
+def report_audit(cfg: StudyConfig, opened: optuna.Study, *, storage: str | None,
+                 run_dir: str | None) -> dict[str, Any]:
+    """The report's bias audit over the feasible Pareto front of the scored trials."""
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.audit import audit_data, export_command, scored_trials
+    from nas_fair.search.front import pareto_front
+
+    front = pareto_front(scored_trials(opened), directions(cfg))
+    return audit_data(opened, cfg, front,
+                      export=export_command(cfg, storage=storage, run_dir=run_dir))
+
+
+def importance_checked(load_cfg: Callable[[], StudyConfig], *, storage: str | None,
+                       run_dir: str | None, objective: str, evaluator: str) -> dict[str, Any]:
+    """``nas-fair importance``: the options are checked before the study is opened."""
+    from nas_fair.errors import one_of
+    from nas_fair.objectives.scores import directions, objective_names
+    from nas_fair.search.audit import EVALUATORS, check_objectives_arg, importance
+
+    if evaluator not in EVALUATORS:
+        raise one_of("--evaluator", evaluator, EVALUATORS)
+    cfg = load_cfg()
+    names = objective_names(cfg)
+    which = check_objectives_arg(objective, names)
+    _, _, opened = open_existing(cfg, storage, run_dir)
+    result = importance(opened, names, directions(cfg), objectives=which, evaluator=evaluator,
+                        seed=cfg.seed)
+    return {"study": cfg.name, **result}
 
 
 def report(
@@ -523,7 +554,9 @@ def report(
     run_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the study's self-contained HTML report (``nas-fair report``; default
-    ``<run folder>/report.html``) and return its path."""
+    ``<run folder>/report.html``) and return its path. Beside it,
+    ``<name>-compression-identified.csv`` lists the test rows the front's models changed
+    (docs/audit-report.md)."""
     out_text = _text(out, "--out")
     storage, folder_text = _text(storage, "--storage"), _text(run_dir, "--run-dir")
     cfg = _Study(study).load()
@@ -542,8 +575,20 @@ def load(directory: str | os.PathLike[str]) -> torch.nn.Module:
 
     A folder with ``postprocess.json`` (group-aware decision offsets, part of what the study
     scored) loads as a ``GroupAwareClassifier``: call it with ``groups=[...]`` (one per row);
-    without them it raises a ``UserError`` naming the argument. Others load as the network."""
+    without them it raises a ``UserError`` naming the argument. Others load as the network.
+
+    The folder's ``recipe.json``, when it has one, is read back through every family's config
+    and validated first, and the result is the model's ``nas_fair_recipe`` (a
+    ``nas_fair.search.recipe.Recipe``; None for a folder without one)."""
     from nas_fair.checkpoint import load_compressed
     from nas_fair.postprocess import for_inference
+    from nas_fair.search.artifacts import RECIPE_FILE
 
-    return for_inference(load_compressed(directory))
+    recipe = None
+    if (Path(directory) / RECIPE_FILE).exists():
+        from nas_fair.search.recipe import Recipe
+
+        recipe = Recipe.read(directory)
+    model = for_inference(load_compressed(directory))
+    model.nas_fair_recipe = recipe
+    return model

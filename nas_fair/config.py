@@ -27,6 +27,7 @@ SAMPLERS = ("nsga2", "random", "tpe")
 FINETUNE = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")
+LATENCY_BACKENDS = ("torch", "onnxruntime")  # objectives/onnx_latency.py checks it is installed
 MAX_THREADS = 1024  # torch threads per worker; more is a typo (and would spawn that many)
 # Training steps (recovery, a family's own pass): more is a typo that would run for weeks.
 MAX_STEPS = 1_000_000
@@ -152,6 +153,10 @@ class SearchConfig:
     # 1/fidelity_eta of each rung, by the multi-objective order, continue to the next.
     fidelity_steps: list[int] = field(default_factory=list)
     fidelity_eta: int = 3
+    # Whether promotion ranks on the bias objective too; false ranks on size, latency and
+    # accuracy only (bias still decides the front at the top rung), for when a short
+    # recovery's bias does not predict the top rung's (benchmarks/fidelity_tau.py).
+    fidelity_rank_bias: bool = True
     recovery_lr: float = 1e-4
     # Stop a trial's recovery once its distillation loss has flattened: the mean loss of the
     # last fifth of the budget fell by less than recovery_tolerance (relative) from the fifth
@@ -166,8 +171,9 @@ class SearchConfig:
     # precision.
     recovery_precision: str = "fp32"
     # Dropout while recovering. Off, a full-width student's TPR gap came out larger in each of
-    # three seeds (README, "Recovery without dropout"), so on is the default; with masks drawn
-    # from random bits a step with dropout costs about what one without does (README).
+    # three seeds (docs/measurements.md, "Recovery without dropout"), so on is the default; with
+    # masks drawn from random bits a step with dropout costs about what one without does
+    # (docs/measurements.md, "Dropout masks from random bits").
     recovery_dropout: bool = True
     # Group-aware decision offsets (mitigation.thresholds > 0) make a model's predictions need
     # each row's sensitive attribute at inference (disparate treatment in many jurisdictions).
@@ -177,6 +183,9 @@ class SearchConfig:
     # see Family.anchor), inside NSGA-II's first generation and inside the budget.
     anchors: bool = True
     latency_repeats: int = 10
+    # What the latency objective times: the torch model, or its ONNX graph in onnxruntime (as
+    # `nas-fair export --onnx` writes it, 8-bit linears as ORT int8 MatMuls).
+    latency_backend: str = "torch"
     bootstrap: int = 1000
     device: str = "cpu"
     threads: int = 0  # 0 = all cores
@@ -192,6 +201,8 @@ class SearchConfig:
                 f"[search] population_size must be 0 (auto) or >= 2, got {self.population_size}"
             )
         check_limits(self, "search.")
+        if self.latency_backend not in LATENCY_BACKENDS:
+            raise one_of("[search] latency_backend", self.latency_backend, LATENCY_BACKENDS)
         if self.recovery_precision not in PRECISIONS:
             raise one_of("[search] recovery_precision", self.recovery_precision, PRECISIONS)
         steps = self.fidelity_steps

@@ -234,8 +234,9 @@ def first_token_only(model: nn.Module) -> Iterator[bool]:
 
 
 # Dropout masks from 16 random bits per element: torch's CPU Bernoulli draws one uniform per
-# element, and in a recovery step with dropout that drawing was 16.6% of the CPU time, the
-# bits 4.9% (benchmarks/recovery_step_profile.py). A drop rate is a multiple of 1/65536.
+# element, a large share of a recovery step with dropout; the bits cost a fraction of that
+# (benchmarks/recovery_step_profile.py; docs/measurements.md, "Dropout masks from random
+# bits"). A drop rate is a multiple of 1/65536.
 _MASK_LEVELS = 1 << 16
 FAST_DROPOUT_ATTENTION = "nas_fair_fast_dropout"
 # Encoders whose attention goes through transformers' attention interface with a bidirectional
@@ -278,8 +279,8 @@ def fast_dropout_fn(x: torch.Tensor, p: float, training: bool = True) -> torch.T
     if not training or p == 0:
         return x
     keep, scale = keep_mask(tuple(x.shape), p, x.device)
-    # Through uint8: torch's bool-to-float conversion was about 4x slower in a 2-core
-    # microbenchmark, for the same 0.0 / 1.0.
+    # Through uint8: torch's bool-to-float conversion was slower for the same 0.0 / 1.0
+    # (docs/measurements.md, "Figures once quoted in code comments").
     return _ScaledMask.apply(x, keep.view(torch.uint8).to(x.dtype).mul_(scale))
 
 

@@ -16,8 +16,8 @@ back into the file by rewriting the matching weight initializers. What is kept, 
   the other ops (same argmax).
   (ONNX Runtime's own dynamic quantization, ``DynamicQuantizeLinear``, takes one scale per
   tensor, i.e. per batch, so it is not used.) ``int8=False``: stored dequantized in fp32, a
-  plain float graph of the same weights (4x the bytes; the fp32 function of the int8 weights,
-  not the int8 function torch runs). Old exports with torch's dynamic int8 Linear export the
+  plain float graph of the same weights (four bytes a weight instead of one; the fp32 function
+  of the int8 weights, not the int8 function torch runs). Old exports with torch's dynamic int8 Linear export the
   same per-row graph from their integers. The switch is for 8-bit linears only: everything
   else below is exact either way, so it is always stored compactly.
 * 8-bit embeddings: int8 rows + per-row scales; only looked-up rows are dequantized (exact).

@@ -10,8 +10,9 @@ A model is flagged when any rule fires:
   (0.5) of the classes; a sound model may never predict one rare class, but not half of them;
 * mostly one class: one class gets >= ``mostly_share`` (0.5) of all predictions and at least
   ``dominance_ratio`` (3) times its share of the true labels (seen on the default study: a pruned
-  model sent 73% of its predictions to one of 10 balanced classes, accuracy 0.14, and scored a
-  third of the reference's bias gap);
+  model sent most of its predictions to one of 10 balanced classes and scored a fraction of the
+  reference's bias gap, so the bias objective rewarded a broken model; docs/measurements.md,
+  "Figures once quoted in code comments");
 * near-constant overall: one class gets >= ``overall_dominant_share`` (0.95) of all predictions
   while that class is < ``true_share_max`` (0.8) of the true labels;
 * near-constant in a group: in a group of >= ``min_group_size`` rows, one class gets
@@ -20,8 +21,8 @@ A model is flagged when any rule fires:
 * no better than a constant predictor: the lower end of the balanced accuracy's normal interval
   (level ``ci``; per-class recall variances) is <= 1/K, which is exactly what any constant
   predictor scores. Balanced accuracy, not accuracy against the majority share: on imbalanced
-  labels (WinoBias as built here: 76% one class) a model with balanced accuracy 0.75 can have an
-  accuracy below the majority share and is still far from constant.
+  labels (WinoBias as built here is mostly one class) a model with a good balanced accuracy can
+  have an accuracy below the majority share and is still far from constant.
 """
 
 from __future__ import annotations

@@ -118,3 +118,76 @@ def disparity_by_group(record: EvalRecord) -> dict[str, dict[str, float]]:
             "newly_right": float((~ref_right & now_right)[rows].mean()) if n else float("nan"),
         }
     return out
+
+
+DISPARITY_SHARES = ("flipped", "newly_wrong", "newly_right")
+
+
+def permutation_chi2(outcome: np.ndarray, groups: np.ndarray, *, n: int = 1000,
+                     seed: int = 0) -> dict[str, float]:
+    """Do groups differ in the rate of a 0/1 ``outcome``? Pearson's chi-square of the
+    (group x outcome) table and its permutation p-value, p = (1 + #{null >= observed}) /
+    (1 + n) over ``n`` seeded shuffles of the outcomes across rows. A shuffle only matters
+    through each group's count of ones, whose distribution is multivariate hypergeometric, so
+    those counts are drawn directly: the same test, without an (n x rows) matrix. Exact for
+    small counts, where the chi-square distribution is not; with two groups it is the
+    two-proportion test."""
+    if n < 1:
+        raise UserError(f"permutation n must be >= 1, got {n!r}")
+    o = np.asarray(outcome).astype(bool).ravel()
+    g, names = group_index(groups)
+    if len(o) != len(g):
+        raise UserError(f"outcome and groups must align: {len(o)} vs {len(g)} rows")
+    sizes = np.bincount(g, minlength=len(names))
+    total, rows = int(o.sum()), len(o)
+
+    def chi2(ones: np.ndarray) -> np.ndarray:
+        """Pearson's chi-square from the per-group counts of ones (margins fixed)."""
+        p = total / rows if rows else 0.0
+        if p in (0.0, 1.0):
+            return np.zeros(ones.shape[:-1])
+        expected = sizes * p
+        return (((ones - expected) ** 2) / (expected * (1.0 - p))).sum(axis=-1)
+
+    observed = float(chi2(np.bincount(g[o], minlength=len(names)).astype(float)))
+    rng = np.random.default_rng(seed)
+    good = np.full(n, total, dtype=np.int64)
+    bad = np.full(n, rows - total, dtype=np.int64)
+    ones = np.empty((n, len(names)))
+    for k, size in enumerate(sizes):  # each group draws its ones from what is left
+        drawn = good if k == len(sizes) - 1 else rng.hypergeometric(good, bad, int(size))
+        ones[:, k] = drawn
+        good, bad = good - drawn, bad - (int(size) - drawn)
+    hits = int(np.sum(chi2(ones) >= observed - 1e-9 * max(1.0, observed)))
+    return {"chi2": observed, "p_value": (1 + hits) / (1 + n), "n_permutations": n,
+            "seed": seed, "groups": len(names)}
+
+
+def disparity_stats(record: EvalRecord, *, n: int = 1000, seed: int = 0,
+                    ci: float = 0.95) -> dict[str, object]:
+    """Uncertainty for ``disparity_by_group``: each group's shares (changed, right to wrong,
+    wrong to right) with Wilson intervals, and per share a seeded permutation chi-square test
+    of "the groups' shares are equal" (rows of different groups are different examples, so the
+    between-group test is unpaired; each row is paired with the reference's prediction on it).
+    """
+    from nas_fair.objectives.collapse import wilson_interval
+
+    by_group = disparity_by_group(record)  # checks the record's reference and groups
+    y, p, r = (np.asarray(a) for a in (record.y_true, record.y_pred, record.y_pred_ref))
+    outcomes = {"flipped": p != r, "newly_wrong": (r == y) & (p != y),
+                "newly_right": (r != y) & (p == y)}
+    g, names = group_index(record.groups)
+    groups: dict[str, dict[str, list[float]]] = {}
+    for k, name in enumerate(names):
+        rows = g == k
+        key = str(name.item() if hasattr(name, "item") else name)
+        groups[key] = {s: list(wilson_interval(int(outcomes[s][rows].sum()), int(rows.sum()), ci))
+                       for s in DISPARITY_SHARES}
+    tests = {s: permutation_chi2(outcomes[s], record.groups, n=n, seed=seed)
+             for s in DISPARITY_SHARES}
+    if len(by_group) == 2:  # the difference the test is about, second group minus first
+        a, b = by_group
+        for s in DISPARITY_SHARES:
+            tests[s]["difference"] = by_group[b][s] - by_group[a][s]
+    return {"interval": f"Wilson {ci:.0%}", "groups": groups, "tests": tests,
+            "test": "permutation chi-square (outcomes shuffled across rows)"}

@@ -17,6 +17,7 @@ round biases half the rounds each way and the median not at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -74,30 +75,46 @@ def measure_latency_ratio(
     modes = (candidate.training, reference.training)
     candidate.eval()
     reference.eval()
-    cand_t, ref_t = [], []
     try:
         torch.set_num_threads(n_threads)
         with torch.inference_mode():
             with _count_macs(candidate) as macs:
                 candidate(*c_args, **c_kwargs)
-            time_c = pass_timer(candidate, c_args, c_kwargs, dev)
-            time_r = pass_timer(reference, r_args, r_kwargs, dev)
-            for _ in range(warmup):
-                time_r()
-                time_c()
-            for i in range(rounds):
-                first, second = (time_r, time_c) if i % 2 == 0 else (time_c, time_r)
-                a = b = 0.0
-                for _ in range(per_round):  # one pass each in turn: both see the same load
-                    a += first()
-                    b += second()
-                r, c = (a, b) if i % 2 == 0 else (b, a)
-                ref_t.append(r / per_round)
-                cand_t.append(c / per_round)
+            cand_t, ref_t = interleave(pass_timer(candidate, c_args, c_kwargs, dev),
+                                       pass_timer(reference, r_args, r_kwargs, dev),
+                                       rounds=rounds, per_round=per_round, warmup=warmup)
     finally:
         torch.set_num_threads(old_threads)
         candidate.train(modes[0])
         reference.train(modes[1])
+    return {**ratio_record(cand_t, ref_t, reference_ms), "rounds": rounds,
+            "per_round": per_round, "threads": n_threads, "macs": int(macs[0])}
+
+
+def interleave(time_c: Callable[[], float], time_r: Callable[[], float], *, rounds: int,
+               per_round: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Per-round mean pass times (ms) of a candidate and a reference timed in turns (see the
+    module docstring); ``time_*`` time one pass each."""
+    for _ in range(warmup):
+        time_r()
+        time_c()
+    cand_t, ref_t = [], []
+    for i in range(rounds):
+        first, second = (time_r, time_c) if i % 2 == 0 else (time_c, time_r)
+        a = b = 0.0
+        for _ in range(per_round):  # one pass each in turn: both see the same load
+            a += first()
+            b += second()
+        r, c = (a, b) if i % 2 == 0 else (b, a)
+        ref_t.append(r / per_round)
+        cand_t.append(c / per_round)
+    return cand_t, ref_t
+
+
+def ratio_record(cand_t: list[float], ref_t: list[float],
+                 reference_ms: float | None = None) -> dict[str, Any]:
+    """ratio (median of per-round ratios), its spread, both medians, and latency_ms when
+    ``reference_ms`` is given."""
     ratios = np.asarray(cand_t) / np.maximum(np.asarray(ref_t), 1e-9)
     q10, q25, q50, q75, q90 = np.percentile(ratios, [10, 25, 50, 75, 90])
     out: dict[str, Any] = {
@@ -107,10 +124,6 @@ def measure_latency_ratio(
         "ratio_p90": float(q90),
         "candidate_ms": float(np.median(cand_t)),
         "reference_ms_now": float(np.median(ref_t)),
-        "rounds": rounds,
-        "per_round": per_round,
-        "threads": n_threads,
-        "macs": int(macs[0]),
     }
     if reference_ms is not None:
         out["latency_ms"] = float(q50) * float(reference_ms)

@@ -20,8 +20,8 @@ Reuse: the resamples depend only on the true labels, ``n`` and the seed, and man
 one coding (every confusion-based group metric counts the same (group, true * K + pred) pairs),
 so resample indices, count tables and permuted groups are memoized by content (a digest of the
 arrays they come from): a study's 16 metrics count each coding once, and the reference's tables,
-paired with every trial, are counted once per session. The same numbers; on the default study a
-trial's scoring took 2.1 s before, 0.45 s now (``benchmarks/metrics_cost.py``).
+paired with every trial, are counted once per session. The same numbers, at a fraction of the
+cost (``benchmarks/metrics_cost.py``; docs/measurements.md, "Scoring a trial's metrics").
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from nas_fair.objectives.base import ACCURACY, BIAS, NEEDS, EvalRecord, Metric
 # Rows per resample chunk times resamples, so memory stays ~tens of MB for large splits.
 _CHUNK_CELLS = 4_000_000
 # Memoized resamples and count tables (see the module docstring), least recently used dropped
-# beyond this many bytes (about 22 MB per record scored on the default study).
+# beyond this many bytes: room for the reference's tables and several trials' on the default
+# study (docs/measurements.md, "Figures once quoted in code comments").
 _MEMO_BYTES = 256 * 2**20
 _MEMO: OrderedDict[tuple[Any, ...], tuple[Any, int]] = OrderedDict()
 _T = TypeVar("_T")

@@ -108,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_args(r)
     r.add_argument("--out", metavar="FILE", help="default: <run folder>/report.html")
 
+    i = sub.add_parser("importance", help="which search parameters drive each objective "
+                                          "(Optuna's fANOVA or PED-ANOVA)")
+    _add_study_args(i)
+    i.add_argument("--objective", default="bias,accuracy", metavar="NAMES",
+                   help="comma-separated: size, latency, accuracy, bias or the study's objective "
+                        "names (default: bias,accuracy)")
+    i.add_argument("--evaluator", default="fanova", metavar="NAME",
+                   help="fanova (default; share of variance explained, seeded) or ped-anova")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     e = sub.add_parser("export", help="write trials as model folders (safetensors, tokenizer, "
                                       "recipe, metrics, model card)")
     _add_study_args(e)
@@ -159,6 +169,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_importance(args: argparse.Namespace) -> int:
+    import json
+
+    from nas_fair.api import importance_checked
+    from nas_fair.search.audit import render_importance
+
+    result = importance_checked(lambda: load_config(args), storage=args.storage,
+                                run_dir=args.run_dir, objective=args.objective,
+                                evaluator=args.evaluator)
+    print(json.dumps(result, indent=2) if args.json else render_importance(result))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -201,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with quiet_libraries():
             check_not_empty(vars(args))
             return {"search": cmd_search, "pareto": cmd_pareto, "report": cmd_report,
-                    "export": cmd_export}[args.command](args)
+                    "importance": cmd_importance, "export": cmd_export}[args.command](args)
     except UserError as exc:
         print(f"nas-fair: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

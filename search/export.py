@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -37,7 +37,10 @@ from nas_fair.search.artifacts import (
     RECIPE_FILE,
 )
 from nas_fair.search.card import base_model_name, model_card
-from nas_fair.search.records import ReferenceRecord, TrialRecord
+from nas_fair.search.records import ReferenceRecord, StudyRecord, TrialRecord
+
+if TYPE_CHECKING:
+    from nas_fair.search.recipe import Recipe
 
 
 @dataclass
@@ -231,6 +234,7 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
 
     from nas_fair import postprocess
     from nas_fair.checkpoint import MODEL_FILE, load_compressed
+    from nas_fair.search.recipe import Recipe
     from nas_fair.spaces.vocabulary import export_folder
 
     rec = TrialRecord.from_trial(trial)
@@ -271,17 +275,19 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     recipe = build_recipe(session, study, trial)
     # strict JSON: a non-finite figure (a ratio to a zero reference, an undefined metric) is null
     (dest / METRICS_FILE).write_text(dumps_json(metrics, indent=1) + "\n")
-    (dest / RECIPE_FILE).write_text(dumps_json(recipe, indent=1) + "\n")
+    recipe.save(dest)
+    if Recipe.read(dest) != recipe:  # what nas_fair.load reads must be what was written
+        raise RuntimeError(f"trial {trial.number}: {RECIPE_FILE} does not read back as written")
     rates = write_class_rates(session, study, record, dest)
     if onnx:
         from nas_fair.onnx_export import export_onnx
 
-        q = recipe["families"].get("quantization", {})
-        int8 = 8 in (q.get("attention_bits"), q.get("ffn_bits"))
+        q = recipe.families.get("quantization")
+        int8 = q is not None and 8 in (q.attention_bits, q.ffn_bits)
         export_onnx(model, dest / ONNX_FILE, int8=int8, max_length=session.cfg.model.max_length)
     budget = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if t.number <= trial.number)
-    (dest / CARD_FILE).write_text(model_card(session, metrics, recipe, final, study_args,
+    (dest / CARD_FILE).write_text(model_card(session, metrics, recipe.to_dict(), final, study_args,
                                              budget=budget, onnx=onnx, base=base,
                                              class_rates=rates))
     how = "copied the search's saved model" if source == "artifact" else "rebuilt from its recipe"
@@ -378,30 +384,30 @@ def _verify(session: Any, trial: FrozenTrial, record: Any, runtime: dict[str, An
 # --------------------------------------------------------------------------- recipe, metrics
 
 
-def build_recipe(session: Any, study: Any, trial: FrozenTrial) -> dict[str, Any]:
+def build_recipe(session: Any, study: Any, trial: FrozenTrial) -> Recipe:
     """Flat parameters plus every family's full config in application order."""
     from nas_fair import __version__
+    from nas_fair.search.recipe import Recipe
     from nas_fair.spaces import configs_from_params, off_configs
     from nas_fair.spaces.base import REGISTRY
 
     configs = off_configs(session.space)
     configs.update(configs_from_params(trial.params))
     order = sorted(configs, key=lambda n: REGISTRY[n].stage)
-    return {
-        "nas_fair_version": __version__,
-        "study": session.cfg.name,
-        "trial": trial.number,
-        "seed": session.cfg.seed,
-        "params": dict(trial.params),
-        "order": order,
-        "families": {n: configs[n].to_dict() for n in order},
-        "off": {n: configs[n].to_dict() == REGISTRY[n].off().to_dict() for n in order},
-        "base_model": base_model_name(session),
-        "reference_finetuned": bool(session.reference_info.get("finetuned")),
-        "study_fingerprint": study.user_attrs.get("fingerprint"),
-        "study_config": study.user_attrs.get("config"),
-        "runtime": TrialRecord.from_trial(trial).runtime,
-    }
+    stored = StudyRecord.from_study(study)
+    return Recipe(
+        nas_fair_version=__version__,
+        study=session.cfg.name,
+        trial=trial.number,
+        seed=session.cfg.seed,
+        params=dict(trial.params),
+        families={n: configs[n] for n in order},
+        base_model=base_model_name(session),
+        reference_finetuned=bool(session.reference_info.get("finetuned")),
+        study_fingerprint=stored.fingerprint,
+        study_config=stored.config,
+        runtime=TrialRecord.from_trial(trial).runtime,
+    )
 
 
 def _ratio(value: float | None, ref: float | None) -> float | None:

@@ -52,6 +52,9 @@ class Rungs:
 
     steps: tuple[int, ...] = (75, 150, 300, 600)
     eta: int = 3
+    # Indices of the objectives promotion ranks on (None: all); e.g. without the bias objective
+    # when a cheap rung's bias does not predict the top rung's.
+    rank_on: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         steps = self.steps
@@ -65,6 +68,10 @@ class Rungs:
         if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
             raise UserError(f"fidelity eta must be an integer >= 2, got {self.eta!r}")
         object.__setattr__(self, "steps", tuple(steps))
+        if self.rank_on is not None:
+            object.__setattr__(self, "rank_on", tuple(self.rank_on))
+            if not self.rank_on:
+                raise UserError("fidelity rank_on must name at least one objective")
 
     @property
     def top(self) -> int:
@@ -227,19 +234,22 @@ def _results(trials: Iterable[FrozenTrial], rung: int) -> dict[int, FrozenTrial]
 
 
 def rung_results(study: optuna.Study | Sequence[FrozenTrial], rung: int,
-                 directions: Sequence[str]) -> list[RungResult]:
+                 directions: Sequence[str],
+                 rank_on: Sequence[int] | None = None) -> list[RungResult]:
     """COMPLETE results at ``rung`` (of a study, or of its trials) as :class:`RungResult`:
-    values turned to minimisation, feasibility from the ``constraints`` user attribute, as the
-    search records it. Rung 0 holds every complete trial without a ticket."""
+    values turned to minimisation (only the objectives ``rank_on`` indexes, if given),
+    feasibility from the ``constraints`` user attribute, as the search records it. Rung 0
+    holds every complete trial without a ticket."""
     trials = study if isinstance(study, Sequence) else study.get_trials(deepcopy=False)
     sign = [1.0 if d == "minimize" else -1.0 for d in directions]
     out: dict[int, RungResult] = {}
     for t in _results(trials, rung).values():
         f = fidelity_of(t)
         cons = [float(c) for c in t.user_attrs.get("constraints", [])]
+        values = [s * v for s, v in zip(sign, t.values)]
         out.setdefault(f["candidate"], RungResult(
             candidate=f["candidate"],
-            values=tuple(s * v for s, v in zip(sign, t.values)),
+            values=tuple(values if rank_on is None else (values[i] for i in rank_on)),
             feasible=all(c <= 0 for c in cons),
             violation=sum(c for c in cons if c > 0),
         ))
@@ -257,7 +267,7 @@ def claim_promotions(study: optuna.Study, rungs: Rungs,
     live = _live_tickets(trials)
     for rung in range(rungs.top):
         sources = _results(trials, rung)
-        results = rung_results(trials, rung, directions)
+        results = rung_results(trials, rung, directions, rungs.rank_on)
         promoted = [r.candidate for r in results if (r.candidate, rung + 1) in live]
         for cand in promotable(results, rungs.eta, promoted):
             src = sources[cand]
@@ -343,7 +353,7 @@ def stale_checkpoints(trials: Sequence[FrozenTrial], rungs: Rungs,
                if any(t.state != TrialState.COMPLETE for t in ts)}
     for rung in range(rungs.top):
         sources = _results(trials, rung)
-        ranked = rank(rung_results(trials, rung, directions))
+        ranked = rank(rung_results(trials, rung, directions, rungs.rank_on))
         keep = max(1, math.ceil(2 * len(ranked) / rungs.eta))
         stale.update(sources[r.candidate].number for r in ranked[keep:]
                      if (r.candidate, rung + 1) not in waiting)

@@ -1,4 +1,4 @@
-"""Typed records of what a study stores: a trial's user attributes and the reference's scores.
+"""Typed records of what a study stores: its own user attributes, a trial's, the reference's scores.
 
 Optuna keeps both as JSON under string keys; these dataclasses name every key the search writes,
 so readers use attributes instead of repeating the keys. ``to_attrs()`` gives back exactly the
@@ -51,6 +51,11 @@ class _Record:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
 
+    def write(self, target: Any) -> None:
+        """Set every attribute this record holds on ``target`` (a running trial, or a study)."""
+        for key, value in self.to_attrs().items():
+            target.set_user_attr(key, value)
+
 
 @dataclass(frozen=True)
 class TrialRecord(_Record):
@@ -70,6 +75,8 @@ class TrialRecord(_Record):
     # Per class: TPR and count per group with intervals, the gap; the training-share view.
     class_rates: dict[str, Any] | None = None
     disparity: dict[str, Any] | None = None
+    disparity_stats: dict[str, Any] | None = None  # Wilson intervals, between-group tests
+    test_predictions: dict[str, Any] | None = None  # search/audit.py encode_predictions
     # Feasibility, post-processing, the saved model, cost.
     constraints: list[float] | None = None
     postprocess: dict[str, Any] | None = None
@@ -99,11 +106,6 @@ class TrialRecord(_Record):
         names = {f.name for f in fields(self)} - {"extra"}
         return replace(self, **{k: None for k in keys & names},
                        extra={k: v for k, v in self.extra.items() if k not in keys})
-
-    def write(self, trial: Any) -> None:
-        """Set every attribute this record holds on a running trial."""
-        for key, value in self.to_attrs().items():
-            trial.set_user_attr(key, value)
 
     @property
     def thread_count(self) -> int | None:
@@ -139,6 +141,7 @@ class ReferenceRecord(_Record):
     bias_ci: list[float | None] | None = None
     collapse: dict[str, Any] | None = None
     class_rates: dict[str, Any] | None = None  # as TrialRecord.class_rates
+    test_predictions: dict[str, Any] | None = None
     timings: dict[str, float] | None = None
     predictions_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,8 +149,35 @@ class ReferenceRecord(_Record):
     @classmethod
     def from_study(cls, study: _HasUserAttrs) -> ReferenceRecord:
         """The study's stored reference (KeyError when none is stored yet)."""
-        return cls.from_attrs(study.user_attrs["reference"])
+        stored = StudyRecord.from_study(study).reference
+        if stored is None:
+            raise KeyError("reference")
+        return cls.from_attrs(stored)
 
     @property
     def collapsed(self) -> bool:
         return bool((self.collapse or {}).get("collapsed", False))
+
+
+@dataclass(frozen=True)
+class StudyRecord(_Record):
+    """Every user attribute the search writes on the study itself (search/run.py).
+
+    Written when the study is created (``population_size`` to ``anchors``), then once each by
+    the worker that queues the anchors and the one that scores the reference."""
+
+    population_size: int | None = None  # NSGA-II's, fixed for the study's life
+    fingerprint: str | None = None  # of the definition: a changed TOML is refused
+    config: dict[str, Any] | None = None  # the definition, as JSON
+    nas_fair_version: str | None = None  # every worker must run this one
+    anchors: list[dict[str, Any]] | None = None  # params of the trials to run first
+    anchors_queued: bool | None = None
+    reference: dict[str, Any] | None = None  # ReferenceRecord's stored dict
+    # trial number -> the front's latency re-timed side by side at the end of a run (retime.py)
+    retimed: dict[str, dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_study(cls, study: _HasUserAttrs) -> StudyRecord:
+        """The study's record as stored now (read from the storage on every call)."""
+        return cls.from_attrs(study.user_attrs)

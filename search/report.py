@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from nas_fair.postprocess import DISPARATE_TREATMENT
 from nas_fair.search._optuna import compute_hypervolume
+from nas_fair.search.fidelity import at_top, fidelity_of
 from nas_fair.search.front import pareto_front
 from nas_fair.search.records import ReferenceRecord, TrialRecord
 from nas_fair.search.table import NEEDS_GROUP_NOTE, status_note, trial_constraints, violated
@@ -27,6 +28,9 @@ GROUPS = {
     "front": {"label": "Pareto front (feasible)", "color": "#1f77b4", "symbol": "circle"},
     "dominated": {"label": "dominated (feasible)", "color": "#c7c7c7", "symbol": "circle"},
     "infeasible": {"label": "infeasible or collapsed", "color": "#ff7f0e", "symbol": "x"},
+    # multi-fidelity: scored after a shorter recovery than the top rung's, so provisional
+    "lower rung": {"label": "lower rung (provisional)", "color": "#aec7e8",
+                   "symbol": "circle-open"},
 }
 REFERENCE_STYLE = {"label": "reference (uncompressed)", "color": "#d62728", "symbol": "star"}
 
@@ -64,6 +68,7 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
         rec = TrialRecord.from_trial(t)
         collapsed = rec.collapsed
         feasible = not bad
+        final = at_top(t)
         row = {
             "number": t.number,
             "values": list(t.values),
@@ -73,8 +78,10 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
             "feasible": feasible,
             "collapsed": collapsed,
             "on_front": t.number in front,
-            "group": "front" if t.number in front else ("dominated" if feasible
-                                                        else "infeasible"),
+            "group": ("front" if t.number in front else "lower rung" if not final
+                      else "dominated" if feasible else "infeasible"),
+            "rung": fidelity_of(t)["rung"] if rec.fidelity is not None else None,
+            "final": final,
             "bias_ci": rec.bias_ci,
             "disparity": rec.disparity,
             "class_rates": rec.class_rates if t.number in front else None,
@@ -87,7 +94,8 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
         vals = np.array([t["values"] for t in trials], dtype=float)
         norm = normalized(vals, reference.values, dirs)
         ref_pt = np.full(len(dirs), HV_REFERENCE_POINT)
-        feasible = np.array([t["feasible"] for t in trials])
+        # lower-rung scores are provisional: only final results count
+        feasible = np.array([t["feasible"] and t["final"] for t in trials])
         for k in range(1, len(trials) + 1):
             pts = norm[:k][feasible[:k]]
             hv.append(hypervolume(pts, ref_pt) if len(pts) else 0.0)
@@ -179,7 +187,7 @@ def _parcoords(data: dict[str, Any]):  # noqa: ANN202
                              tickvals=list(range(len(cats))), ticktext=cats))
     for j, n in enumerate(data["names"]):
         dims.append(dict(label=n, values=[t["values"][j] for t in trials]))
-    code = {"infeasible": 0.0, "dominated": 0.5, "front": 1.0}
+    code = {"infeasible": 0.0, "lower rung": 0.5, "dominated": 0.5, "front": 1.0}
     fig = go.Figure(go.Parcoords(
         dimensions=dims, labelangle=-30, labelside="top",
         line=dict(color=[code[t["group"]] for t in trials], cmin=0, cmax=1,
@@ -329,13 +337,15 @@ def _share_figure(data: dict[str, Any]):  # noqa: ANN202
     return fig
 
 
-def draw(data: dict[str, Any]) -> str:
+def draw(data: dict[str, Any], audit: dict[str, Any] | None = None) -> str:
     figs = [_matrix(data), _parcoords(data), _hv_figure(data), _disparity_figure(data),
             _class_gap_figure(data), _share_figure(data)]
     figs = [f for f in figs if f is not None]
     config = {"displaylogo": False}  # the logo is a link to plotly.com
     parts = [f.to_html(include_plotlyjs=(i == 0), full_html=False, config=config)
              for i, f in enumerate(figs)]
+    if audit is not None:
+        parts = [audit_lead(audit), *parts, audit_details(audit)]
     return _page(data, parts)
 
 
@@ -346,7 +356,10 @@ def _summary(data: dict[str, Any]) -> str:
     needs = sum(bool(t.get("needs_group")) for t in trials)
     return (f"{len(trials)} completed trials: {count['front']} on the feasible Pareto front, "
             f"{count['dominated']} dominated, {count['infeasible']} infeasible "
-            f"({collapsed} collapsed). Infeasible trials never count for the front or the "
+            f"({collapsed} collapsed)"
+            + (f", {count['lower rung']} scored at a lower rung (provisional: a shorter "
+               "recovery)" if count["lower rung"] else "")
+            + ". Infeasible and lower-rung trials never count for the front or the "
             "hypervolume; the table lists feasible trials first."
             + (f" {needs} marked '{NEEDS_GROUP_NOTE}': {DISPARATE_TREATMENT}." if needs else ""))
 
@@ -373,7 +386,8 @@ def _page(data: dict[str, Any], parts: list[str]) -> str:
     rank = {g: i for i, g in enumerate(GROUPS)}
     rows = []
     for t in table_order(data["trials"]):
-        status = {"front": "Pareto front", "dominated": "dominated"}.get(t["group"], t["note"])
+        status = {"front": "Pareto front", "dominated": "dominated",
+                  "lower rung": f"rung {t.get('rung')} (provisional)"}.get(t["group"], t["note"])
         if t.get("needs_group"):
             status += f"; {NEEDS_GROUP_NOTE}"
         params = html.escape(json.dumps(t["params"]))
@@ -405,8 +419,203 @@ tb.dataset.dir=asc?'asc':'desc'}}
 </script></body></html>"""
 
 
-def write_report(study: optuna.Study, dirs: list[str], names: list[str], out: Path) -> Path:
+def write_report(study: optuna.Study, dirs: list[str], names: list[str], out: Path, *,
+                 audit: dict[str, Any] | None = None) -> Path:
     from nas_fair.io import atomic_write_text
 
+    if audit is not None and audit["cie"].get("examples") is not None:
+        from nas_fair.search.audit import cie_csv
+
+        atomic_write_text(cie_file(out), cie_csv(audit["cie"]))
+    elif audit is not None and cie_file(out).is_file() and not cie_file(out).is_symlink():
+        cie_file(out).unlink()  # an earlier report's examples must not pass for this one's
     # a unique temporary name: a fixed "<out>.tmp" could be a planted symlink
-    return atomic_write_text(out, draw(report_data(study, dirs, names)))
+    return atomic_write_text(out, draw(report_data(study, dirs, names), audit))
+
+
+# --------------------------------------------------------------------------- the bias audit
+
+# The examples table in the page stops here (the CSV beside the report has them all).
+CIE_ROWS_SHOWN = 2000
+
+
+def cie_file(report: Path) -> Path:
+    """The compression-identified examples' CSV, beside the report."""
+    return report.with_name(f"{report.stem}-compression-identified.csv")
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _num(v: Any, fmt: str = ".3g") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
+
+
+def _interval(lo: Any, hi: Any, fmt: str = ".3g") -> str:
+    return f"[{_num(lo, fmt)}, {_num(hi, fmt)}]"
+
+
+def _table(head: list[str], rows: list[list[str]], table_id: str = "") -> str:
+    """A table of pre-escaped cells."""
+    h = "".join(f"<th>{_e(c)}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    ident = f" id='{table_id}'" if table_id else ""
+    return (f"<table class='audit'{ident}><thead><tr>{h}</tr></thead><tbody>{body}</tbody>"
+            "</table>")
+
+
+def audit_lead(audit: dict[str, Any]) -> str:
+    """The answer first: the headline, then each front model's paired bias difference to the
+    reference, its accuracy interval and the command that exports it."""
+    s = audit["summary"]
+    rows = []
+    for m in s["models"]:
+        p = m["paired"]
+        paired = "not recorded" if p is None else (
+            f"{_num(p['diff'], '+.3g')} {_e(_interval(p['low'], p['high'], '+.3g'))}")
+        verdict = {True: "not worse", False: "worse", None: "unknown"}[m["not_worse"]]
+        acc_ci = m["accuracy_ci"] or [None, None]
+        rows.append([
+            _e(m["trial"]), _e(_num(m["size_mb"])), _e(_num(m["latency_ms"])),
+            f"{_e(_num(m['accuracy']))} {_e(_interval(*acc_ci[:2]))}",
+            f"{_e(_num(m['bias']))} {_e(_interval(*m['bias_ci']))}", paired, _e(verdict),
+            f"<code>{_e(m['export'])}</code>" if m["export"] else ""])
+    ref_ci = s.get("reference_accuracy_ci") or [None, None]
+    head = ["trial", "size_mb", "latency_ms", "accuracy [95% CI]", f"{s['metric']} [95% CI]",
+            "paired difference to the reference [95% CI]", "bias vs reference", "export"]
+    sign = (" The metric is signed, so 'worse' means farther from 0 on the reference's side."
+            if s["signed"] else "")
+    return (f"<section id='answer'><h2>The answer</h2><p id='headline'><b>{_e(s['headline'])}"
+            f"</b></p><p>Reference accuracy {_e(_num(s['reference_accuracy']))} "
+            f"{_e(_interval(*ref_ci[:2]))}. 'Not worse': the paired 95% bootstrap interval of "
+            f"the model's {_e(s['metric'])} minus the reference's (same resampled rows) reaches "
+            f"0 or the better side.{_e(sign)} Feasible Pareto front, smallest first.</p>"
+            + _table(head, rows) + "</section>")
+
+
+def _metrics_section(audit: dict[str, Any]) -> str:
+    """Every recorded bias metric of each front model, or why it does not apply."""
+    names = audit["bias_metrics"]
+    if not names or not audit["metric_rows"]:
+        return ""
+    ref = audit["reference_bias"]
+    notes = audit["notes"]
+
+    def cell(row: dict[str, Any] | None, note: str | None, paired: bool) -> str:
+        if note:
+            return f"<span class='na'>{_e(note)}</span>"
+        if not row:
+            return ""
+        out = f"{_e(_num(row.get('value')))} {_e(_interval(row.get('ci_low'), row.get('ci_high')))}"
+        if paired and row.get("diff") is not None:
+            out += (f"<br><span class='r'>vs ref {_e(_num(row['diff'], '+.3g'))} "
+                    f"{_e(_interval(row.get('diff_low'), row.get('diff_high'), '+.3g'))}</span>")
+        return out
+
+    rows = [["reference", *[cell(ref.get(n), notes["reference"].get(n), False) for n in names]]]
+    for r in audit["metric_rows"]:
+        rows.append([_e(f"trial {r['trial']}"),
+                     *[cell(r["bias"].get(n), notes[r["trial"]].get(n), True) for n in names]])
+    return ("<section id='metrics'><h2>Every recorded bias metric (value [95% CI]; paired "
+            "difference to the reference [95% CI])</h2>" + _table(["model", *names], rows)
+            + "</section>")
+
+
+def _disparity_section(audit: dict[str, Any]) -> str:
+    """Who paid, with Wilson intervals and the between-group test the trial stored."""
+    rows = []
+    for d in audit["disparity"]:
+        stats = d.get("stats") or {}
+        tests = stats.get("tests") or {}
+        for g, share in sorted(d["shares"].items()):
+            ci = (stats.get("groups") or {}).get(g) or {}
+            cells = [_e(d["trial"]), _e(g), _e(share.get("n"))]
+            for key in ("flipped", "newly_wrong", "newly_right"):
+                lo, hi = (ci.get(key) or [None, None])[:2]
+                v = share.get(key)
+                cells.append(f"{_e(_num(None if v is None else 100 * v, '.1f'))}% "
+                             f"{_e(_interval(None if lo is None else 100 * lo, None if hi is None else 100 * hi, '.1f'))}")
+            cells += [_e(_num((tests.get(k) or {}).get("p_value"))) for k in
+                      ("newly_wrong", "newly_right")]
+            rows.append(cells)
+    if not rows:
+        return ""
+    head = ["trial", "group", "n", "changed % [Wilson 95%]", "right to wrong %",
+            "wrong to right %", "p (groups differ: right to wrong)",
+            "p (groups differ: wrong to right)"]
+    return ("<section id='disparity'><h2>Who paid for compression, with intervals</h2><p>Shares "
+            "of each group's test rows whose prediction changed against the reference. p: "
+            "permutation chi-square test (outcomes shuffled across rows, seeded) of equal shares "
+            "in every group; a trial without intervals was scored by an older nas-fair.</p>"
+            + _table(head, rows) + "</section>")
+
+
+def _cie_section(audit: dict[str, Any]) -> str:
+    """Compression-identified examples (Hooker et al. 2019): rates per group and the rows."""
+    cie = audit["cie"]
+    intro = ("<section id='cie'><h2>Compression-identified examples (Hooker et al. 2019)</h2>"
+             "<p>Test rows where the modal prediction of the feasible Pareto front's models "
+             "differs from the reference's (a tie that includes the reference's class is not "
+             "counted).</p>")
+    if "unavailable" in cie:
+        return intro + f"<p class='na'>Not available: {_e(cie['unavailable'])}.</p></section>"
+    rows = [[_e(g), _e(v["n"]), _e(v["cie"]), f"{_e(_num(100 * v['rate'], '.1f'))}% "
+             f"{_e(_interval(100 * v['ci'][0], 100 * v['ci'][1], '.1f'))}",
+             _e(v["reference_right"]), _e(v["modal_right"])]
+            for g, v in cie["groups"].items()]
+    t = cie["test"]
+    test = ("<p>One group only: no between-group test.</p>" if t is None else
+            f"<p id='cie-test'>Do the groups' CIE rates differ? Permutation chi-square "
+            f"{_e(_num(t['chi2']))}, p = {_e(_num(t['p_value']))} ({t['n_permutations']} "
+            f"permutations, seed {t['seed']}).</p>")
+    missing = (f"<p>Left out (no stored predictions): trials {_e(', '.join(map(str, cie['missing'])))}"
+               ".</p>" if cie.get("missing") else "")
+    shown = cie["examples"][:CIE_ROWS_SHOWN]
+    ex = [[_e(e["row"]), _e(e["group"]), _e(e["label"]), _e(e["reference"]), _e(e["modal"]),
+           _e(f"{e['disagree']} of {e['models']}"), _e(e["text"] or "")] for e in shown]
+    table = ("<p><input id='cie-filter' placeholder='filter rows (any text)' "
+             "oninput=\"const q=this.value.toLowerCase();document.querySelectorAll("
+             "'#cie-examples tbody tr').forEach(r=>r.style.display="
+             "r.textContent.toLowerCase().includes(q)?'':'none')\"></p>"
+             + _table(["row", "group", "label", "reference", "modal",
+                       "front models disagreeing", "text"], ex, table_id="cie-examples"))
+    more = (f"<p>First {CIE_ROWS_SHOWN} of {len(cie['examples'])} shown; the CSV beside this "
+            "report has them all.</p>" if len(cie["examples"]) > CIE_ROWS_SHOWN else "")
+    return (intro + f"<p>{cie['cie']} of {cie['rows']} test rows over {cie['n_models']} front "
+            f"models (trials {_e(', '.join(map(str, cie['models'])))}).</p>" + missing
+            + _table(["group", "rows", "CIEs", "CIE rate [Wilson 95%]",
+                      "CIEs the reference had right", "CIEs the modal prediction has right"],
+                     rows) + test
+            + (table if cie["examples"] else "<p>No compression-identified example: the "
+               "front's modal prediction is the reference's on every test row.</p>")
+            + more + "</section>")
+
+
+def _importance_section(audit: dict[str, Any]) -> str:
+    imp = audit["importance"]
+    head = (f"<section id='importance'><h2>What drives each objective: parameter importance "
+            f"({_e(imp['evaluator'])})</h2>")
+    if "unavailable" in imp:
+        return head + f"<p class='na'>{_e(imp['unavailable'])}.</p></section>"
+    const = (f" Left out (one value in every trial): {_e(', '.join(imp['constant']))}."
+             if imp.get("constant") else "")
+    parts = [head, f"<p><b>{_e(imp['note'])}</b>; scored, non-collapsed trials only.{const}</p>"]
+    for name, obj in imp["objectives"].items():
+        if "unavailable" in obj:
+            parts.append(f"<h3>{_e(name)}</h3><p class='na'>not computed: "
+                         f"{_e(obj['unavailable'])}</p>")
+            continue
+        rows = [[_e(k), _e(f"{v:.3f}"),
+                 f"<span class='bar' style='width:{round(300 * v)}px'></span>"]
+                for k, v in obj["importance"].items()]
+        parts.append(f"<h3>{_e(name)}</h3>" + _table(["parameter", "importance", ""], rows))
+    return "".join(parts) + "</section>"
+
+
+def audit_details(audit: dict[str, Any]) -> str:
+    """The audit's detail sections, after the plots."""
+    style = ("<style>table.audit{border-collapse:collapse;margin:0.5em 0}.na{color:#8a5a2b}"
+             "span.bar{display:inline-block;height:10px;background:#1f77b4}</style>")
+    return style + "".join([_metrics_section(audit), _disparity_section(audit),
+                            _cie_section(audit), _importance_section(audit)])

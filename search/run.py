@@ -24,7 +24,7 @@ from nas_fair.objectives.scores import directions, objective_names
 from nas_fair.search.artifacts import drop_stale_artifacts
 from nas_fair.search.fidelity import claim_promotions, drop_stale_checkpoints
 from nas_fair.search.front import pareto_front
-from nas_fair.search.records import ReferenceRecord, TrialRecord
+from nas_fair.search.records import ReferenceRecord, StudyRecord, TrialRecord
 from nas_fair.search.retime import retime_front
 from nas_fair.search.retry import fail_dead_local_trials, requeue_interrupted
 from nas_fair.search.sampling import make_sampler, population_for
@@ -87,13 +87,14 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
     trials = budget.trials if budget else None
     if exists:
         study = optuna.load_study(study_name=cfg.name, storage=storage)
-        stored = study.user_attrs.get("fingerprint")
+        record = StudyRecord.from_study(study)
+        stored = record.fingerprint
         if stored is not None and stored != search_fingerprint(cfg):
             raise UserError(
                 f"study {cfg.name!r} in this storage was created from a different definition; "
                 "restore the TOML, or give the changed study another name"
             )
-        version = study.user_attrs.get("nas_fair_version")
+        version = record.nas_fair_version
         if create and version is not None and version != __version__:
             # The reference and its caches are keyed by version: mixed workers would rebuild
             # them under each other and score trials against different references.
@@ -102,7 +103,8 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
                 f"every worker of a study runs the same version (pip install nas-fair=={version})"
                 ", or give the study another name"
             )
-        population = int(study.user_attrs.get("population_size", population_for(trials)))
+        population = int(population_for(trials) if record.population_size is None
+                         else record.population_size)
         # The study seed as is: each trial's draws come from it and the trial's number, so a
         # resume, and every worker on one storage, draws its own recipes (make_sampler).
         study.sampler = make_sampler(cfg, population, cfg.seed)
@@ -114,23 +116,22 @@ def open_study(cfg: StudyConfig, storage_url: str, *, create: bool, budget: Budg
         sampler=make_sampler(cfg, population, cfg.seed), load_if_exists=True,
     )
     study.set_metric_names(objective_names(cfg))
-    study.set_user_attr("population_size", population)
-    study.set_user_attr("fingerprint", search_fingerprint(cfg))
-    study.set_user_attr("config", json.loads(json.dumps(config_dict(cfg), default=str)))
-    study.set_user_attr("nas_fair_version", __version__)
-    study.set_user_attr("anchors", anchors)
+    StudyRecord(population_size=population, fingerprint=search_fingerprint(cfg),
+                config=json.loads(json.dumps(config_dict(cfg), default=str)),
+                nas_fair_version=__version__, anchors=anchors).write(study)
     return study
 
 
 def enqueue_anchors(study: optuna.Study, log: Callable[[str], None]) -> None:
     """Queue a new study's anchor trials once; call under the preparation lock, so that of
     several workers creating one study together exactly one queues them."""
-    anchors = study.user_attrs.get("anchors")
-    if not anchors or study.user_attrs.get("anchors_queued"):
+    record = StudyRecord.from_study(study)
+    anchors = record.anchors
+    if not anchors or record.anchors_queued:
         return
     for params in anchors:
         study.enqueue_trial(params, user_attrs={"anchor": True})
-    study.set_user_attr("anchors_queued", True)
+    StudyRecord(anchors_queued=True).write(study)
     log(f"queued {len(anchors)} anchor trials (the families' hand settings, alone and in "
         "their mild combination) to run first")
 
@@ -178,16 +179,16 @@ def shared_reference(study: optuna.Study, session: Session) -> dict[str, Any]:
     Called under the run folder's preparation lock; re-reading after the write keeps every
     worker on the stored copy even where run folders (and so locks) were not shared.
     """
-    reference = study.user_attrs.get("reference")
+    reference = StudyRecord.from_study(study).reference
     if reference is None:
         ref = session.score_reference()
         reference = ReferenceRecord.from_attrs({
             "values": ref.values(), "size_mb": ref.size_mb, "latency_ms": ref.latency_ms,
             "accuracy": ref.accuracy, "bias": ref.bias, **ref.attrs,
             "predictions_sha256": predictions_digest(session.ref_pred)}).to_attrs()
-        if study.user_attrs.get("reference") is None:
-            study.set_user_attr("reference", reference)
-        reference = study.user_attrs.get("reference") or reference
+        if StudyRecord.from_study(study).reference is None:
+            StudyRecord(reference=reference).write(study)
+        reference = StudyRecord.from_study(study).reference or reference
     return reference
 
 

@@ -64,7 +64,8 @@ def config_dict(cfg: StudyConfig) -> dict[str, Any]:
 
 ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_dropout": True,
                                        "allow_group_postprocessing": True, "fidelity_steps": [],
-                                       "fidelity_eta": 3}
+                                       "fidelity_eta": 3, "fidelity_rank_bias": True,
+                                       "latency_backend": "torch"}
 
 
 def search_fingerprint(cfg: StudyConfig) -> str:
@@ -97,7 +98,9 @@ def rungs_for(cfg: StudyConfig) -> Rungs | None:
     if "steps" in cfg.family_options.get("distillation", {}):
         raise UserError("[space.distillation] steps cannot be set with [search] fidelity_steps "
                         "(the rungs set each trial's recovery steps); drop one of them")
-    return Rungs(tuple(s.fidelity_steps), s.fidelity_eta)
+    # objectives are size, latency, accuracy, bias (objective_names)
+    return Rungs(tuple(s.fidelity_steps), s.fidelity_eta,
+                 rank_on=None if s.fidelity_rank_bias else (0, 1, 2))
 
 
 def model_type(model_path: Path, cfg: StudyConfig) -> str:
@@ -167,6 +170,11 @@ class Session:
         self.recorded = check_objectives(cfg, self.data)
         self.recorded = _readable_metrics(self, self.recorded)
         self.rungs = rungs_for(cfg)
+        if cfg.search.latency_backend != "torch":
+            from nas_fair.objectives.onnx_latency import check_backend
+
+            check_backend(cfg.search.latency_backend)
+        self._ort_reference: Any = None
         self.space = build_space(cfg.families, self._space_options())
         check_architecture(model_type(self.model_path, cfg), [fam.name for fam in self.space])
 
@@ -174,7 +182,8 @@ class Session:
         opts = {k: dict(v) for k, v in self.cfg.family_options.items()}
         # Under multi-fidelity the recipe's steps are the top rung's: what a finalist recovers,
         # and what export replays; lower rungs stop earlier on the same LR schedule.
-        steps = self.rungs.steps[-1] if self.rungs else self.cfg.search.recovery_steps
+        rungs = rungs_for(self.cfg)
+        steps = rungs.steps[-1] if rungs else self.cfg.search.recovery_steps
         opts.setdefault("distillation", {}).setdefault("steps", [steps])
         if self.cfg.families is not None and "distillation" not in self.cfg.families:
             opts.pop("distillation")
@@ -433,13 +442,40 @@ class Session:
 
         s = self.cfg.search
         common: dict[str, Any] = {
-            "batch_size": s.batch_size, "seq_len": s.seq_len, "device": str(self.device),
-            "threads": s.threads or None,
+            "batch_size": s.batch_size, "seq_len": s.seq_len,
             "vocab_size": getattr(self.reference.config, "vocab_size", None)}
+        if s.latency_backend == "onnxruntime":
+            return self._ort_latency(model, reference_ms, common)
+        common.update(device=str(self.device), threads=s.threads or None)
         if reference_ms is None:
             return measure_latency(model, repeats=s.latency_repeats, **common)
         rec = measure_latency_ratio(model, self.reference, rounds=s.latency_repeats,
                                     per_round=1, reference_ms=reference_ms, **common)
+        return {"median_ms": rec["latency_ms"], "iqr_ms": rec["ratio_iqr"] * reference_ms,
+                "method": "interleaved", "reference_ms": reference_ms, **rec}
+
+    def ort_reference(self) -> Any:
+        """The reference's onnxruntime session, exported once per session."""
+        from nas_fair.objectives.onnx_latency import ort_session
+
+        if self._ort_reference is None:
+            self._ort_reference = ort_session(self.reference, max_length=self.cfg.search.seq_len,
+                                              threads=self.cfg.search.threads
+                                              or torch.get_num_threads())
+        return self._ort_reference
+
+    def _ort_latency(self, model: torch.nn.Module, reference_ms: float | None,
+                     common: dict[str, Any]) -> dict[str, Any]:
+        from nas_fair.objectives.onnx_latency import measure_ort_latency, measure_ort_latency_ratio
+
+        s = self.cfg.search
+        if reference_ms is None:
+            return measure_ort_latency(self.ort_reference(), model, repeats=s.latency_repeats,
+                                       **common)
+        rec = measure_ort_latency_ratio(
+            model, self.ort_reference(), self.reference, rounds=s.latency_repeats,
+            threads=s.threads or torch.get_num_threads(), max_length=s.seq_len,
+            reference_ms=reference_ms, **common)
         return {"median_ms": rec["latency_ms"], "iqr_ms": rec["ratio_iqr"] * reference_ms,
                 "method": "interleaved", "reference_ms": reference_ms, **rec}
 
@@ -476,6 +512,15 @@ class Session:
             from nas_fair.objectives.compression import disparity_by_group
 
             attrs["disparity"] = _jsonable(disparity_by_group(record))
+            from nas_fair.objectives.compression import disparity_stats
+
+            attrs["disparity_stats"] = _jsonable(disparity_stats(
+                record, n=self.cfg.search.bootstrap, seed=self.cfg.seed))
+        from nas_fair.search.audit import encode_predictions
+
+        # A few bytes a row, so the report can compare front models example by example
+        # without reloading them (checked against predictions_sha256 when read).
+        attrs["test_predictions"] = encode_predictions(record.y_pred)
         return Scores(size["bytes"] / 1e6, float(lat["median_ms"]), float(acc),
                       bias_objective(self.cfg, float(primary["value"])), attrs)
 

@@ -20,8 +20,7 @@ from nas_fair.objectives.scores import OBJECTIVE_KEYS, Scores, limit_constraints
 from nas_fair.postprocess import DISPARATE_TREATMENT
 from nas_fair.search.fidelity import FIDELITY_ATTR, fidelity_of, top_rung_trials
 from nas_fair.search.front import pareto_front
-from nas_fair.search.records import ReferenceRecord, TrialRecord
-from nas_fair.search.retime import RETIMED_ATTR
+from nas_fair.search.records import ReferenceRecord, StudyRecord, TrialRecord
 
 NEEDS_GROUP_NOTE = "needs the sensitive attribute at inference"
 
@@ -150,8 +149,8 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
                                  ("min_accuracy", min_accuracy)) if v is not None}
     if filters and cfg is None:
         raise ValueError("filters need the study's configuration (the bias metric's sign)")
-    reference = study.user_attrs["reference"]  # the stored dict, as limit_constraints takes it
-    ref = ReferenceRecord.from_attrs(reference)
+    ref = ReferenceRecord.from_study(study)
+    reference = ref.to_attrs()  # the stored dict, as limit_constraints takes it
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     trials = [t for t in trials if t.values is not None]
     kept = trials
@@ -166,7 +165,7 @@ def pareto_rows(study: optuna.Study, dirs: list[str], names: list[str], *,
             return all(v <= 0 for v in cons.values())
 
         kept = [t for t in trials if passes(t)]
-    retimed = study.user_attrs.get(RETIMED_ATTR) or {}
+    retimed = StudyRecord.from_study(study).retimed or {}
     rungs = rung_counts(kept)
     shown = kept
     provisional = None
@@ -287,9 +286,12 @@ def render_table(result: dict[str, Any]) -> str:
     again = [(row["trial"], row["latency_retimed"]) for row in result["pareto"]
              if row.get("latency_retimed")]
     if again:
-        out.append(f"{names[1]} re-timed side by side against the reference at the end: "
-                   + ", ".join(f"trial {n} {r['latency_ms']:.1f} ({r['ratio']:.2f}x)"
-                               for n, r in again))
+        out.append(f"{names[1]} re-timed side by side against the reference at the end "
+                   "(ratio to the reference per backend): " + ", ".join(
+                       f"trial {n} {r['latency_ms']:.1f} ("
+                       + ", ".join(f"{k} {v['ratio']:.2f}x"
+                                   for k, v in (r.get("backends") or {}).items()) + ")"
+                       for n, r in again))
     per_rung = result.get("evaluations_per_rung") or {}
     if per_rung:
         out.append("evaluations per rung (multi-fidelity; the front holds top-rung results): "

@@ -276,9 +276,10 @@ class Family(ABC):
     # without anchors the front starts far from the models people actually ship.
     anchor: ClassVar[Mapping[str, Any] | None] = None
     # This family's share of the one *combined* anchor, or None: the mild settings that
-    # compose without costing accuracy (FFN pruned 25% + int8 with distillation kept 100.7% of
-    # macro-F1 at 4.2x smaller and 2.6x faster on the default study). NSGA-II's offspring of
-    # the single-family anchors never reached such a mild combination in 20 trials.
+    # compose without costing accuracy (FFN pruned 25% + int8 with distillation kept the
+    # reference's macro-F1 while much smaller and faster: docs/measurements.md, "Each
+    # compression family on the default study's fine-tuned reference"). NSGA-II's offspring of
+    # the single-family anchors did not reach such a mild combination within a default budget.
     combined_anchor: ClassVar[Mapping[str, Any] | None] = None
     # Whether the family edits the encoder's layers (through nas_fair/encoder.py): it then supports
     # only the architectures of ``nas_fair.encoder.LAYER_MODEL_TYPES``, checked before anything is trained.

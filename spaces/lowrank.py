@@ -108,7 +108,8 @@ class LowRank(Family):
 @contextmanager
 def single_thread() -> Iterator[None]:
     """Run LAPACK on one thread: an SVD of an encoder-sized matrix gains little from threads, and
-    measured 100x *slower* (0.05 s -> 5 s) with 2 threads when another process holds a core."""
+    with 2 threads it became far *slower* when another process held a core (docs/measurements.md,
+    "Figures once quoted in code comments")."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -123,7 +124,7 @@ def factorize(linear: nn.Linear, rank: int, in_scale: torch.Tensor | None = None
     The singular values are split evenly between the factors so both have similar ranges, which
     keeps later weight quantization of the factors accurate.
     """
-    w = linear.weight.detach().float()  # fp32 LAPACK: half the time of fp64, ample for a cut
+    w = linear.weight.detach().float()  # fp32 LAPACK: faster than fp64, ample for a cut
     if in_scale is not None:
         s = in_scale.float().clamp_min(1e-6)
         w = w * s[None, :]

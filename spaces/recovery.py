@@ -14,21 +14,23 @@ extra loss term and per-example weights. Design choices, all for cheap and repro
   only once per early-stopping window;
 * early stopping (on by default, the study's ``recovery_early_stop``) ends recovery once the
   smoothed loss has flattened. A mild student's loss flattens before its accuracy settles
-  (0.4-1.5 points of macro-F1 lost when it fired, README), so the default study turns it off;
-* optionally (``recovery_precision``) the forward passes run under bfloat16 autocast, 1.26x
-  (3-layer student) to 1.43x (6 layers) faster on a CPU with bfloat16 instructions; weights,
+  (macro-F1 was lost when it fired: docs/measurements.md, "Early stopping stops mild students
+  too soon"), so the default study turns it off;
+* optionally (``recovery_precision``) the forward passes run under bfloat16 autocast, faster on
+  a CPU with bfloat16 instructions (docs/measurements.md, "Recovery in bfloat16"); weights,
   optimizer state and the loss stay fp32, so it is mixed precision, not a lower-precision model;
 * dropout masks are drawn from random bits on a CPU (:func:`nas_fair.modeling.fast_dropout`):
-  torch's Bernoulli masks took 16.6% of a full-width student's step on 2 cores, the bits 4.9%,
-  and a step with dropout now costs about what one without it does (0.277 s, against 0.349 s
-  with torch's masks and 0.272 s without dropout, ``benchmarks/recovery_step_profile.py``);
+  torch's Bernoulli masks were a large share of a full-width student's step, and with the bits
+  a step with dropout costs about what one without it does (``benchmarks/recovery_step_profile.py``;
+  docs/measurements.md, "Dropout masks from random bits");
 * dropout can be turned off (``recovery_dropout = false``). The default keeps it: without it a
   full-width student was as accurate but its TPR gap came out larger in each of three seeds
-  (README). Off, on a CPU, attention uses the math kernel, because the fused one's backward is
-  slower here;
+  (docs/measurements.md, "Recovery without dropout"). Off, on a CPU, attention uses the math
+  kernel, because the fused one's backward is slower here;
 * the last layer computes only the first position, the one the classifier reads
   (:func:`nas_fair.modeling.first_token_only`): the same loss and gradients, 1/L of that
-  layer's projections and feed-forward work (a step 7-13% cheaper in a paired replay);
+  layer's projections and feed-forward work (docs/measurements.md, "Recovery without dropout,
+  and a last layer on the first token only");
 * the embedding block is frozen: it is ~half of a small model's parameters, its gradients are
   sparse and costly, and compression never changes it (only quantization does, later), so the
   budget goes to the layers that were actually changed.
@@ -364,8 +366,9 @@ def attention_kernels(device: torch.device, *, dropout: bool) -> contextlib.Abst
     """Training without dropout on a CPU: scaled-dot-product attention through its math kernel.
 
     Without dropout SDPA would pick torch's fused CPU flash-attention kernel, whose backward
-    made a full-width MiniLM step 1.4x slower than the math kernel on 2 cores (0.390 against
-    0.272 s, ``benchmarks/recovery_step_profile.py``). With dropout, attention on a CPU runs
+    made a full-width MiniLM step slower than the math kernel on a CPU
+    (``benchmarks/recovery_step_profile.py``; docs/measurements.md, "Dropout masks from random
+    bits"). With dropout, attention on a CPU runs
     through :func:`~nas_fair.modeling.fast_dropout`'s math attention (or SDPA's math kernel
     with ``fast_masks=False``), and on a GPU the fused kernels are the fast ones, so nothing
     is forced there."""
@@ -421,8 +424,9 @@ def recovery_log(model: nn.Module) -> dict[str, Any] | None:
 
 def _fused_ok(params: list[nn.Parameter]) -> bool | None:
     """Fused AdamW where torch has it for these tensors (floats on CUDA, or on CPU from torch
-    2.4), else torch's default. For MiniLM's encoder on 2 cores one optimizer step took 8 ms
-    instead of 44 ms, and far less than the per-tensor loop when the cores are contended."""
+    2.4), else torch's default: one fused step over the encoder's tensors beats the per-tensor
+    loop, most of all when the cores are contended (docs/measurements.md, "Figures once quoted
+    in code comments")."""
     devices = {p.device.type for p in params}
     floats = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
                  for p in params)
@@ -438,10 +442,10 @@ class EarlyStop:
     of the budget, at least ``MIN_WINDOW`` steps) is compared with the mean of the window before
     it; the check is *flat* when it fell by less than ``tolerance`` (relative). ``patience`` flat
     checks in a row stop training. Why block means of a fifth of the budget: one batch's loss
-    varies by about 17% around its trend (measured on the default study; length-bucketed
-    batches differ in kind), so a short window or an EMA of one mistakes noise for a plateau,
-    while a 90-step window (budget 450) measures the trend to about 2.5%. Only losses already
-    computed are read, so the decision is as deterministic as the loss.
+    is noisy around its trend (length-bucketed batches differ in kind), so a short window or
+    an EMA of one mistakes noise for a plateau, while a window of a fifth of a long budget
+    measures the trend closely (docs/measurements.md, "Figures once quoted in code comments").
+    Only losses already computed are read, so the decision is as deterministic as the loss.
     """
 
     def __init__(self, steps: int, *, tolerance: float, patience: int, min_fraction: float) -> None:

@@ -111,6 +111,9 @@ def test_export_writes_folders_that_load_loads(done: dict[str, Any], capsys) -> 
     assert logits.shape == (1, 3)  # the CSV has three labels
     recipe = json.loads((paths[0] / "recipe.json").read_text())
     assert recipe["params"] == front[0].params
+    # load() reads it back through every family's config
+    assert model.nas_fair_recipe.to_dict() == recipe
+    assert model.nas_fair_recipe.params == front[0].params
     # the same folder again is refused unless force=True, as the CLI does
     with pytest.raises(UserError, match="not empty"):
         nas_fair.export(done["toml"], front[0].trial, out=out, run_dir=done["run_dir"])

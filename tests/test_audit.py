@@ -1,354 +1,494 @@
-"""The bias audit's views: per-class group rates (and De-Arteaga et al.'s training-share view),
-and the encoder's WEAT association, checked against hand computations on small arrays."""
+"""The bias audit (search/audit.py): computed values against hand computations, on a real tiny
+study, and every error path of ``nas-fair importance``."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import pytest
-import torch
+from test_search import load, run_cli, tiny_checkpoint, write_csv, write_study  # noqa: F401
 
 from nas_fair.errors import UserError
-from nas_fair.objectives import BIAS, EvalRecord
-from nas_fair.objectives import association as A
-from nas_fair.objectives.class_rates import class_rates, fisher_interval, share_correlation
-from nas_fair.objectives.stats import bootstrap, resamples, score_bias
+from nas_fair.objectives import EvalRecord
+from nas_fair.objectives.collapse import wilson_interval
+from nas_fair.objectives.compression import disparity_stats, permutation_chi2
+from nas_fair.search.audit import (
+    compression_identified,
+    decode_predictions,
+    encode_predictions,
+    front_summary,
+    importance,
+    modal_predictions,
+    not_applicable,
+    render_importance,
+)
+from nas_fair.search.session import predictions_digest
 
-from conftest import WORDS, tiny_config
-
-# ----------------------------------------------------------------------------- class rates
-
-Y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
-P = np.array([0, 1, 0, 0, 1, 1, 0, 1, 2, 0])
-G = np.array(list("ffmmffmmfm"))
-
-
-def test_class_rates_match_a_hand_count() -> None:
-    r = class_rates(Y, P, sensitive_features=G, n=200, seed=1, class_names=["a", "b", "c"])
-    assert r["groups"] == ["f", "m"]
-    c0, c1, c2 = r["classes"]
-    assert (c0["name"], c1["name"], c2["name"]) == ("a", "b", "c")
-    # class 0: f rows 0,1 (pred 0,1) -> 1/2; m rows 2,3 (pred 0,0) -> 2/2
-    assert c0["n"] == {"f": 2, "m": 2} and c0["tpr"] == {"f": 0.5, "m": 1.0}
-    assert c0["gap"] == -0.5
-    # predicted as class 0: f rows 0 -> 1; m rows 2,3,6,9 -> 4
-    assert c0["predicted"] == {"f": 1, "m": 4}
-    assert c1["tpr"] == {"f": 1.0, "m": 0.5} and c1["gap"] == 0.5
-    assert c2["n"] == {"f": 1, "m": 1} and c2["tpr"] == {"f": 1.0, "m": 0.0}
+DIRS = ["minimize", "minimize", "maximize", "minimize"]
+NAMES = ["size_mb", "latency_ms", "macro_f1", "tpr_gap_rms"]
 
 
-def test_class_rate_intervals_are_the_shared_resamples_counted_by_hand() -> None:
-    r = class_rates(Y, P, sensitive_features=G, n=300, seed=3)
-    gaps, tpr_f = [], []
-    for chunk in resamples(Y, 300, 3):
-        for idx in chunk:
-            y, p, g = Y[idx], P[idx], G[idx]
-            rate = {}
-            for grp in "fm":
-                m = (y == 1) & (g == grp)
-                rate[grp] = (p[m] == 1).mean() if m.any() else math.nan
-            tpr_f.append(rate["f"])
-            gaps.append(rate["f"] - rate["m"])
-    ok = ~np.isnan(gaps)
-    lo, hi = np.quantile(np.array(gaps)[ok], [0.025, 0.975])
-    assert r["classes"][1]["gap_ci"] == pytest.approx([lo, hi])
-    f = np.array(tpr_f)
-    assert r["classes"][1]["tpr_ci"]["f"] == pytest.approx(
-        list(np.quantile(f[~np.isnan(f)], [0.025, 0.975])))
+# --------------------------------------------------------------------------- stored predictions
 
 
-def test_class_rates_with_three_groups_use_the_spread() -> None:
-    g = np.array(list("abcabcabca"))
-    r = class_rates(Y, P, sensitive_features=g, n=20)
-    assert r["gap_definition"] == "max - min TPR over groups"
-    assert share_correlation(r, Y, g) is None  # the share view needs two groups
+def test_predictions_round_trip_and_refuse_a_wrong_digest() -> None:
+    y = np.array([0, 1, 2, 5, 2])
+    stored = encode_predictions(y)
+    assert stored["dtype"] == "uint8" and stored["rows"] == 5
+    assert decode_predictions(stored, predictions_digest(y)).tolist() == y.tolist()
+    assert encode_predictions(np.array([300, 0]))["dtype"] == "uint16"
+    other = predictions_digest(np.array([0, 1, 2, 5, 1]))
+    assert decode_predictions(stored, other) is None  # tampered or stale record
+    assert decode_predictions({**stored, "rows": 4}) is None
+    assert decode_predictions({**stored, "base64": "not base64!"}) is None
+    assert decode_predictions({**stored, "dtype": "object"}) is None
+    assert decode_predictions(None) is None
 
 
-def test_class_rates_need_groups() -> None:
+# --------------------------------------------------------------------------- between-group tests
+
+
+def test_permutation_chi2_by_hand() -> None:
+    # a: 3 of 4, b: 0 of 4. p = 3/8, E = 1.5 each; chi2 = 2 * 1.5^2 / (1.5 * 5/8) = 4.8.
+    # Exact permutation p: all three ones in one group, 2 * C(4,3) / C(8,3) = 8/56.
+    out = permutation_chi2(np.array([1, 1, 1, 0, 0, 0, 0, 0]), np.array(list("aaaabbbb")),
+                           n=20000, seed=3)
+    assert out["chi2"] == pytest.approx(4.8)
+    assert out["p_value"] == pytest.approx(8 / 56, abs=0.01)
+    # two groups: chi2 is the squared two-proportion z statistic
+    o = np.array([1, 0, 0, 1, 1, 1, 0, 1, 1, 1])
+    g = np.array(list("aaaabbbbbb"))
+    p1, p2, p = 2 / 4, 5 / 6, 7 / 10
+    z = (p1 - p2) / math.sqrt(p * (1 - p) * (1 / 4 + 1 / 6))
+    assert permutation_chi2(o, g, n=10)["chi2"] == pytest.approx(z * z)
+    # three groups: the p-value of every placement of the ones, enumerated by hand
+    import itertools
+
+    o3 = np.array([1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0])
+    g3 = np.array(list("aaaabbbbccc"))
+    observed = permutation_chi2(o3, g3, n=1)["chi2"]
+    null = []
+    for ones in itertools.combinations(range(len(o3)), int(o3.sum())):
+        o = np.zeros(len(o3))
+        o[list(ones)] = 1
+        null.append(permutation_chi2(o, g3, n=1)["chi2"])
+    exact = np.mean(np.array(null) >= observed - 1e-9)
+    assert permutation_chi2(o3, g3, n=40000, seed=1)["p_value"] == pytest.approx(exact, abs=0.01)
+    # nothing changed anywhere: no evidence, p = 1
+    assert permutation_chi2(np.zeros(6), np.array(list("aabbcc")), n=50)["p_value"] == 1.0
+    with pytest.raises(UserError, match="permutation n must be >= 1"):
+        permutation_chi2(o, g, n=0)
+    with pytest.raises(UserError, match="must align"):
+        permutation_chi2(o[:3], g, n=5)
+
+
+def test_disparity_stats_by_hand() -> None:
+    y = np.array([0, 1, 2, 0, 1, 2, 1])
+    ref = np.array([0, 1, 0, 0, 2, 2, 0])  # right: rows 0, 1, 3, 5
+    p = np.array([1, 1, 2, 0, 0, 1, 2])
+    g = np.array(["a", "a", "a", "b", "b", "b", "b"])
+    # a (3 rows): changed rows 0, 2; right to wrong row 0; wrong to right row 2.
+    # b (4 rows): changed rows 4, 5, 6; right to wrong row 5; wrong to right none.
+    out = disparity_stats(EvalRecord(y, p, g, y_pred_ref=ref), n=200, seed=0)
+    assert out["groups"]["a"]["flipped"] == pytest.approx(list(wilson_interval(2, 3)))
+    assert out["groups"]["a"]["newly_wrong"] == pytest.approx(list(wilson_interval(1, 3)))
+    assert out["groups"]["b"]["flipped"] == pytest.approx(list(wilson_interval(3, 4)))
+    assert out["groups"]["b"]["newly_right"] == pytest.approx(list(wilson_interval(0, 4)))
+    tests = out["tests"]
+    assert tests["newly_right"]["difference"] == pytest.approx(0 - 1 / 3)
+    assert tests["flipped"]["difference"] == pytest.approx(3 / 4 - 2 / 3)
+    assert tests["newly_wrong"]["chi2"] == pytest.approx(permutation_chi2(
+        np.array([1, 0, 0, 0, 0, 1, 0]), g, n=1)["chi2"])
+    assert 0 < tests["newly_wrong"]["p_value"] <= 1
     with pytest.raises(UserError, match="group column"):
-        class_rates(Y, P, sensitive_features=None)
+        disparity_stats(EvalRecord(y, p, None, y_pred_ref=ref))
 
 
-def test_training_share_view_against_hand_pearson_and_fisher() -> None:
+# --------------------------------------------------------------------------- CIE
+
+
+def test_compression_identified_examples_by_hand() -> None:
+    ref = np.array([0, 1, 1, 0, 2, 2])
+    preds = np.array([[1, 1, 1, 0, 2, 0],
+                      [1, 0, 1, 0, 2, 0],
+                      [0, 0, 2, 0, 2, 1]])
+    modal, disagree = modal_predictions(preds, ref)
+    assert modal.tolist() == [1, 0, 1, 0, 2, 0]
+    assert disagree.tolist() == [2, 2, 1, 0, 0, 3]
+    # a tie that includes the reference's class is the reference's
+    tie_modal, _ = modal_predictions(np.array([[0], [1]]), np.array([1]))
+    assert tie_modal.tolist() == [1]
+    y = np.array([0, 0, 1, 0, 2, 1])
+    g = np.array(["f", "f", "f", "m", "m", "m"])
+    out = compression_identified(preds, ref, y, g, texts=[f"t{i}" for i in range(6)],
+                                 label_names=["x", "y", "z"], models=[4, 7, 9], n=500)
+    # CIEs: rows 0, 1 (group f), 5 (group m)
+    assert out["cie"] == 3 and out["n_models"] == 3 and out["models"] == [4, 7, 9]
+    f, m = out["groups"]["f"], out["groups"]["m"]
+    assert (f["n"], f["cie"], f["rate"]) == (3, 2, pytest.approx(2 / 3))
+    assert f["ci"] == pytest.approx(list(wilson_interval(2, 3)))
+    assert (m["cie"], m["rate"]) == (1, pytest.approx(1 / 3))
+    # the reference was right on row 0 only among the CIEs; the modal prediction on rows 1
+    assert (f["reference_right"], f["modal_right"]) == (1, 1)
+    assert (m["reference_right"], m["modal_right"]) == (0, 0)
+    assert out["test"]["chi2"] == pytest.approx(permutation_chi2(
+        np.array([1, 1, 0, 0, 0, 1]), g, n=1)["chi2"])
+    assert [e["row"] for e in out["examples"]] == [0, 1, 5]
+    assert out["examples"][0] == {"row": 0, "text": "t0", "label": "x", "group": "f",
+                                  "reference": "x", "modal": "y", "disagree": 2, "models": 3}
+    assert out["examples"][2]["disagree"] == 3
+    # one group: rates, but no test
+    assert compression_identified(preds, ref, y, None)["test"] is None
+
+
+# --------------------------------------------------------------------------- the answer first
+
+
+def _study_with_bias(rows: list[tuple[list[float], dict[str, Any]]],
+                     ref_values: list[float] | None = None) -> optuna.Study:
+    s = optuna.create_study(directions=DIRS)
+    s.set_user_attr("reference", {"values": ref_values or [10.0, 100.0, 0.8, 0.2],
+                                  "accuracy_ci": [0.7, 0.9]})
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for i, (values, bias) in enumerate(rows):
+        s.add_trial(optuna.trial.create_trial(
+            values=values, params={"x": i / 10}, distributions=dist,
+            user_attrs={"bias": {"m": bias}, "accuracy_ci": [values[2] - 0.1, values[2] + 0.1]}))
+    return s
+
+
+def test_headline_is_the_smallest_model_not_worse() -> None:
+    worse = {"value": 0.3, "diff": 0.1, "diff_low": 0.05, "diff_high": 0.15,
+             "direction": "minimize"}
+    reaches = {"value": 0.25, "diff": 0.05, "diff_low": -0.01, "diff_high": 0.11,
+               "direction": "minimize"}
+    better = {"value": 0.1, "diff": -0.1, "diff_low": -0.2, "diff_high": -0.05,
+              "direction": "minimize"}
+    s = _study_with_bias([([1.0, 5, 0.7, 0.3], worse), ([2.0, 5, 0.7, 0.25], reaches),
+                          ([3.0, 5, 0.7, 0.1], better)])
+    out = front_summary(s, s.trials, bias_metric="m", accuracy_name="acc", signed=False,
+                        export_command=["nas-fair", "export", "--study", "my study"])
+    assert [m["trial"] for m in out["models"]] == [0, 1, 2]  # smallest first
+    assert [m["not_worse"] for m in out["models"]] == [False, True, True]
+    assert out["recommended"] == 1
+    assert out["headline"].startswith("Trial 1 is the smallest front model whose m is not worse")
+    assert "2 MB, 0.20x the reference's size" in out["headline"]
+    assert "acc 0.7 [0.6, 0.8]" in out["headline"] and "does not reach" not in out["headline"]
+    assert out["models"][1]["export"] == ("nas-fair export --study 'my study' --trials 1 "
+                                          "--out exports")
+    assert out["models"][0]["accuracy_ci"] == pytest.approx([0.6, 0.8])
+    # the smallest not-worse model lost accuracy (its interval misses the reference's
+    # [0.7, 0.9]): the headline says so and names the smallest that keeps it
+    lossy = _study_with_bias([([1.0, 5, 0.4, 0.3], reaches), ([2.0, 5, 0.75, 0.1], better)])
+    h = front_summary(lossy, lossy.trials, bias_metric="m", accuracy_name="acc",
+                      signed=False)["headline"]
+    assert h.startswith("Trial 0 is the smallest")
+    assert "Its acc interval does not reach the reference's (0.8 [0.7, 0.9]); the smallest " \
+           "that also keeps it is trial 1: 2 MB" in h
+    # none qualifies: a plain sentence
+    none = front_summary(s, s.trials[:1], bias_metric="m", accuracy_name="acc", signed=False)
+    assert none["recommended"] is None and "No front model" in none["headline"]
+    assert "nothing to recommend" in front_summary(s, [], bias_metric="m", accuracy_name="a",
+                                                   signed=False)["headline"]
+    # a metric where higher is fairer: a paired interval entirely above 0 is better
+    up = {"value": 0.9, "diff": 0.1, "diff_low": 0.05, "diff_high": 0.15, "direction": "maximize"}
+    s2 = _study_with_bias([([1.0, 5, 0.7, 0.9], up)])
+    assert front_summary(s2, s2.trials, bias_metric="m", accuracy_name="a",
+                         signed=False)["recommended"] == 0
+    # a signed gap below 0 on the reference: moving up (toward 0) is better
+    signed = {"value": -0.1, "ref_value": -0.3, "diff": 0.2, "diff_low": 0.1, "diff_high": 0.3,
+              "direction": "minimize"}
+    s3 = _study_with_bias([([1.0, 5, 0.7, 0.1], signed)])
+    m = front_summary(s3, s3.trials, bias_metric="m", accuracy_name="a", signed=True)["models"][0]
+    assert m["not_worse"] is True and m["paired"]["worse_by"] == pytest.approx(-0.2)
+
+
+def test_not_applicable_notes() -> None:
+    bias = {"minority_majority_recall_gap": {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0},
+            "minority_recall": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6},
+            "tpr_gap_rms": {"value": 0.1, "ci_low": 0.05, "ci_high": 0.2},
+            "flat": {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}}
+    ref = {"flat": {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0}}
+    balanced = np.array([0, 1, 2] * 4)
+    notes = not_applicable(balanced, bias, ref)
+    assert set(notes) == {"minority_majority_recall_gap", "minority_recall", "flat"}
+    assert notes["minority_recall"].startswith("not applicable: the test split's classes are "
+                                               "balanced (4 rows each)")
+    assert notes["flat"].startswith("not informative: 1 on the reference")
+    # compared with the reference: a trial's 0 is a finding, the reference's a definition
+    flips = {"compression_flip_rate": {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}}
+    assert not_applicable(balanced, flips, flips) == {}
+    assert not_applicable(balanced, flips, flips, is_reference=True) == {
+        "compression_flip_rate": "0 by definition: the reference compared with itself"}
+    skewed = np.array([0] * 6 + [1, 2] * 3)
+    assert set(not_applicable(skewed, bias, ref)) == {"flat"}
+    assert "flat" not in not_applicable(skewed, bias, {"flat": {"value": 1.0, "ci_low": 0.9,
+                                                                 "ci_high": 1.0}})
+
+
+# --------------------------------------------------------------------------- importance
+
+
+def _importance_study(n: int) -> optuna.Study:
+    """Bias depends on x only, accuracy on y only (plus a sliver of the other)."""
+    s = optuna.create_study(directions=DIRS)
     rng = np.random.default_rng(0)
-    # 5 classes; the first group's share of each class in training rises with the class index
-    share = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
-    train_y = np.repeat(np.arange(5), 20)
-    train_g = np.array(["f" if rng.random() < share[k] else "m" for k in train_y])
-    y = np.repeat(np.arange(5), 40)
-    g = np.tile(np.array(["f", "m"]), 100)
-    p = np.where(rng.random(200) < 0.7, y, (y + 1) % 5)
-    r = class_rates(y, p, sensitive_features=g, n=50)
-    view = share_correlation(r, train_y, train_g)
-    shares = [float(np.mean(train_g[train_y == k] == "f")) for k in range(5)]
-    gaps = [row["gap"] for row in r["classes"]]
-    assert [pt["share"] for pt in view["points"]] == pytest.approx(shares)
-    want = float(np.corrcoef(shares, gaps)[0, 1])
-    assert view["r"] == pytest.approx(want)
-    z, half = math.atanh(want), 1.959963984540054 / math.sqrt(5 - 3)
-    assert view["r_ci"] == pytest.approx([math.tanh(z - half), math.tanh(z + half)])
-    assert all(math.isnan(v) for v in fisher_interval(0.5, 3))  # too few classes
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1),
+            "y": optuna.distributions.FloatDistribution(0, 1)}
+    for _ in range(n):
+        x, y = float(rng.random()), float(rng.random())
+        s.add_trial(optuna.trial.create_trial(
+            values=[1.0, 1.0, y + 0.01 * x, x + 0.01 * y], params={"x": x, "y": y},
+            distributions=dist))
+    return s
 
 
-# ----------------------------------------------------------------------------- WEAT statistics
+@pytest.mark.parametrize("evaluator", ["fanova", "ped-anova"])
+def test_importance_finds_the_driver(evaluator: str) -> None:
+    out = importance(_importance_study(40), NAMES, DIRS, evaluator=evaluator)
+    assert out["trials"] == 40 and not out["small"] and out["note"] == "40 trials"
+    bias = out["objectives"]["tpr_gap_rms"]["importance"]
+    acc = out["objectives"]["macro_f1"]["importance"]
+    assert max(bias, key=bias.get) == "x" and max(acc, key=acc.get) == "y"
+    assert sum(bias.values()) == pytest.approx(1.0)
+    assert "tpr_gap_rms:" in render_importance(out)
 
 
-def test_effect_size_and_exact_pvalue_by_hand() -> None:
-    a, b = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
-    x = np.array([[1.0, 0.0], [1.0, 1.0]])
-    y = np.array([[0.0, 1.0], [1.0, 1.0]])
-    # s(w): x -> 1, 0; y -> -1, 0; d = (0.5 + 0.5) / std([1, 0, -1, 0], ddof=1)
-    assert A.effect_size(x, y, a, b) == pytest.approx(1.0 / math.sqrt(2.0 / 3.0))
-    # partitions of {1, 0, -1, 0} into pairs with sum >= 1: {1, 0} twice of 6
-    assert A.permutation_pvalue(x, y, a, b) == pytest.approx(2 / 6)
-    assert math.isnan(A.effect_size(x[:1].repeat(2, 0), x[:1].repeat(2, 0), a, b))
+def test_importance_on_small_studies_explains_instead_of_failing() -> None:
+    out = importance(_importance_study(8), NAMES, DIRS)
+    assert out["small"] and out["note"] == "small sample (8 trials): indicative only"
+    assert "indicative only" in render_importance(out)
+    few = importance(_importance_study(2), NAMES, DIRS)
+    assert few["unavailable"] == ("parameter importance needs at least 3 trials that differ: "
+                                  "2 scored, non-collapsed trials")
+    assert few["unavailable"] in render_importance(few)
+    empty = importance(optuna.create_study(directions=DIRS), NAMES, DIRS)
+    assert "0 scored, non-collapsed trials" in empty["unavailable"]
+    with pytest.raises(UserError, match="--evaluator must be one of fanova, ped-anova, got 'x'"):
+        importance(_importance_study(4), NAMES, DIRS, evaluator="x")
 
 
-def naive_effect(x, y, a, b) -> float:  # noqa: ANN001
-    def cos(u, v) -> float:  # noqa: ANN001
-        return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
-
-    def s(w) -> float:  # noqa: ANN001
-        return np.mean([cos(w, t) for t in a]) - np.mean([cos(w, t) for t in b])
-
-    sx, sy = [s(w) for w in x], [s(w) for w in y]
-    return (np.mean(sx) - np.mean(sy)) / np.std(sx + sy, ddof=1)
-
-
-def test_effect_size_and_word_bootstrap_match_a_loop() -> None:
-    rng = np.random.default_rng(2)
-    vecs = tuple(rng.normal(size=(k, 5)) for k in (6, 5, 4, 3))
-    assert A.effect_size(*vecs) == pytest.approx(naive_effect(*vecs))
-    idx = A._word_resamples((6, 5, 4, 3), 40, 0)
-    fast = A._boot_effects(vecs, idx)
-    slow = [A.effect_size(*(v[i[r]] for v, i in zip(vecs, idx))) for r in range(40)]
-    assert np.allclose(fast, slow, equal_nan=True)
-
-
-def test_sampled_pvalue_is_seeded_and_close_to_exact() -> None:
-    rng = np.random.default_rng(5)
-    vecs = tuple(rng.normal(size=(8, 4)) for _ in range(4))
-    exact = A.permutation_pvalue(*vecs)
-    old, A.EXACT_PARTITIONS = A.EXACT_PARTITIONS, 10
-    try:
-        p1 = A.permutation_pvalue(*vecs, n=4000, seed=1)
-        assert p1 == A.permutation_pvalue(*vecs, n=4000, seed=1)
-    finally:
-        A.EXACT_PARTITIONS = old
-    assert abs(p1 - exact) < 0.03
-
-
-# ----------------------------------------------------------------------------- WEAT on encoders
-
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "this", "that", "is",
-         *dict.fromkeys([w.lower() for w in A.all_words()] + list(WORDS))]
+# --------------------------------------------------------------------------- a real tiny study
 
 
 @pytest.fixture(scope="module")
-def tok() -> Any:
-    from transformers import BertTokenizerFast
-
-    return BertTokenizerFast(vocab={w: i for i, w in enumerate(dict.fromkeys(VOCAB))})
-
-
-def tiny(kind: str, tok: Any) -> torch.nn.Module:
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(
-        tiny_config(kind, 3, len(tok))).eval()
-
-
-def ctx_for(model: torch.nn.Module, tok: Any) -> Any:
-    from nas_fair.spaces import CompressionContext, RecoveryData
-
-    enc = tok(["he is a doctor", "she is a nurse", "this is the art of math"] * 8,
-              padding="max_length", max_length=10, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    data = RecoveryData(ids, mask, logits.argmax(-1), logits.float(),
-                        groups=["f" if i % 2 else "m" for i in range(len(ids))])
-    return CompressionContext(reference=model, train=data, seed=0, batch_size=8,
-                              recovery_steps=0, tokenizer=tok)
-
-
-def test_probe_is_the_masked_mean_of_the_last_hidden_state(tok: Any) -> None:
-    model = tiny("bert", tok)
-    probe = A.encoder_probe(model, tok)
-    templates, _ = A.word_lists()
-    word = "algebra"
-    enc = tok([t.format(word) for t in templates], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        h = model.bert(**enc).last_hidden_state
-    m = enc["attention_mask"].unsqueeze(-1).float()
-    want = ((h * m).sum(1) / m.sum(1)).mean(0).double().numpy()
-    assert np.allclose(probe.rows((word,))[0], want, atol=1e-5)
-    assert probe.unknown == frozenset()
-
-
-STRONG = {
-    "pruning": {"heads": 0.5, "ffn": 0.5, "layers": 1},
-    "lowrank": {"attention_rank": 0.5, "ffn_rank": 0.25},
-    "sharing": {"group_size": 2},
-    "quantization": {"attention_bits": 8, "ffn_bits": 4, "embedding_bits": 8},
-    "vocabulary": {"others": 0.0},
-}
-
-
-@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
-@pytest.mark.parametrize("family", sorted(STRONG))
-def test_every_family_gives_a_finite_association(family: str, kind: str, tok: Any) -> None:
-    from nas_fair.spaces import REGISTRY, compress
-
-    model = tiny(kind, tok)
-    ctx = ctx_for(model, tok)
-    out = compress(model, {family: REGISTRY[family].config_class.from_dict(STRONG[family])}, ctx)
-    probe = A.encoder_probe(out, tok)
-    ref = A.encoder_probe(model, tok)
-    assert probe.vectors.shape == ref.vectors.shape and np.isfinite(probe.vectors).all()
-    assert not np.allclose(probe.vectors, ref.vectors)  # the compressed encoder is another one
-    rec, ref_rec = (EvalRecord(np.zeros(2, int), np.zeros(2, int), probe=p) for p in (probe, ref))
-    rows = score_bias(A.metric_names(), rec, ref_rec, n=50)
-    if family == "vocabulary":  # trained on a few words: the others read as [UNK]
-        assert "algebra" in rows["weat_math_arts"]["unknown_words"]
-        assert "art" not in rows["weat_math_arts"]["unknown_words"]
-    for row in rows.values():
-        assert row["diff"] == pytest.approx(row["value"] - row["ref_value"], nan_ok=True)
-
-
-def test_weat_rows_are_model_level(tok: Any) -> None:
-    model = tiny("bert", tok)
-    rec = EvalRecord(np.zeros(4, int), np.zeros(4, int), probe=A.encoder_probe(model, tok))
-    row = score_bias(["weat_career_family"], rec, n=100, seed=0)["weat_career_family"]
-    vecs = A._vectors(rec.probe, A.word_lists()[1]["career_family"])
-    assert row["value"] == pytest.approx(naive_effect(*vecs))
-    assert row["ci_low"] <= row["value"] <= row["ci_high"] and row["ci_low"] < row["ci_high"]
-    assert row["p_value"] == A.permutation_pvalue(*vecs)
-    assert BIAS["weat_career_family"](rec) == row["value"]
-    with pytest.raises(UserError, match="computed from the model"):
-        bootstrap("weat_career_family", rec)  # a row bootstrap would not move it
-
-
-def test_unreadable_words_drop_the_test_or_fail_when_chosen() -> None:
-    from transformers import BertTokenizerFast
-
-    small = BertTokenizerFast(vocab={w: i for i, w in enumerate(
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])})
-    names = ["tpr_gap_rms", *A.metric_names()]
-    assert A.check_vocabulary(small, names, objective="tpr_gap_rms", explicit=[]) == [
-        "tpr_gap_rms"]
-    with pytest.raises(UserError, match="weat_math_arts.*unknown token"):
-        A.check_vocabulary(small, names, objective="weat_math_arts", explicit=[])
-
-
-# ----------------------------------------------------------------------------- in a study
-
-
-@pytest.fixture(scope="module")
-def weat_study(tmp_path_factory: pytest.TempPathFactory, tok: Any) -> dict[str, Any]:
-    """A tiny search whose bias objective is the encoder's WEAT math/arts effect size."""
-    from test_search import run_cli, write_study
-
-    tmp = tmp_path_factory.mktemp("weat")
-    model = tiny("bert", tok)
-    model.save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
-    toml = write_study(tmp, tmp / "model", name="weat", steps=0, extra="""
-[space]
-families = ["pruning", "quantization"]
-""")
-    text = toml.read_text().replace('bias = "tpr_gap_rms"', 'bias = "weat_math_arts"')
-    toml.write_text(text)
+def study(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Any]:  # noqa: F811
+    tmp = tmp_path_factory.mktemp("audit")
+    csv_path = write_csv(tmp / "noisy.csv", n=240, seed=1, cue_right={"f": 0.8, "m": 0.8})
+    toml = write_study(tmp, tiny_checkpoint, data=str(csv_path), steps=3)
+    toml.write_text(toml.read_text().replace("seed = 0\n", "seed = 1\n"))
     run_dir = tmp / "run"
-    args = ["--config", str(toml), "--run-dir", str(run_dir)]
-    assert run_cli("search", *args, "--budget", "2") == 0
-    import optuna
-
-    study = optuna.load_study(study_name="weat", storage=f"sqlite:///{run_dir / 'study.db'}")
-    return {"study": study, "args": args, "tmp": tmp}
+    assert run_cli("search", "--config", str(toml), "--budget", "5", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    return {"toml": toml, "run_dir": run_dir, "study": load(run_dir),
+            "args": ["--config", str(toml), "--run-dir", str(run_dir)]}
 
 
-def test_weat_is_the_objective_and_rates_are_recorded(weat_study: dict[str, Any]) -> None:
-    from nas_fair.search.records import ReferenceRecord, TrialRecord
-
-    study = weat_study["study"]
-    assert study.metric_names[3] == "|weat_math_arts|"
-    ref = ReferenceRecord.from_study(study)
-    assert ref.values[3] == pytest.approx(abs(ref.bias["weat_math_arts"]["value"]))
-    assert {"weat_career_family", "weat_science_arts", "tpr_gap_rms"} <= set(ref.bias)
-    assert ref.class_rates["groups"] == ["f", "m"]
-    assert ref.class_rates["training_share"]["group"] == "f"
-    done = [t for t in study.trials if t.values is not None]
-    assert len(done) == 2
-    for t in done:
-        rec = TrialRecord.from_trial(t)
-        row = rec.bias["weat_math_arts"]
-        assert t.values[3] == pytest.approx(abs(row["value"]))
-        assert row["diff"] == pytest.approx(row["value"] - row["ref_value"])
-        assert 0 < row["p_value"] <= 1
-        assert len(rec.class_rates["classes"]) == 3
-
-
-def test_export_writes_class_rates_and_the_card_table(weat_study: dict[str, Any]) -> None:
-    import json
-
-    from test_search import run_cli
-
-    out = weat_study["tmp"] / "export"
-    assert run_cli("export", *weat_study["args"], "--trials", "1", "--out", str(out)) == 0
-    folder = out / "trial-1"
-    rates = json.loads((folder / "class_rates.json").read_text())
-    number = 1
+def test_trials_store_predictions_and_disparity_intervals(study) -> None:
+    from nas_fair.search.audit import reference_predictions, trial_predictions
     from nas_fair.search.records import TrialRecord
 
-    stored = TrialRecord.from_trial(weat_study["study"].trials[number]).class_rates
-    assert rates["model"] == stored  # recomputed on the reloaded model: the search's record
-    card = (folder / "README.md").read_text()
-    assert "| class | TPR f (n) | TPR m (n) | gap [95% CI] | reference gap |" in card
-    assert "weat_math_arts" in card
+    s = study["study"]
+    ref = reference_predictions(s)
+    assert ref is not None
+    for t in s.trials:
+        if t.state.name != "COMPLETE":
+            continue
+        y = trial_predictions(t)
+        assert y is not None and len(y) == len(ref)
+        rec = TrialRecord.from_trial(t)
+        assert predictions_digest(y) == rec.predictions_sha256
+        stats = rec.disparity_stats
+        for g, share in rec.disparity.items():
+            n = share["n"]
+            k = round(share["newly_wrong"] * n)
+            assert stats["groups"][g]["newly_wrong"] == pytest.approx(list(wilson_interval(k, n)))
+        assert 0 < stats["tests"]["flipped"]["p_value"] <= 1
 
 
-def test_report_draws_the_class_views(weat_study: dict[str, Any]) -> None:
-    from test_search import run_cli
+def test_report_leads_with_the_answer_and_exports_the_examples(study, capsys) -> None:
+    from nas_fair.api import load_config
+    from nas_fair.objectives.scores import directions
+    from nas_fair.search.audit import reference_predictions, trial_predictions
+    from nas_fair.search.front import pareto_front
+    from nas_fair.search.report import cie_file
 
-    out = weat_study["tmp"] / "report.html"
-    assert run_cli("report", *weat_study["args"], "--out", str(out)) == 0
+    out = study["run_dir"] / "audit.html"
+    assert run_cli("report", *study["args"], "--out", str(out)) == 0
     page = out.read_text()
-    assert "Per-class TPR gap" in page and "De-Arteaga" in page
+    answer, plots = page.index("id='answer'"), page.index("Plotly.newPlot")
+    assert answer < plots  # the answer comes first
+    assert "id='headline'" in page and "nas-fair export --config" in page
+    s = study["study"]
+    cfg = load_config(config=str(study["toml"]))
+    front = pareto_front([t for t in s.trials if t.state.name == "COMPLETE"], directions(cfg))
+    assert front
+    for t in front:
+        assert f"--trials {t.number} --out exports" in page
+    # the examples, recomputed by hand from the stored predictions
+    ref = reference_predictions(s)
+    preds = np.stack([trial_predictions(t) for t in sorted(front, key=lambda t: t.number)])
+    rows = []
+    for i in range(len(ref)):
+        counts = np.bincount(preds[:, i], minlength=3)
+        if counts[ref[i]] < counts.max():
+            rows.append(i)
+    assert f"{len(rows)} of {len(ref)} test rows over {len(front)} front models" in page
+    got = list(csv.DictReader(io.StringIO(cie_file(out).read_text())))
+    assert [int(r["row"]) for r in got] == rows
+    for r in got:
+        assert int(r["disagree"]) == int((preds[:, int(r["row"])] != ref[int(r["row"])]).sum())
+        assert int(r["models"]) == len(front) and r["text"]
+    assert ("id='cie-examples'" in page) == bool(rows)
+    assert "Compression-identified examples" in page
+    assert "What drives each objective" in page
+    assert "small sample (5 trials): indicative only" in page or \
+        "parameter importance needs" in page
 
 
-def test_weat_declarations() -> None:
-    for name in ("weat_career_family", "weat_math_arts", "weat_science_arts"):
-        m = BIAS[name]
-        assert (m.direction, m.needs, m.absolute) == ("minimize", ("encoder_probe",), False)
-        assert m.description.startswith("WEAT effect size")
+def test_importance_cli_and_its_errors(study, capsys) -> None:
+    capsys.readouterr()
+    assert run_cli("importance", *study["args"]) == 0
+    text = capsys.readouterr().out
+    assert "Parameter importance (fanova)" in text
+    assert "small sample" in text or "needs at least 3 trials" in text
+    assert run_cli("importance", *study["args"], "--json", "--objective", "size,bias",
+                   "--evaluator", "ped-anova") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["study"] == "tiny" and result["evaluator"] == "ped-anova"
+    if "unavailable" not in result:
+        assert set(result["objectives"]) == {"size_mb", "tpr_gap_rms"}
+
+    def bad(*args: str) -> str:
+        capsys.readouterr()
+        assert run_cli("importance", *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    assert bad(*study["args"], "--evaluator", "shap") == (
+        "nas-fair: error: --evaluator must be one of fanova, ped-anova, got 'shap'")
+    assert bad(*study["args"], "--objective", "speed") == (
+        "nas-fair: error: --objective must be comma-separated names among size, latency, "
+        "accuracy, bias, size_mb, latency_ms, macro_f1, tpr_gap_rms, got 'speed'")
+    never = ["--config", str(study["toml"]), "--run-dir", str(study["run_dir"] / "none")]
+    assert "has not been run yet" in bad(*never)
+    # options are checked before the study is looked for
+    assert "--evaluator must be one of" in bad(*never, "--evaluator", "x")
 
 
-def test_an_unreadable_test_asked_for_in_record_fails() -> None:
-    from transformers import BertTokenizerFast
+def test_front_cie_says_why_when_predictions_are_missing() -> None:
+    from nas_fair.search.audit import front_cie
 
-    small = BertTokenizerFast(vocab={w: i for i, w in enumerate(
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])})
-    with pytest.raises(UserError, match="weat_career_family"):
-        A.check_vocabulary(small, ["weat_career_family"], objective="tpr_gap_rms",
-                           explicit=["weat_career_family"])
+    ref = np.array([0, 1, 1, 0])
+    y = np.array([0, 1, 0, 0])
+    s = optuna.create_study(directions=DIRS)
+    s.set_user_attr("reference", {"values": [1.0, 1.0, 0.8, 0.1]})  # an older study
+    assert "reference has no stored test predictions" in front_cie(
+        s, [], y_true=y, groups=None)["unavailable"]
+    s.set_user_attr("reference", {"values": [1.0, 1.0, 0.8, 0.1],
+                                  "test_predictions": encode_predictions(ref),
+                                  "predictions_sha256": predictions_digest(ref)})
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    good, other = np.array([1, 1, 1, 0]), np.array([1, 0, 1, 0])
+    attrs = [{"test_predictions": encode_predictions(good),
+              "predictions_sha256": predictions_digest(good)},
+             {"test_predictions": encode_predictions(other),
+              "predictions_sha256": predictions_digest(good)},  # does not match its digest
+             {}]  # scored before predictions were stored
+    for i, a in enumerate(attrs):
+        s.add_trial(optuna.trial.create_trial(values=[1.0, 1.0, 0.8, 0.1], params={"x": i / 10},
+                                              distributions=dist, user_attrs=a))
+    out = front_cie(s, s.trials, y_true=y, groups=np.array(list("ffmm")))
+    assert out["models"] == [0] and out["missing"] == [1, 2]
+    assert [e["row"] for e in out["examples"]] == [0]  # one model: its own flips
+    assert "the test split loaded now has 3 rows, the study scored 4" in front_cie(
+        s, s.trials, y_true=y[:3], groups=None)["unavailable"]
+    assert front_cie(s, [], y_true=y, groups=None) == {
+        "unavailable": "no feasible model is on the Pareto front"}
+    assert "no front model has stored test predictions" in front_cie(
+        s, s.trials[1:], y_true=y, groups=None)["unavailable"]
 
 
-def test_a_weat_objective_keeps_its_words_through_vocabulary_trimming(tok: Any) -> None:
-    from nas_fair.spaces import REGISTRY, compress
+def test_export_command_names_the_study_as_typed(tmp_path: Path) -> None:
+    from nas_fair.config import parse_study
+    from nas_fair.search.audit import export_command
 
-    model = tiny("bert", tok)
-    ctx = ctx_for(model, tok)
-    cfg = {"vocabulary": REGISTRY["vocabulary"].config_class.from_dict({"others": 0.0})}
-    assert A.objective_token_ids(tok, "tpr_gap_rms") == []
-    keep = A.objective_token_ids(tok, "weat_math_arts")
-    ctx.extras["keep_token_ids"] = keep
-    probe = A.encoder_probe(compress(model, cfg, ctx), tok)
-    test = A.word_lists()[1]["math_arts"]
-    assert not set(test.words) & probe.unknown  # every word of the objective's test is kept
-    assert "executive" in probe.unknown  # another test's words are still trimmed
-    rec = EvalRecord(np.zeros(2, int), np.zeros(2, int), probe=probe)
-    assert math.isfinite(BIAS["weat_math_arts"](rec))
+    cfg = parse_study('name = "x"\n')  # no file: named
+    assert export_command(cfg, storage=None, run_dir=None) == ["nas-fair", "export", "--study",
+                                                               "x"]
+    toml = tmp_path / "my.toml"
+    toml.write_text('name = "mine"\n')
+    from nas_fair.config import load_study
+
+    cmd = export_command(load_study(toml), storage="postgresql://u:secret@db/nas",
+                         run_dir="runs/a")
+    assert cmd[:4] == ["nas-fair", "export", "--config", str(toml)]
+    assert cmd[4:6] == ["--run-dir", "runs/a"]
+    assert cmd[6] == "--storage" and "secret" not in cmd[7] and "***" in cmd[7]
+
+
+def test_a_report_without_examples_removes_a_stale_csv(tmp_path: Path) -> None:
+    from nas_fair.search.report import cie_file, write_report
+
+    s = optuna.create_study(directions=DIRS)
+    s.set_user_attr("reference", {"values": [1.0, 1.0, 0.8, 0.1]})
+    out = tmp_path / "r.html"
+    cie_file(out).write_text("row\n1\n")
+    audit = {"summary": front_summary(s, [], bias_metric="m", accuracy_name="a", signed=False),
+             "notes": {"reference": {}}, "cie": {"unavailable": "why"},
+             "importance": importance(s, NAMES, DIRS), "disparity": [], "metric_rows": [],
+             "reference_bias": {}, "bias_metrics": []}
+    page = write_report(s, DIRS, NAMES, out, audit=audit).read_text()
+    assert not cie_file(out).exists()
+    assert "Not available: why." in page and "nothing to recommend" in page
+
+
+def test_examples_are_browsable_and_written_beside_the_report(tmp_path: Path) -> None:
+    from nas_fair.search.report import cie_file, write_report
+
+    ref = np.array([0, 1, 1, 0, 2, 2])
+    preds = np.array([[1, 1, 1, 0, 2, 0], [1, 0, 1, 0, 2, 0], [0, 0, 2, 0, 2, 1]])
+    texts = ["<b>she</b> nurse", "t1", "t2", "t3", "t4", 'he said "x", then']
+    cie = compression_identified(preds, ref, np.array([0, 0, 1, 0, 2, 1]),
+                                 np.array(list("fffmmm")), texts=texts, models=[1, 2, 3], n=100)
+    s = optuna.create_study(directions=DIRS)
+    s.set_user_attr("reference", {"values": [1.0, 1.0, 0.8, 0.1]})
+    audit = {"summary": front_summary(s, [], bias_metric="m", accuracy_name="a", signed=False),
+             "notes": {"reference": {}}, "cie": cie, "importance": importance(s, NAMES, DIRS),
+             "disparity": [], "metric_rows": [], "reference_bias": {}, "bias_metrics": []}
+    out = tmp_path / "r.html"
+    page = write_report(s, DIRS, NAMES, out, audit=audit).read_text()
+    assert "3 of 6 test rows over 3 front models (trials 1, 2, 3)" in page
+    table = page[page.index("id='cie-examples'"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 1 + 3  # header + the CIEs
+    assert "&lt;b&gt;she&lt;/b&gt; nurse" in table and "<b>she" not in table
+    assert "<td>2 of 3</td>" in table and "<td>3 of 3</td>" in table
+    got = list(csv.DictReader(io.StringIO(cie_file(out).read_text())))
+    assert [(r["row"], r["group"], r["reference"], r["modal"], r["disagree"]) for r in got] == [
+        ("0", "f", "0", "1", "2"), ("1", "f", "1", "0", "2"), ("5", "m", "2", "0", "3")]
+    assert got[0]["text"] == "<b>she</b> nurse" and got[2]["text"] == 'he said "x", then'
+
+
+def test_importance_uses_top_rung_results_only() -> None:
+    """A multi-fidelity study's lower-rung scores are provisional: importance ignores them,
+    as the front does."""
+    s = _importance_study(6)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1),
+            "y": optuna.distributions.FloatDistribution(0, 1)}
+    for i in range(5):  # rung 0 of a two-rung schedule, and one duplicate ticket
+        s.add_trial(optuna.trial.create_trial(
+            values=[1.0, 1.0, 0.5, 0.5], params={"x": i / 5, "y": i / 5}, distributions=dist,
+            user_attrs={"fidelity": {"rung": 0, "candidate": 100 + i, "top": 1}}))
+    s.add_trial(optuna.trial.create_trial(
+        values=[1.0, 1.0, 0.5, 0.5], params={"x": 0.5, "y": 0.5}, distributions=dist,
+        user_attrs={"fidelity": {"rung": 1, "candidate": 100, "top": 1}, "duplicate_of": 3}))
+    assert importance(s, NAMES, DIRS)["trials"] == 6

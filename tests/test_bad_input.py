@@ -152,6 +152,7 @@ STR_OUT_OF_RANGE: dict[str, list[str]] = {
     "data.group_column": ["no_such_column"],
     "search.sampler": ["nsga3", "NSGA2"],
     "search.device": ["gpu", "cuda"],
+    "search.latency_backend": ["ort", "TORCH", ""],
     "search.recovery_precision": ["fp16", "BF16"],
     "objectives.accuracy": ["acuracy", ""],
     "objectives.bias": ["tpr_gap", ""],

@@ -247,3 +247,20 @@ def test_recovery_plan_chains_rungs(tmp_path):
     assert run.save_state_to.name == f"trial-{ticket.number}"
     with pytest.raises(UserError, match="outside"):
         fd.recovery_plan(rungs, ticket, tmp_path, "../../x")
+
+
+def test_promotion_can_rank_without_an_objective(tmp_path):
+    """rank_on leaves an objective out of promotion: here the second one, which alone would
+    pick a different candidate."""
+    study = _study(tmp_path / "s.db")
+    for a, b in [(0.1, 0.9), (0.5, 0.1), (0.9, 0.5)]:
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": a}, distributions=DIST, values=[a, b], user_attrs={"constraints": [0.0]}))
+    first = Rungs(steps=(10, 20), eta=3, rank_on=(0,))
+    assert fd.claim_promotions(study, first, DIRS) == [(0, 1)]  # the smallest first objective
+    other = _study(tmp_path / "o.db", "o")
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        other.add_trial(t)
+    assert fd.claim_promotions(other, Rungs(steps=(10, 20), eta=3, rank_on=(1,)), DIRS) == [(1, 1)]
+    with pytest.raises(UserError, match="at least one objective"):
+        Rungs(steps=(10, 20), rank_on=())

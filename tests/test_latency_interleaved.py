@@ -74,3 +74,45 @@ def test_ratio_does_not_move_under_load():
     old = cand_alone / ref_alone
     assert abs(old / quiet["ratio"] - 1) > TOLERANCE, (old, quiet)  # the load does bite
     assert abs(loaded["ratio"] / quiet["ratio"] - 1) <= TOLERANCE, (loaded, quiet)
+
+
+def test_onnxruntime_ratio_and_backend_choice(tmp_path):
+    """The ONNX graph timed in onnxruntime against the reference's: a half-depth model runs
+    faster there too; a study with latency_backend = "onnxruntime" records it per trial."""
+    from nas_fair.objectives.onnx_latency import (
+        check_backend,
+        measure_ort_latency,
+        measure_ort_latency_ratio,
+        ort_session,
+    )
+
+    ref, cand = _bert(4), _bert(2)
+    ref_sess = ort_session(ref, max_length=32, threads=1)
+    alone = measure_ort_latency(ref_sess, ref, batch_size=4, seq_len=32, repeats=5)
+    assert alone["median_ms"] > 0 and alone["backend"] == "onnxruntime"
+    r = measure_ort_latency_ratio(cand, ref_sess, ref, batch_size=4, seq_len=32, threads=1,
+                                  max_length=32, rounds=9, reference_ms=alone["median_ms"])
+    assert r["backend"] == "onnxruntime" and 0 < r["ratio"] < 1.0, r
+    assert r["latency_ms"] == pytest.approx(r["ratio"] * alone["median_ms"])
+    with pytest.raises(UserError, match="latency backend must be one of torch, onnxruntime"):
+        check_backend("ort")
+
+
+def test_study_with_the_onnxruntime_backend(tmp_path, capsys):
+    import optuna
+    from test_search import load, run_cli, write_checkpoint, write_study
+
+    toml = write_study(tmp_path, write_checkpoint(tmp_path / "ck"))
+    toml.write_text(toml.read_text().replace("threads = 1", "threads = 1\n"
+                                             'latency_backend = "onnxruntime"\nanchors = false'))
+    run_dir = tmp_path / "run"
+    assert run_cli("search", "--config", str(toml), "--budget", "2", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    study = load(run_dir)
+    assert study.user_attrs["reference"]["latency"]["backend"] == "onnxruntime"
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2
+    for t in done:
+        lat = t.user_attrs["latency"]
+        assert lat["backend"] == "onnxruntime" and lat["method"] == "interleaved"
+        assert t.values[1] == pytest.approx(lat["latency_ms"])

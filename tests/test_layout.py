@@ -8,7 +8,9 @@ the reverse, so the core can be read, tested and reused alone. Checked on the so
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,42 @@ def test_private_optuna_only_in_one_module() -> None:
                 if PRIVATE_OPTUNA.search(line) or '"constraints:' in line:
                     found.append(f"{rel}:{n}: {line.strip()}")
     assert not found, "private Optuna access outside search/_optuna.py:\n" + "\n".join(found)
+
+
+# A measured figure as comments used to quote them: a ratio (1.26x), a decimal percentage
+# (100.7%), points of a metric (1.3-1.5 points), a time (44 ms, 0.272 s).
+FIGURE = re.compile(r"\b\d+(?:\.\d+)?x\b|\b\d+\.\d+%|\b\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)? points\b"
+                    r"|\b\d+(?:\.\d+)? ?ms\b|\b\d+\.\d+ s\b")
+
+
+def comments_and_docstrings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every comment and docstring of a .py file, every comment of a .toml."""
+    src = path.read_text()
+    if path.suffix == ".toml":
+        return [(n, line) for n, line in enumerate(src.splitlines(), 1)
+                if line.lstrip().startswith("#")]
+    out = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+           if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                out.append((node.body[0].lineno, doc))
+    return out
+
+
+def test_comments_quote_no_benchmark_figures() -> None:
+    """Comments and docstrings say why; the figures live in docs/measurements.md and
+    benchmarks/README.md, where they are dated and come with their command."""
+    assert FIGURE.search("1.26x cheaper") and FIGURE.search("kept 100.7% of")
+    assert FIGURE.search("1.3-1.5 points less") and FIGURE.search("8 ms instead of 44 ms")
+    assert not FIGURE.search("int8 everywhere, FFN pruning 25%, 0x7f, 2x2 blocks")
+    found = []
+    for d in ("studies", "spaces", "objectives", "search", "nas_fair"):
+        for path in sorted((ROOT / d).rglob("*")):
+            if path.suffix in (".py", ".toml"):
+                for n, text in comments_and_docstrings(path):
+                    found += [f"{path.relative_to(ROOT)}:{n}: {m.group(0)}"
+                              for m in FIGURE.finditer(text)]
+    assert not found, "benchmark figures in comments (move them to docs/measurements.md):\n" + (
+        "\n".join(found))

@@ -75,8 +75,19 @@ def test_candidates_are_promoted_and_continue_their_student(tmp_path: Path, tiny
     for row in result["pareto"]:
         again = row["latency_retimed"]
         assert again["latency_ms"] > 0 and again["ratio"] > 0
+        assert set(again["backends"]) == {"torch", "onnxruntime"}  # both, side by side
     assert result["evaluations_per_rung"] == {str(k): v for k, v in sorted(by_rung.items())}
     assert all("artifact" not in t.user_attrs for t in done if fid[t.number]["rung"] < 2)
+    # the report draws lower rungs as such and counts only final results for the hypervolume
+    from nas_fair.search.report import report_data
+
+    data = report_data(study, result["directions"], result["objectives"])
+    groups = {t["number"]: t["group"] for t in data["trials"]}
+    assert {n for n, g in groups.items() if g == "lower rung"} == \
+        {n for n in fid if fid[n]["rung"] < 2}
+    assert run_cli("report", "--config", str(toml), "--run-dir", str(run_dir), "--out",
+                   str(tmp_path / "r.html")) == 0
+    assert "rung 0 (provisional)" in (tmp_path / "r.html").read_text()
     # a lower rung's trial is provisional: export refuses it, naming the rule
     low = min(n for n in fid if fid[n]["rung"] == 0)
     assert run_cli("export", "--config", str(toml), "--run-dir", str(run_dir), "--trials",

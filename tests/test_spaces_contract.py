@@ -7,6 +7,7 @@ over seeded random combinations of composing families, on tiny BERT, RoBERTa and
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from typing import Any
 
@@ -152,6 +153,21 @@ def test_suggest_with_optuna(name: str) -> None:
     for _ in range(3):
         cfg = fam.suggest(study.ask())
         assert isinstance(cfg, REGISTRY[name].config_class)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_config_round_trips_through_json(name: str) -> None:
+    """to_dict -> JSON -> from_dict gives the same config with the same JSON (recipe.json, the
+    stored trial parameters): off, the strong setting and draws across the whole table."""
+    cls = REGISTRY[name]
+    fam = cls(OPTIONS.get(name))
+    rng = random.Random(0)
+    configs = [cls.off(), strong_config(name)] + [fam.suggest(RandomTrial(rng)) for _ in range(20)]
+    for cfg in configs:
+        text = json.dumps(cfg.to_dict(), allow_nan=False)
+        back = cls.config_class.from_dict(json.loads(text))
+        assert type(back) is cls.config_class and back == cfg, (name, cfg, back)
+        assert json.dumps(back.to_dict()) == text, name  # same keys, order and value types
 
 
 @pytest.mark.parametrize("kind", KINDS)

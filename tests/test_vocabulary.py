@@ -280,3 +280,15 @@ def test_a_search_checkpoint_loads_without_the_families(tok: Any, tmp_path: Path
                          check=True).stdout.split()
     assert out == ["RemappedEmbedding", "False"]
     assert torch.equal(torch.load(tmp_path / "out.pt"), want)
+
+
+def test_a_trimmed_model_times_in_onnxruntime(tok: Any) -> None:
+    """The latency objective's onnxruntime backend exports the search's model as it is (ids
+    remapped inside): it must export and run on the original ids."""
+    pytest.importorskip("onnxruntime")
+    from nas_fair.objectives.onnx_latency import ort_session, ort_timer
+
+    model, ctx = make("bert", tok)
+    trimmed = trim(model, ctx)
+    sess = ort_session(trimmed, max_length=12, threads=1)
+    assert ort_timer(sess, trimmed, 2, 12, None)() > 0

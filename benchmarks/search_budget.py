@@ -1,0 +1,153 @@
+"""Search methods at equal wall-clock: final feasible-front hypervolume, evaluations per hour.
+
+Each method runs ``nas-fair search --budget <minutes>m`` exactly as a user would (in process:
+``run_search``), into its own run folder, for each seed; the prepared reference and caches are
+hard-linked from the study's run folder, so no run fine-tunes. Methods:
+
+* ``mf``: the study as defined (the shipped ``bios`` is multi-fidelity: 75/225/675 steps, eta 3);
+* ``nsga2+anchors``: one fidelity (``fidelity_steps = []``, ``recovery_steps = 300``), NSGA-II
+  with the families' anchors queued first, as before the multi-fidelity search;
+* ``random``, ``tpe``: one fidelity, 300 steps, no anchors.
+
+Hypervolume is ``nas-fair report``'s (objectives as ratios to the reference, reference point
+``HV_REFERENCE_POINT``), over the feasible front of final (top-rung) results. The seed is the
+sampler's (the study seed, and so the reference, stays the study's). Also printed per run:
+completed evaluations per hour and whether the front holds a non-anchor model at least as good
+as the combined anchor (FFN 25% + int8) on all four objectives.
+
+    python benchmarks/search_budget.py [--minutes 30] [--seeds 0,1]
+        [--methods mf,nsga2+anchors,random,tpe] [--resume]
+
+Writes benchmarks/results/search_budget.json after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS, add_study_args, load_cfg, open_session, run_dir, table, write_json
+
+OUT = RESULTS / "search_budget.json"
+
+
+def configure(cfg: Any, method: str) -> Any:
+    cfg = copy.deepcopy(cfg)
+    if method == "mf":
+        return cfg
+    cfg.search.fidelity_steps = []
+    cfg.search.recovery_steps = 300
+    sampler, _, extra = method.partition("+")
+    cfg.search.sampler = sampler
+    cfg.search.anchors = extra == "anchors"
+    return cfg
+
+
+def link_prepared(src: Path, dest: Path) -> None:
+    """The prepared reference and caches, hard-linked (read-only use) into a new run folder."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in ("reference", "cache"):
+        if (src / part).is_dir():
+            shutil.copytree(src / part, dest / part, copy_function=os.link, dirs_exist_ok=True)
+
+
+def front_figures(study: Any, dirs: list[str], names: list[str]) -> dict[str, Any]:
+    import numpy as np
+    from optuna.trial import TrialState
+
+    from nas_fair.objectives.scores import Scores
+    from nas_fair.search.front import pareto_front
+    from nas_fair.search.records import ReferenceRecord, TrialRecord
+    from nas_fair.search.report import HV_REFERENCE_POINT, hypervolume, normalized
+
+    ref = ReferenceRecord.from_study(study)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = pareto_front(done, dirs)
+    hv = 0.0
+    if front:
+        pts = normalized(np.array([t.values for t in front], dtype=float), ref.values, dirs)
+        hv = hypervolume(pts, np.full(len(dirs), HV_REFERENCE_POINT))
+    sign = [1.0 if d == "minimize" else -1.0 for d in dirs]
+    combined = [t for t in done if TrialRecord.from_trial(t).anchor and
+                t.params.get("pruning.ffn") == 0.25 and t.params.get("quantization.ffn_bits") == 8]
+    beats = []
+    for c in combined:
+        for t in front:
+            if TrialRecord.from_trial(t).anchor or t.params == c.params:
+                continue
+            if all(s * a <= s * b for s, a, b in zip(sign, t.values, c.values)):
+                beats.append(t.number)
+    return {"hypervolume": hv, "front": [t.number for t in front],
+            "front_values": {t.number: Scores.of_trial(t).values() for t in front},
+            "combined_anchor": [c.number for c in combined], "non_anchor_at_least_as_good": beats}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_study_args(ap)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--methods", default="mf,nsga2+anchors,random,tpe")
+    ap.add_argument("--resume", action="store_true", help="skip runs already in the JSON")
+    args = ap.parse_args()
+    import optuna
+
+    import nas_fair.search.run as run
+    from nas_fair.objectives.scores import directions, objective_names
+    from nas_fair.search.sampling import make_sampler
+
+    cfg = load_cfg(args)
+    base = run_dir(args, cfg)
+    open_session(cfg, base, args.threads)  # prepares (fine-tunes once) in the study's folder
+    done: list[dict[str, Any]] = []
+    if args.resume and OUT.is_file():
+        done = json.loads(OUT.read_text())["runs"]
+    seen = {(r["method"], r["seed"]) for r in done}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for method in args.methods.split(","):
+            if (method, seed) in seen:
+                continue
+            c = configure(cfg, method)
+            folder = Path("studies") / f"{cfg.name}-bench-{method.replace('+', '_')}-s{seed}"
+            shutil.rmtree(folder, ignore_errors=True)
+            link_prepared(base, folder)
+            # the sampler's seed is the run's; the study seed (and so the reference) stays
+            run.make_sampler = lambda cf, pop, _s, seed=seed: make_sampler(cf, pop, seed)
+            t = time.perf_counter()
+            run.run_search(c, run.Budget(seconds=args.minutes * 60), run_dir=str(folder),
+                           quiet=True, show=False)
+            wall = time.perf_counter() - t
+            study = optuna.load_study(study_name=c.name,
+                                      storage=f"sqlite:///{folder / 'study.db'}")
+            complete = [x for x in study.trials if x.values is not None]
+            r = {"method": method, "seed": seed, "minutes": args.minutes, "wall_s": wall,
+                 "evaluations": len(complete),
+                 "evaluations_per_hour": len(complete) / wall * 3600,
+                 **front_figures(study, directions(c), objective_names(c))}
+            done.append(r)
+            print(f"{method:>14} seed {seed}: hypervolume {r['hypervolume']:.4f}, "
+                  f"{r['evaluations']} evaluations ({r['evaluations_per_hour']:.0f}/h), "
+                  f"non-anchor >= combined anchor: {r['non_anchor_at_least_as_good'] or 'none'}",
+                  flush=True)
+            write_json(OUT, {"settings": {"study": cfg.name, "minutes": args.minutes,
+                                          "threads": args.threads}, "runs": done})
+    rows = []
+    for method in args.methods.split(","):
+        hvs = [r["hypervolume"] for r in done if r["method"] == method]
+        rate = [r["evaluations_per_hour"] for r in done if r["method"] == method]
+        if hvs:
+            rows.append([method, f"{statistics.mean(hvs):.4f}",
+                         f"{min(hvs):.4f}-{max(hvs):.4f}", f"{statistics.mean(rate):.0f}",
+                         len(hvs)])
+    print(table(rows, ["method", "mean HV", "seed range", "evaluations/h", "runs"]))
+
+
+if __name__ == "__main__":
+    main()
