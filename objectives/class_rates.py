@@ -108,7 +108,7 @@ def class_rates(
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson's r; NaN when fewer than 3 points or either variable is constant."""
+    """Pearson's r; NaN with fewer than three (x, y) pairs or a constant variable."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 3:
         return math.nan
