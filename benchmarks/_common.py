@@ -111,7 +111,7 @@ def shrink_test(session: Any, rows: int, seed: int = 0) -> int:
     session.ref_pred = predictions(t["test_logits"])
     session.ref_record = session._record(
         session.ref_pred, session._cf_pred(t["test_logits"], session.reference),
-        reference=session.ref_pred)
+        reference=session.ref_pred, probe=session.ref_record.probe)  # the encoder's, unchanged
     return len(keep)
 
 

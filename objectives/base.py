@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,6 +23,8 @@ NEEDS = {
     "y_pred_counterfactual": "y_pred_cf",  # predictions on gender-swapped inputs
     "y_pred_reference": "y_pred_ref",  # the uncompressed reference model's predictions
     "stereotype": "stereotype",  # pro/anti labels (WinoBias-style data)
+    # not row-aligned: the model's own sentence embeddings (objectives/association.py)
+    "encoder_probe": "probe",
 }
 
 
@@ -37,6 +39,8 @@ class EvalRecord:
     y_pred_ref: np.ndarray | None = None
     stereotype: np.ndarray | None = None
     n_classes: int | None = None
+    # Computed from the model, not per row (association.EncoderProbe): resampling keeps it whole.
+    probe: Any = None
 
     def __len__(self) -> int:
         return len(self.y_true)
@@ -55,6 +59,7 @@ class EvalRecord:
             t(self.y_pred_ref),
             t(self.stereotype),
             self.n_classes,
+            self.probe,
         )
 
 

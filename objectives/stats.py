@@ -115,6 +115,12 @@ class GroupRule:
 
 GROUP_RULES: dict[str, GroupRule] = {}
 
+# Metrics computed from the model rather than from rows (e.g. the encoder's WEAT effect size):
+# name -> f(record, ref_record, *, n, seed, ci) -> score_bias's row. A row bootstrap would
+# leave them unchanged, so they bring their own intervals and p-value.
+ModelLevel = Callable[..., dict[str, Any]]
+MODEL_LEVEL: dict[str, ModelLevel] = {}
+
 
 def batched(name: str) -> Callable[[Encoder], Encoder]:
     """Register the vectorized encoder of metric ``name`` (see module docstring)."""
@@ -205,6 +211,15 @@ def safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- resampling
 
 
+def _row_metric(metric: Metric | str) -> Metric:
+    """A metric that row resampling applies to (not a MODEL_LEVEL one)."""
+    m = _metric(metric)
+    if m.name in MODEL_LEVEL:
+        raise UserError(f"metric {m.name!r} is computed from the model, not from rows: its "
+                        "interval and p-value come from score_bias, not a row bootstrap")
+    return m
+
+
 def _metric(metric: Metric | str) -> Metric:
     if isinstance(metric, Metric):
         return metric
@@ -273,24 +288,30 @@ def _coded_key(coded: Coded) -> tuple[Any, ...]:
     return (_digest(coded.g, coded.r), coded.n_groups, coded.n_codes)
 
 
+def resampled_counts(coded: Coded, chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Count tables (b, G, R) of ``coded`` on each chunk of resamples, memoized when the chunks
+    come from :func:`resamples` (metrics sharing a coding count it once)."""
+
+    def tables() -> list[np.ndarray]:
+        return [coded.counts(coded.g[idx], coded.r[idx]) for idx in chunks]
+
+    key = getattr(chunks, "key", ())
+    return _memo(("counts", *_coded_key(coded), *key), tables) if key else tables()
+
+
 def _values(metric: Metric, record: EvalRecord, chunks: Sequence[np.ndarray]) -> np.ndarray:
     """Metric value on each resample (rows of the index matrices)."""
     enc = ENCODERS.get(metric.name)
     if enc is not None:
         coded = enc(record)
-
-        def tables() -> list[np.ndarray]:
-            return [coded.counts(coded.g[idx], coded.r[idx]) for idx in chunks]
-
-        key = getattr(chunks, "key", ())
-        counted = _memo(("counts", *_coded_key(coded), *key), tables) if key else tables()
+        counted = resampled_counts(coded, chunks)
         return np.concatenate([coded.reduce(c.astype(float)) for c in counted])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return np.array([metric(record.take(i)) for idx in chunks for i in idx], dtype=float)
 
 
-def _interval(values: np.ndarray, ci: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, ci: float) -> tuple[float, float]:
     """Percentile interval over the defined resamples (NaN: metric undefined on that resample)."""
     v = values[~np.isnan(values)]
     if len(v) == 0:
@@ -315,10 +336,10 @@ def bootstrap(
         raise UserError(f"ci must be in (0, 1), got {ci!r}")
     if n < 1:
         raise UserError(f"bootstrap n must be >= 1, got {n!r}")
-    m = _metric(metric)
+    m = _row_metric(metric)
     _require(m, record)
     value = m(record)
-    lo, hi = _interval(_values(m, record, resamples(record.y_true, n, seed)), ci)
+    lo, hi = percentile_interval(_values(m, record, resamples(record.y_true, n, seed)), ci)
     return value, lo, hi
 
 
@@ -336,7 +357,7 @@ def paired_difference(
     Pairing removes the split's sampling noise shared by both models, so the interval is much
     tighter than the two separate intervals suggest.
     """
-    m = _metric(metric)
+    m = _row_metric(metric)
     _require(m, record)
     _require(m, ref_record)
     if len(record) != len(ref_record):
@@ -349,7 +370,7 @@ def paired_difference(
     diff = m(record) - m(ref_record)
     chunks = resamples(record.y_true, n, seed)
     d = _values(m, record, chunks) - _values(m, ref_record, chunks)
-    lo, hi = _interval(d, ci)
+    lo, hi = percentile_interval(d, ci)
     return diff, lo, hi
 
 
@@ -363,7 +384,7 @@ def permutation_pvalue(
     """
     if n < 1:
         raise UserError(f"permutation n must be >= 1, got {n!r}")
-    m = _metric(metric)
+    m = _row_metric(metric)
     _require(m, record)
     rng = np.random.default_rng(seed)
     strata = _strata(record.y_true)
@@ -402,7 +423,7 @@ def permutation_pvalue(
                 shuffled[s] = groups[rng.permutation(s)]
             rec = EvalRecord(
                 record.y_true, record.y_pred, shuffled, record.y_pred_cf, record.y_pred_ref,
-                record.stereotype, record.n_classes,
+                record.stereotype, record.n_classes, record.probe,
             )
             null_v[i] = m(rec)
     if math.isnan(observed):
@@ -438,6 +459,9 @@ def score_bias(
                 continue
             _require(m, record)
             _require(m, ref_record)  # type: ignore[arg-type]
+        if name in MODEL_LEVEL:
+            out[name] = MODEL_LEVEL[name](record, ref_record, n=n, seed=seed, ci=ci)
+            continue
         value, lo, hi = bootstrap(m, record, n=n, seed=seed, ci=ci)
         row: dict[str, object] = {
             "value": value, "ci_low": lo, "ci_high": hi,
@@ -457,6 +481,7 @@ _NEED_TEXT = {
     "y_pred_counterfactual": "predictions on gender-swapped inputs (counterfactual data)",
     "y_pred_reference": "the uncompressed reference model's predictions",
     "stereotype": "pro/anti stereotype labels (WinoBias-style data)",
+    "encoder_probe": "the encoder's sentence embeddings (computed by the study session)",
 }
 
 
@@ -469,6 +494,7 @@ def check_metric_applicable(
     has_stereotype: bool,
     has_reference: bool,
     group_values: Collection[object] | None = None,
+    has_probe: bool = True,
 ) -> None:
     """Fail at study start, with one line, when metric ``name`` cannot be computed on this data."""
     have = {
@@ -476,6 +502,7 @@ def check_metric_applicable(
         "y_pred_counterfactual": has_counterfactual,
         "stereotype": has_stereotype,
         "y_pred_reference": has_reference,
+        "encoder_probe": has_probe,  # a session embeds the WEAT sentences of every model
     }
     m = _metric(name)
     pool = BIAS if name in BIAS else ACCURACY

@@ -53,5 +53,6 @@ def drop_stale_artifacts(run_dir: Path, study: str, trials: Iterable[FrozenTrial
 # The files of an exported trial (``nas-fair export``).
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.json"
+CLASS_RATES_FILE = "class_rates.json"  # per-class group rates, the model and the reference
 CARD_FILE = "README.md"
 ONNX_FILE = "model.onnx"

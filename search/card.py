@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nas_fair.postprocess import DISPARATE_TREATMENT
-from nas_fair.search.artifacts import ONNX_FILE
+from nas_fair.search.artifacts import CLASS_RATES_FILE, ONNX_FILE
 
 NEEDS_GROUP_TITLE = "Needs the sensitive attribute at inference"
 # The bundled package's folder holds this Hugging Face model (see nas_fair.config.BUNDLED_MODEL).
@@ -100,9 +100,36 @@ def _yaml(value: Any) -> str:
     return json.dumps(value)  # JSON scalars are valid YAML
 
 
+def class_rate_lines(rates: dict[str, Any] | None) -> list[str]:
+    """The card's per-class table: each class's TPR per group and the gap, this model against
+    the reference (``class_rates.json`` holds the intervals of each rate)."""
+    if not rates:
+        return []
+    model, ref = rates["model"], rates.get("reference") or {}
+    groups = model["groups"]
+    ref_gap = {row["class"]: row["gap"] for row in ref.get("classes", [])}
+    lines = ["", f"Per class (true-positive rate per group, n = the group's true examples of the "
+             f"class; gap = {model['gap_definition']}, 95% bootstrap interval):", "",
+             "| class | " + " | ".join(f"TPR {g} (n)" for g in groups)
+             + " | gap [95% CI] | reference gap |",
+             "| --- | " + " | ".join("---" for _ in groups) + " | --- | --- |"]
+    for row in model["classes"]:
+        cells = [f"{_fmt(row['tpr'].get(g))} ({row['n'].get(g, 0)})" for g in groups]
+        lines.append(f"| {row['name']} | " + " | ".join(cells)
+                     + f" | {_fmt(row['gap'])}{_ci(row['gap_ci'])} | "
+                     f"{_fmt(ref_gap.get(row['class']))} |")
+    view = model.get("training_share")
+    if view and view.get("r") is not None:
+        ref_view = ref.get("training_share") or {}
+        lines += ["", f"Gap against the {view['group']} share of each class in training "
+                  f"(De-Arteaga et al. 2019): Pearson r = {_fmt(view['r'])}{_ci(view['r_ci'])} "
+                  f"({view['interval']}); reference r = {_fmt(ref_view.get('r'))}."]
+    return lines
+
+
 def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], final: Path,
                study_args: Sequence[str], *, budget: int, onnx: bool = False,
-               base: Path | None = None) -> str:
+               base: Path | None = None, class_rates: dict[str, Any] | None = None) -> str:
     """Hugging Face style card: YAML front matter, then what was done, measured, and how to
     load and reproduce it. ``budget``: completed trials the study needed to reach this one.
     Paths are relative (to ``base`` for the reproduce commands): a card is meant to be shared."""
@@ -206,6 +233,7 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
             f"| {name} | {_fmt(row.get('value'))}{_ci([row.get('ci_low'), row.get('ci_high')])} "
             f"| {_fmt(row.get('p_value'))} | {_fmt(row.get('ref_value'))} | "
             f"{_fmt(diff)}{_ci([row.get('diff_low'), row.get('diff_high')])} |")
+    lines += class_rate_lines(class_rates)
     collapse = metrics.get("collapse") or {}
     cons = ", ".join(f"{k} {v:.3g}" for k, v in metrics["constraints"].items())
     lines += [
@@ -292,6 +320,10 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
         "measured or not a finite number, e.g. a ratio to a zero reference or an undefined "
         "metric)",
     ]
+    if class_rates is not None:
+        lines.append(f"- `{CLASS_RATES_FILE}`: each class's true-positive rate and count per "
+                     "group with 95% bootstrap intervals and the gap, for this model and the "
+                     "reference, with the training-share view")
     if offsets:
         lines.append("- `postprocess.json`: the per-group logit offsets (loaded by `nas_fair.load`)")
     return "\n".join(lines) + "\n"

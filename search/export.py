@@ -29,7 +29,13 @@ from nas_fair.errors import UserError
 from nas_fair.io import dumps_json
 from nas_fair.objectives.scores import Scores
 from nas_fair.search._optuna import named_constraints
-from nas_fair.search.artifacts import CARD_FILE, METRICS_FILE, ONNX_FILE, RECIPE_FILE
+from nas_fair.search.artifacts import (
+    CARD_FILE,
+    CLASS_RATES_FILE,
+    METRICS_FILE,
+    ONNX_FILE,
+    RECIPE_FILE,
+)
 from nas_fair.search.card import base_model_name, model_card
 from nas_fair.search.records import ReferenceRecord, StudyRecord, TrialRecord
 
@@ -272,6 +278,7 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     recipe.save(dest)
     if Recipe.read(dest) != recipe:  # what nas_fair.load reads must be what was written
         raise RuntimeError(f"trial {trial.number}: {RECIPE_FILE} does not read back as written")
+    rates = write_class_rates(session, study, record, dest)
     if onnx:
         from nas_fair.onnx_export import export_onnx
 
@@ -281,11 +288,25 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     budget = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if t.number <= trial.number)
     (dest / CARD_FILE).write_text(model_card(session, metrics, recipe.to_dict(), final, study_args,
-                                             budget=budget, onnx=onnx, base=base))
+                                             budget=budget, onnx=onnx, base=base,
+                                             class_rates=rates))
     how = "copied the search's saved model" if source == "artifact" else "rebuilt from its recipe"
     log(f"trial {trial.number}: {how}; reloaded, its test predictions match the search's "
         f"record (sha256 {digest[:12]})")
     return source
+
+
+def write_class_rates(session: Any, study: Any, record: Any, dest: Path,
+                      ) -> dict[str, Any] | None:
+    """``class_rates.json``: the exported model's per-class group rates (recomputed on its
+    verified test predictions, so equal to the search's record) beside the reference's."""
+    rates = session.class_rates(record)
+    if rates is None:  # no group column
+        return None
+    ref = ReferenceRecord.from_study(study).class_rates  # studies before it: recomputed
+    out = {"model": rates, "reference": ref or session.class_rates(session.ref_record)}
+    (dest / CLASS_RATES_FILE).write_text(dumps_json(out, indent=1) + "\n")
+    return out
 
 
 def _model_files(session: Any, trial: FrozenTrial, dest: Path, log: Callable[[str], None], *,

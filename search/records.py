@@ -72,6 +72,8 @@ class TrialRecord(_Record):
     bias: dict[str, dict[str, Any]] | None = None  # every recorded bias metric
     bias_ci: list[float | None] | None = None  # of the study's bias objective
     collapse: dict[str, Any] | None = None
+    # Per class: TPR and count per group with intervals, the gap; the training-share view.
+    class_rates: dict[str, Any] | None = None
     disparity: dict[str, Any] | None = None
     disparity_stats: dict[str, Any] | None = None  # Wilson intervals, between-group tests
     test_predictions: dict[str, Any] | None = None  # search/audit.py encode_predictions
@@ -138,6 +140,7 @@ class ReferenceRecord(_Record):
     accuracy_ci: list[float | None] | None = None
     bias_ci: list[float | None] | None = None
     collapse: dict[str, Any] | None = None
+    class_rates: dict[str, Any] | None = None  # as TrialRecord.class_rates
     test_predictions: dict[str, Any] | None = None
     timings: dict[str, float] | None = None
     predictions_sha256: str | None = None

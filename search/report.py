@@ -84,6 +84,7 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
             "final": final,
             "bias_ci": rec.bias_ci,
             "disparity": rec.disparity,
+            "class_rates": rec.class_rates if t.number in front else None,
             "needs_group": bool(rec.postprocess),
         }
         row["note"] = status_note(row)
@@ -100,6 +101,7 @@ def report_data(study: optuna.Study, dirs: list[str], names: list[str]) -> dict[
             hv.append(hypervolume(pts, ref_pt) if len(pts) else 0.0)
     return {"study": study.study_name, "names": names, "directions": dirs,
             "reference": reference.values, "reference_bias_ci": reference.bias_ci,
+            "reference_class_rates": reference.class_rates,
             "trials": trials, "hypervolume": hv, "hv_reference_point": HV_REFERENCE_POINT}
 
 
@@ -255,8 +257,89 @@ def _disparity_figure(data: dict[str, Any]):  # noqa: ANN202
     return fig
 
 
+def class_rate_models(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, per-class rates) of the reference and the feasible front's models, smallest
+    first (at most DISPARITY_MODELS of them): what the per-class views draw."""
+    out = []
+    if data.get("reference_class_rates"):
+        out.append(("reference", data["reference_class_rates"]))
+    rows = [t for t in data["trials"] if t["group"] == "front" and t.get("class_rates")]
+    rows = sorted(rows, key=lambda t: (t["values"][0], t["number"]))[:DISPARITY_MODELS]
+    return out + [(f"trial {t['number']}", t["class_rates"]) for t in rows]
+
+
+def _model_color(i: int, label: str) -> str:
+    return REFERENCE_STYLE["color"] if label == "reference" else GROUP_COLORS[i % len(GROUP_COLORS)]
+
+
+def _class_gap_figure(data: dict[str, Any]):  # noqa: ANN202
+    """Where the gap lies: each class's TPR gap between groups, front models against the
+    reference, with 95% bootstrap intervals."""
+    import plotly.graph_objects as go
+
+    models = class_rate_models(data)
+    if not models:
+        return None
+    fig = go.Figure()
+    for i, (label, rates) in enumerate(models):
+        rows = rates["classes"]
+        gap = [r["gap"] for r in rows]
+        lo = [r["gap_ci"][0] for r in rows]
+        hi = [r["gap_ci"][1] for r in rows]
+        hover = [f"{label}, {r['name']}<br>gap {_fmt(r['gap']) if r['gap'] is not None else 'n/a'}"
+                 + "".join(f"<br>TPR {g}: {_fmt(v) if v is not None else 'n/a'} "
+                           f"(n={r['n'].get(g, 0)})" for g, v in r["tpr"].items())
+                 for r in rows]
+        fig.add_trace(go.Bar(
+            x=[r["name"] for r in rows], y=gap, name=label, hovertext=hover, hoverinfo="text",
+            marker_color=_model_color(i, label),
+            error_y=dict(type="data", symmetric=False,
+                         array=[None if h is None or g is None else h - g
+                                for g, h in zip(gap, hi)],
+                         arrayminus=[None if v is None or g is None else g - v
+                                     for g, v in zip(gap, lo)])))
+    fig.update_layout(
+        title=f"Per-class TPR gap ({models[0][1]['gap_definition']}) with 95% bootstrap "
+              "intervals: the reference and the feasible Pareto models, smallest first",
+        barmode="group", height=450, yaxis_title="TPR gap", title_font_size=13)
+    return fig
+
+
+def _share_figure(data: dict[str, Any]):  # noqa: ANN202
+    """De-Arteaga et al. 2019: each class's gap against the group's share of that class in the
+    training split, with Pearson's r per model."""
+    import plotly.graph_objects as go
+
+    models = [(label, rates) for label, rates in class_rate_models(data)
+              if (rates.get("training_share") or {}).get("points")]
+    if not models:
+        return None
+    fig = go.Figure()
+    for i, (label, rates) in enumerate(models):
+        view = rates["training_share"]
+        r, ci = view.get("r"), view.get("r_ci") or [None, None]
+        r_text = "n/a" if r is None else _fmt(r) + (
+            f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci[0] is not None else "")
+        pts = view["points"]
+        fig.add_trace(go.Scatter(
+            x=[p["share"] for p in pts], y=[p["gap"] for p in pts], mode="markers",
+            name=f"{label}: r = {r_text}", text=[p["name"] for p in pts],
+            hovertemplate="%{text}<br>share %{x:.3f}<br>gap %{y:.3f}",
+            marker=dict(color=_model_color(i, label), size=12 if label == "reference" else 8,
+                        symbol="star" if label == "reference" else "circle")))
+    group = models[0][1]["training_share"]["group"]
+    fig.update_layout(
+        title=f"Per-class TPR gap against the share of group {group} among the class's "
+              "training examples (De-Arteaga et al. 2019); r: Pearson over classes, "
+              "Fisher-z 95% interval",
+        xaxis_title=f"share of {group} in the class's training examples",
+        yaxis_title="TPR gap", height=450, title_font_size=13)
+    return fig
+
+
 def draw(data: dict[str, Any], audit: dict[str, Any] | None = None) -> str:
-    figs = [_matrix(data), _parcoords(data), _hv_figure(data), _disparity_figure(data)]
+    figs = [_matrix(data), _parcoords(data), _hv_figure(data), _disparity_figure(data),
+            _class_gap_figure(data), _share_figure(data)]
     figs = [f for f in figs if f is not None]
     config = {"displaylogo": False}  # the logo is a link to plotly.com
     parts = [f.to_html(include_plotlyjs=(i == 0), full_html=False, config=config)

@@ -168,6 +168,7 @@ class Session:
         self.data = load_task(cfg).with_mask_token(getattr(self.tokenizer, "mask_token", None))
         self.timings["load_data_s"] = time.perf_counter() - t
         self.recorded = check_objectives(cfg, self.data)
+        self.recorded = _readable_metrics(self, self.recorded)
         self.rungs = rungs_for(cfg)
         if cfg.search.latency_backend != "torch":
             from nas_fair.objectives.onnx_latency import check_backend
@@ -242,6 +243,9 @@ class Session:
             recovery_config=RecoveryConfig.from_search(self.cfg.search),
             extras={"eval_batch_size": self.cfg.search.eval_batch_size},
         )
+        keep = _objective_token_ids(self)
+        if keep:  # vocabulary trimming keeps them, as it keeps the gender-swap words
+            self.ctx.extras["keep_token_ids"] = keep
         val = self.data.validation
         if "val_ids" in self.tensors and val is not None and len(val):
             from nas_fair.postprocess import ValidationData
@@ -254,7 +258,7 @@ class Session:
         self.ref_pred = predictions(ref_logits)
         # The reference compared with itself: compression metrics are 0 by definition.
         self.ref_record = self._record(self.ref_pred, self._cf_pred(ref_logits, self.reference),
-                                       reference=self.ref_pred)
+                                       reference=self.ref_pred, probe=self._probe(self.reference))
 
     def fingerprint(self) -> str:
         m = self.cfg.model
@@ -380,12 +384,39 @@ class Session:
         return pred
 
     def _record(self, y_pred: np.ndarray, y_cf: np.ndarray | None,
-                reference: np.ndarray | None) -> EvalRecord:
+                reference: np.ndarray | None, probe: Any = None) -> EvalRecord:
         test = self.data.test
         return EvalRecord(
             y_true=test.labels, y_pred=y_pred, groups=test.groups, y_pred_cf=y_cf,
             y_pred_ref=reference, stereotype=test.stereotype, n_classes=self.data.num_labels,
+            probe=probe,
         )
+
+    def _probe(self, model: torch.nn.Module) -> Any:
+        """The encoder's embeddings of the WEAT sentences, when a recorded metric reads them
+        (objectives/association.py): one forward pass of a few dozen short sentences."""
+        from nas_fair.objectives import BIAS
+        from nas_fair.objectives.association import encoder_probe
+
+        if not any("encoder_probe" in BIAS[n].needs for n in self.recorded if n in BIAS):
+            return None
+        return encoder_probe(model, self.tokenizer, device=self.device,
+                             max_length=self.cfg.model.max_length)
+
+    def class_rates(self, record: EvalRecord) -> dict[str, Any] | None:
+        """Per-class TPR and count per group with intervals, and De-Arteaga et al.'s view against
+        the training split's group shares (objectives/class_rates.py); None without groups."""
+        from nas_fair.objectives.class_rates import class_rates, share_correlation
+
+        if record.groups is None:
+            return None
+        rates = class_rates(record.y_true, record.y_pred, sensitive_features=record.groups,
+                            n_classes=record.n_classes, class_names=self.data.label_names,
+                            n=self.cfg.search.bootstrap, seed=self.cfg.seed)
+        train = self.data.train
+        if train.groups is not None:
+            rates["training_share"] = share_correlation(rates, train.labels, train.groups)
+        return _jsonable(rates)
 
     def evaluate(self, model: torch.nn.Module) -> EvalRecord:
         """Test-split predictions, through the model's group-aware post-processing if it has
@@ -395,7 +426,8 @@ class Session:
         logits = predict_logits(model, self.tensors["test_ids"], self.tensors["test_mask"],
                                 batch_size=self.cfg.search.eval_batch_size, device=self.device)
         y_pred = predict(model, logits, self.data.test.groups)
-        return self._record(y_pred, self._cf_pred(logits, model), self.ref_pred)
+        return self._record(y_pred, self._cf_pred(logits, model), self.ref_pred,
+                            probe=self._probe(model))
 
     def latency(self, model: torch.nn.Module, *, reference_ms: float | None = None,
                 ) -> dict[str, Any]:
@@ -460,6 +492,7 @@ class Session:
         times["latency_s"] = time.perf_counter() - t
         t = time.perf_counter()
         (acc, acc_lo, acc_hi), bias, collapse = self.metrics(record, paired=paired)
+        rates = self.class_rates(record)
         times["metrics_s"] = time.perf_counter() - t
         size = model_size(model)
         primary = bias[self.cfg.objectives.bias]
@@ -473,6 +506,8 @@ class Session:
             "collapse": _jsonable(collapse),
             "timings": times,
         }
+        if rates is not None:
+            attrs["class_rates"] = rates
         if paired and record.groups is not None and record.y_pred_ref is not None:
             from nas_fair.objectives.compression import disparity_by_group
 
@@ -545,6 +580,23 @@ class Session:
         configs = off_configs(self.space)
         configs.update(configs_from_params(params))
         return compress(self.reference, configs, self.ctx)
+
+
+def _readable_metrics(session: Session, recorded: list[str]) -> list[str]:
+    """The recorded metrics less encoder-association tests whose words the tokenizer cannot
+    read (an error when such a test was asked for)."""
+    from nas_fair.objectives.association import check_vocabulary
+
+    o = session.cfg.objectives
+    return check_vocabulary(session.tokenizer, recorded, objective=o.bias, explicit=o.record)
+
+
+def _objective_token_ids(session: Session) -> list[int]:
+    """Token ids of the words the study's bias objective reads from the encoder (a WEAT test):
+    a vocabulary-trimmed model that read them all as [UNK] would score no association at all."""
+    from nas_fair.objectives.association import objective_token_ids
+
+    return objective_token_ids(session.tokenizer, session.cfg.objectives.bias)
 
 
 def _jsonable(obj: Any) -> Any:

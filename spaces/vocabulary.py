@@ -8,8 +8,9 @@ is kept as well:
 * 1.0: every row (off);
 * 0.0: only the tokens that occur in the training split's input ids (as the model sees them,
   after truncation; with the recovery's augmented data when a family replaced it), the
-  tokenizer's special tokens, the config's special ids and the words of the gender-swap list
-  (both sides, so counterfactual test texts lose no word their originals keep);
+  tokenizer's special tokens, the config's special ids, the words of the gender-swap list
+  (both sides, so counterfactual test texts lose no word their originals keep) and any ids in
+  ``ctx.extras["keep_token_ids"]`` (the words a WEAT bias objective reads from the encoder);
 * in between: that plus the given share of the other tokens the tokenizer can emit
   (:func:`reachable_ids`), lowest ids first. Id order stands in for frequency: BERT's WordPiece
   files list reserved ``[unusedN]`` entries (never emitted, so skipped) and single characters
@@ -155,6 +156,7 @@ def kept_token_ids(model: nn.Module, ctx: CompressionContext, others: float) -> 
     if ctx.tokenizer is not None:
         specials += list(getattr(ctx.tokenizer, "all_special_ids", []) or [])
         specials += swap_word_ids(ctx.tokenizer)
+    specials += list(ctx.extras.get("keep_token_ids", ()))  # e.g. the bias objective's words
     specials += [getattr(model.config, a, None) for a in CONFIG_TOKEN_IDS]
     for i in specials:
         if isinstance(i, int) and 0 <= i < n:

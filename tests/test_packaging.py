@@ -22,6 +22,7 @@ def test_wheel_installs_under_nas_fair_namespace(tmp_path: Path) -> None:
     assert tops == {"nas_fair", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1]
                     + ".dist-info"}
     assert "nas_fair/studies/bios.toml" in names
+    assert "nas_fair/objectives/weat_words.json" in names  # package data read at import
     assert "nas_fair/spaces/base.py" in names and "nas_fair/search/cli.py" in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",

@@ -29,6 +29,7 @@ from nas_fair.errors import UserError
 from nas_fair.search.report import (
     GROUPS,
     REFERENCE_STYLE,
+    class_rate_models,
     disparity_rows,
     report_data,
     write_report,
@@ -331,7 +332,8 @@ def test_report_page_is_self_contained(study, capsys) -> None:
     assert run_cli("report", *study["args"], "--out", str(out)) == 0
     page = out.read_text()
     assert page_resources(page) == []
-    assert page.count("Plotly.newPlot") == 4  # + the compression-disparity view
+    # + the compression-disparity view, the per-class gaps and the training-share scatter
+    assert page.count("Plotly.newPlot") == 6
     for t in study["trials"]:  # infeasible rows are marked in the table
         bad = [k for k, v in t.constraints.items() if v > 0]
         assert (f"<tr class='{'infeasible' if bad else ''}" in page) or not bad
@@ -600,7 +602,13 @@ def test_report_in_headless_chromium(study, tmp_path: Path) -> None:
     # the compression-disparity view: per group, two bars (right to wrong up, wrong to right
     # down) for each feasible front model, with the values the trials recorded
     rows = disparity_rows(report_data(study["study"], DIRS, NAMES))
-    assert rows and len(real_probe["plots"]) == 4 and len(probe["plots"]) == 3
+    # + the per-class gap bars and the training-share scatter (the real study has groups)
+    assert rows and len(real_probe["plots"]) == 6 and len(probe["plots"]) == 3
+    models = class_rate_models(report_data(study["study"], DIRS, NAMES))
+    gaps, share = real_probe["plots"][4], real_probe["plots"][5]
+    assert [name for name, _ in gaps["traces"]] == [label for label, _ in models]
+    assert gaps["ys"] == [[r["gap"] for r in rates["classes"]] for _, rates in models]
+    assert len(share["traces"]) == len(models) and share["points"] > 0
     bars = real_probe["plots"][3]
     groups = sorted(rows[0]["disparity"])
     assert bars["traces"] == [[f"{g}: {what}", len(rows)] for g in groups

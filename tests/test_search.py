@@ -184,7 +184,8 @@ def test_pareto_command(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
     assert run_cli("report", "--config", str(toml), "--run-dir", str(run_dir)) == 0
     page = (run_dir / "report.html").read_text()
     assert "<script src=" not in page  # plotly.js is embedded: the page opens offline
-    assert page.count("Plotly.newPlot") == 4  # + the compression-disparity view
+    # + the compression-disparity view, the per-class gaps and the training-share scatter
+    assert page.count("Plotly.newPlot") == 6
 
 
 def test_hypervolume_matches_hand_computation() -> None:
