@@ -206,7 +206,7 @@ def compress_recipe(
         check_out,
         clean_debris,
     )
-    from nas_fair.search.records import StudyRecord
+    from nas_fair.search.records import StudyRecord, TrialRecord
     from nas_fair.search.run import (
         ensure_writable_dir,
         make_run_dir,
@@ -244,20 +244,21 @@ def compress_recipe(
         if stored is not None:
             StudyRecord(reference=stored).write(study)
         reference = shared_reference(study, session)
-        trial = study.ask()
-        try:
-            values = session.run_trial(trial, reference)
-        except BaseException:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        study.tell(trial, values)
-        frozen = study.get_trials(deepcopy=False)[trial.number]
+        # One trial through optuna's loop; its error (not a "3 failed trials" summary) is the
+        # command's, and it is not retried: the same point would fail the same way.
+        study.optimize(lambda trial: session.run_trial(trial, reference), n_trials=1, catch=(),
+                       gc_after_trial=False, show_progress_bar=False)
+        frozen = study.get_trials(deepcopy=False)[0]
+        if frozen.state != optuna.trial.TrialState.COMPLETE:
+            raise UserError(f"the recipe's trial ended {frozen.state.name}: "
+                            f"{TrialRecord.from_trial(frozen).error or 'no result'}")
         out.parent.mkdir(parents=True, exist_ok=True)
         dest = _debris_path(out, "tmp")
         base = reproduce_base or Path.cwd()
-        # the folder's own recipe.json rebuilds it (the steps are in it)
+        # the folder's own recipe.json rebuilds it (the steps are in it), beside it
         again = ["nas-fair", "compress", *study_args, "--recipe",
-                 relative(out / RECIPE_FILE, base), "--out", relative(out, base)]
+                 relative(out / RECIPE_FILE, base), "--out",
+                 relative(out.with_name(f"{out.name}-rebuilt"), base)]
         try:
             _export_one(session, study, frozen, dest, out, onnx=onnx, study_args=study_args,
                         log=log, base=base, reproduce=again + ["--onnx"] * onnx)
