@@ -214,7 +214,7 @@ def compress_recipe(
         run_dir_for,
         shared_reference,
     )
-    from nas_fair.search.session import Session
+    from nas_fair.search.session import Session, predictions_digest
 
     clean_debris(out, log)
     check_out(out, force=force)
@@ -228,6 +228,7 @@ def compress_recipe(
     if not read_only_dir(folder):  # a shared, finished study is read as export reads it
         ensure_writable_dir(folder, what)
     _warn_differences(cfg, recipe, log)
+    stored = _stored_reference(cfg, storage, folder, log)
     # Validated: from here on the run folder and a temporary folder are written.
     threads = torch.get_num_threads()
     if cfg.search.threads:
@@ -240,8 +241,10 @@ def compress_recipe(
         # Artifacts of the one-point study go to the temporary folder, never the run folder.
         session.run_dir = tmp
         study = open_study(point, f"sqlite:///{tmp / 'study.db'}", create=True, budget=None)
-        stored = _stored_reference(cfg, storage, folder, session, log)
-        if stored is not None:
+        # the search's measurement of this very reference (same test predictions), if any:
+        # the ratios then share the search's denominator
+        if stored is not None and stored.get("predictions_sha256") == predictions_digest(
+                session.ref_pred):
             StudyRecord(reference=stored).write(study)
         reference = shared_reference(study, session)
         # One trial through optuna's loop; its error (not a "3 failed trials" summary) is the
@@ -272,33 +275,28 @@ def compress_recipe(
     return out
 
 
-def _stored_reference(cfg: StudyConfig, storage: str | None, folder: Path, session: Any,
+def _stored_reference(cfg: StudyConfig, storage: str | None, folder: Path,
                       log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The study's stored reference scores, when it has been run with this very reference
-    (same test predictions); None otherwise (the one-point study then scores it anew)."""
+    """The study's stored reference scores when it has been run (None otherwise); read before
+    anything is written, so a storage that cannot be opened is an error up front."""
     import optuna
 
     from nas_fair.io import read_only_dir
     from nas_fair.search.records import StudyRecord
     from nas_fair.search.run import open_study
-    from nas_fair.search.session import predictions_digest
     from nas_fair.search.storage import default_storage, make_storage
 
     if storage is None and not (folder / "study.db").is_file():
         return None
     url = storage or default_storage(folder.resolve(), read_only=read_only_dir(folder))
+    names = {s.study_name for s in optuna.get_all_study_summaries(
+        make_storage(url), include_best_trial=False)}
+    if cfg.name not in names:
+        return None
     try:
-        names = {s.study_name for s in optuna.get_all_study_summaries(
-            make_storage(url), include_best_trial=False)}
-        if cfg.name not in names:
-            return None
-        reference = StudyRecord.from_study(open_study(cfg, url, create=False,
-                                                      budget=None)).reference
-    except UserError as exc:
-        log(f"warning: the study's stored reference scores are not used ({exc}); scoring the "
-            "reference again")
+        opened = open_study(cfg, url, create=False, budget=None)
+    except UserError:  # the stored study was made from another definition of it
+        log(f"study {cfg.name!r} in the storage was made from another definition: its "
+            "reference scores are not reused (the reference is scored again)")
         return None
-    if reference is None or reference.get("predictions_sha256") != predictions_digest(
-            session.ref_pred):
-        return None
-    return reference
+    return StudyRecord.from_study(opened).reference

@@ -211,3 +211,13 @@ def test_force_replaces_and_a_new_run_folder_is_prepared(world: dict[str, Any]) 
     assert not (fresh / "artifacts").exists()
     shutil.rmtree(fresh)
     assert os.path.isdir(out)
+
+
+def test_unusable_storage_is_refused_before_work(world: dict[str, Any], capsys: Any) -> None:
+    out = world["tmp"] / "out-storage"
+    fresh = world["tmp"] / "fresh-storage-run"
+    assert compress(world, world["folder"] / "recipe.json", out, "--storage", "nosuchdb://x/y",
+                    run_dir=fresh) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot open storage" in err and "\n" not in err
+    assert not out.exists() and not fresh.exists()
