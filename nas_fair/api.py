@@ -498,14 +498,10 @@ def compress_checked(load_cfg: Callable[[], StudyConfig], recipe: Any, out: Path
                      storage: str | None, run_dir: str | None, steps: int | None, onnx: bool,
                      force: bool, study_args: list[str], reproduce_base: Path | None,
                      log: Callable[[str], None]) -> Path:
-    """``nas-fair compress``'s checks (the output folder, the recipe), then the compression."""
+    """``nas-fair compress``: the recipe is read and checked, then the study loaded; the
+    compression checks the output folder and the rest before it writes anything."""
     from nas_fair.search.compress import compress_recipe, read_recipe
-    from nas_fair.search.export import check_onnx_available, check_out, clean_debris
 
-    clean_debris(out, log)
-    check_out(out, force=force)
-    if onnx:
-        check_onnx_available()
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
         raise UserError(f"--steps must be a whole number, got {steps!r}")
     parsed = read_recipe(recipe)

@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "model folder")
     _add_study_args(c)
     c.add_argument("--recipe", required=True, metavar="FILE",
-                   help="recipe.json written by nas-fair export (or its folder), or a JSON object "
-                        "of flat parameters like {\"pruning.ffn\": 0.25}")
+                   help="a JSON file: the recipe.json nas-fair export wrote (or its folder), or "
+                        "one object of a trial's flat parameters like {\"pruning.ffn\": 0.25}")
     c.add_argument("--out", required=True, metavar="DIR",
                    help="the model folder to write (what export writes as DIR/trial-<n>)")
     c.add_argument("--steps", type=int, metavar="N",

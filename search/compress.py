@@ -166,6 +166,13 @@ def _warn_differences(cfg: StudyConfig, recipe: Recipe, log: Callable[[str], Non
                if k in search and search[k] != getattr(cfg.search, k)]
     if recipe.seed is not None and recipe.seed != cfg.seed:
         changed.append(f"seed {recipe.seed} -> {cfg.seed}")
+    import torch
+
+    # kernels differ with the thread count: the same recipe then differs in a few predictions
+    ran = (recipe.runtime or {}).get("threads")
+    now = cfg.search.threads or torch.get_num_threads()
+    if ran is not None and ran != now:
+        changed.append(f"torch threads {ran} -> {now}")
     if changed:
         log(f"warning: the recipe was measured in study {recipe.study!r} with other settings "
             f"({'; '.join(changed)}): its model recovers differently here")

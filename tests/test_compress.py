@@ -221,3 +221,18 @@ def test_unusable_storage_is_refused_before_work(world: dict[str, Any], capsys: 
     err = capsys.readouterr().err.strip()
     assert "cannot open storage" in err and "\n" not in err
     assert not out.exists() and not fresh.exists()
+
+
+def test_other_recovery_settings_are_a_warning(world: dict[str, Any], capsys: Any) -> None:
+    data = recipe(world["folder"])
+    data["study_config"]["search"]["recovery_lr"] = 0.5
+    data["runtime"]["threads"] = 7
+    path = world["tmp"] / "other-lr.json"
+    path.write_text(json.dumps(data))
+    out = world["tmp"] / "other-lr"
+    assert compress(world, path, out) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning: the recipe")]
+    assert len(warning) == 1 and "recovery_lr 0.5 -> 0.0001" in warning[0]
+    assert "torch threads 7 -> 1" in warning[0]
+    same_model(world["folder"], out)  # recovered with this study's settings, as before
