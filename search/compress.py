@@ -159,15 +159,15 @@ def one_point_config(cfg: StudyConfig, recipe: Recipe, steps: int | None) -> Stu
 
 
 def _warn_differences(cfg: StudyConfig, recipe: Recipe, log: Callable[[str], None]) -> None:
-    """Say when the recipe was measured under other recovery settings or seed."""
+    """Say when the recipe was measured under other recovery settings, seed or threads."""
+    import torch
+
     stored = recipe.study_config or {}
     search = stored.get("search") or {}
     changed = [f"[search] {k} {search[k]!r} -> {getattr(cfg.search, k)!r}" for k in RECOVERY_KEYS
                if k in search and search[k] != getattr(cfg.search, k)]
     if recipe.seed is not None and recipe.seed != cfg.seed:
         changed.append(f"seed {recipe.seed} -> {cfg.seed}")
-    import torch
-
     # kernels differ with the thread count: the same recipe then differs in a few predictions
     ran = (recipe.runtime or {}).get("threads")
     now = cfg.search.threads or torch.get_num_threads()
