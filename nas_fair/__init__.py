@@ -2,7 +2,7 @@
 
 The Python API (``nas_fair.api``, re-exported here) is the CLI's commands as functions that
 return objects: :func:`optimize` (``nas-fair search``), :func:`pareto`, :func:`export`,
-:func:`report` and :func:`load`.
+:func:`compress`, :func:`report` and :func:`load`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,21 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["FrontModel", "SearchResult", "__version__", "export", "load", "optimize", "pareto",
-           "report"]
+__all__ = ["FrontModel", "SearchResult", "__version__", "compress", "export", "load", "optimize",
+           "pareto", "report"]
 _API = frozenset(__all__) - {"__version__"}
 
 if TYPE_CHECKING:
-    from nas_fair.api import FrontModel, SearchResult, export, load, optimize, pareto, report
+    from nas_fair.api import (
+        FrontModel,
+        SearchResult,
+        compress,
+        export,
+        load,
+        optimize,
+        pareto,
+        report,
+    )
 
 
 def __getattr__(name: str) -> Any:

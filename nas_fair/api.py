@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
     from nas_fair.config import StudyConfig
 
-__all__ = ["FrontModel", "SearchResult", "export", "load", "optimize", "pareto", "report"]
+__all__ = ["FrontModel", "SearchResult", "compress", "export", "load", "optimize", "pareto",
+           "report"]
 
 logger = logging.getLogger("nas_fair")
 logger.addHandler(logging.NullHandler())  # a library stays silent unless logging is configured
@@ -491,6 +492,66 @@ def export(
                               study_args=study_args_for(args),
                               reproduce_base=reproduce_base(args), log=log)
     return [item.path for item in done]
+
+
+def compress_checked(load_cfg: Callable[[], StudyConfig], recipe: Any, out: Path, *,
+                     storage: str | None, run_dir: str | None, steps: int | None, onnx: bool,
+                     force: bool, study_args: list[str], reproduce_base: Path | None,
+                     log: Callable[[str], None]) -> Path:
+    """``nas-fair compress``: the recipe is read and checked, then the study loaded; the
+    compression checks the output folder and the rest before it writes anything."""
+    from nas_fair.search.compress import compress_recipe, read_recipe
+
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+        raise UserError(f"--steps must be a whole number, got {steps!r}")
+    parsed = read_recipe(recipe)
+    return compress_recipe(load_cfg(), parsed, out, run_dir=run_dir, storage=storage,
+                           steps=steps, onnx=onnx, force=force, study_args=study_args,
+                           reproduce_base=reproduce_base, log=log)
+
+
+def compress(
+    study: str | os.PathLike[str] | StudyConfig = "bios",
+    recipe: str | os.PathLike[str] | Mapping[str, Any] | Any = None,
+    *,
+    out: str | os.PathLike[str],
+    steps: int | None = None,
+    storage: str | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    onnx: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Apply ``recipe`` to the study's reference and write the model folder ``out``
+    (``nas-fair compress``); returns ``out``.
+
+    ``recipe``: a ``recipe.json`` path (or the exported folder holding one), its JSON object,
+    a ``nas_fair.search.recipe.Recipe``, or one trial's flat parameters
+    (``{"pruning.ffn": 0.25, ...}``). ``steps`` replaces the recipe's recovery steps. The
+    folder is what ``export`` writes for a trial (checked to predict the test split as
+    measured); a non-empty ``out`` is replaced only with ``force=True``. A recipe from another
+    nas-fair version, with unknown keys or families, or out of a family's range raises
+    ``UserError`` before anything is written. Quiet unless ``progress=True``.
+    """
+    from nas_fair.search.cli import reproduce_base, study_args_for
+
+    out_text = _text(out, "--out")
+    if out_text is None:
+        raise UserError("--out is required: the model folder to write")
+    if recipe is None:
+        raise UserError("--recipe is required: a recipe.json or one trial's parameters")
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = _text(recipe, "--recipe")
+    storage, folder_text = _text(storage, "--storage"), _text(run_dir, "--run-dir")
+    named = _Study(study)
+    args = SimpleNamespace(study=named.study, config=named.config, run_dir=folder_text,
+                           storage=storage)
+    log = (lambda msg: print(msg, file=sys.stderr)) if progress else _Messages()
+    with quiet_libraries():
+        return compress_checked(named.load, recipe, Path(out_text), storage=storage,
+                                run_dir=folder_text, steps=steps, onnx=bool(onnx),
+                                force=bool(force), study_args=study_args_for(args),
+                                reproduce_base=reproduce_base(args), log=log)
 
 
 def report_checked(cfg: StudyConfig, out: str | None, *, storage: str | None,

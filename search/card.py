@@ -129,7 +129,8 @@ def class_rate_lines(rates: dict[str, Any] | None) -> list[str]:
 
 def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], final: Path,
                study_args: Sequence[str], *, budget: int, onnx: bool = False,
-               base: Path | None = None, class_rates: dict[str, Any] | None = None) -> str:
+               base: Path | None = None, class_rates: dict[str, Any] | None = None,
+               reproduce: Sequence[str] | None = None) -> str:
     """Hugging Face style card: YAML front matter, then what was done, measured, and how to
     load and reproduce it. ``budget``: completed trials the study needed to reach this one.
     Paths are relative (to ``base`` for the reproduce commands): a card is meant to be shared."""
@@ -296,7 +297,14 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
               relative(final.parent, reproduce_base)]
     if onnx:
         export.append("--onnx")
-    lines += [
+    # nas-fair compress passes its own command: it re-applies recipe.json
+    again = None if reproduce is None else [
+        "", "## Reproduce", "", "```bash", shlex.join(reproduce), "```", "",
+        "Run it from the folder holding the study file (paths are relative to it): it applies "
+        "`recipe.json` to the study's reference again (compression and recovery run again, "
+        "deterministic for a thread count) and writes nothing unless the result predicts the "
+        "test split as it measured."]
+    lines += (again if again is not None else [
         "", "## Reproduce", "",
         "```bash",
         shlex.join(search),
@@ -309,7 +317,7 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
         "writes nothing unless the result predicts the test split exactly as recorded (same "
         "sha256). `recipe.json` holds the same recipe. A fresh search follows the study's seed, "
         "but NSGA-II's later generations depend on measured latencies, so it may sample other "
-        "recipes than this study did.",
+        "recipes than this study did."]) + [
         "", "## Files", "",
         "- `model.safetensors`, `config.json`, `structure.json`, `nas_fair.json`: the model "
         "(load with `nas_fair.load`)",

@@ -129,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace DIR if it is not empty")
     e.add_argument("--onnx", action="store_true",
                    help="also write model.onnx (int8 where the recipe quantizes linears to 8 bits)")
+
+    c = sub.add_parser("compress", help="apply a recipe (an export's recipe.json, or one trial's "
+                                        "parameters) to the study's reference and export the "
+                                        "model folder")
+    _add_study_args(c)
+    c.add_argument("--recipe", required=True, metavar="FILE",
+                   help="a JSON file: the recipe.json nas-fair export wrote (or its folder), or "
+                        "one object of a trial's flat parameters like {\"pruning.ffn\": 0.25}")
+    c.add_argument("--out", required=True, metavar="DIR",
+                   help="the model folder to write (what export writes as DIR/trial-<n>)")
+    c.add_argument("--steps", type=int, metavar="N",
+                   help="recovery (distillation) steps instead of the recipe's")
+    c.add_argument("--force", action="store_true", help="replace DIR if it is not empty")
+    c.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (int8 where the recipe quantizes linears to 8 bits)")
     return parser
 
 
@@ -197,6 +212,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from nas_fair.api import compress_checked
+
+    done = compress_checked(lambda: load_config(args), args.recipe, Path(args.out),
+                            storage=args.storage, run_dir=args.run_dir, steps=args.steps,
+                            onnx=args.onnx, force=args.force, study_args=study_args_for(args),
+                            reproduce_base=reproduce_base(args),
+                            log=lambda msg: print(msg, file=sys.stderr))
+    print(done)
+    return 0
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """parse_args, with a "did you mean" for a mistyped option of the subcommand."""
     from nas_fair.errors import did_you_mean
@@ -224,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with quiet_libraries():
             check_not_empty(vars(args))
             return {"search": cmd_search, "pareto": cmd_pareto, "report": cmd_report,
-                    "importance": cmd_importance, "export": cmd_export}[args.command](args)
+                    "importance": cmd_importance, "export": cmd_export,
+                    "compress": cmd_compress}[args.command](args)
     except UserError as exc:
         print(f"nas-fair: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -229,7 +229,9 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final: Path, *,
                 onnx: bool, study_args: Sequence[str], log: Callable[[str], None],
-                base: Path) -> str:
+                base: Path, reproduce: Sequence[str] | None = None) -> str:
+    """``reproduce``: the command that rebuilds the model, for the card (default: search +
+    export of this trial; nas-fair compress passes its own)."""
     import torch
 
     from nas_fair import postprocess
@@ -289,7 +291,7 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
                  if t.number <= trial.number)
     (dest / CARD_FILE).write_text(model_card(session, metrics, recipe.to_dict(), final, study_args,
                                              budget=budget, onnx=onnx, base=base,
-                                             class_rates=rates))
+                                             class_rates=rates, reproduce=reproduce))
     how = "copied the search's saved model" if source == "artifact" else "rebuilt from its recipe"
     log(f"trial {trial.number}: {how}; reloaded, its test predictions match the search's "
         f"record (sha256 {digest[:12]})")

@@ -283,6 +283,10 @@ def base_argv(command: str, toml: Path, run_dir: Path, tmp: Path) -> list[str]:
         argv += ["--trials", "0", "--out", str(tmp / "export-out")]
     if command == "report":
         argv += ["--out", str(tmp / "report.html")]
+    if command == "compress":
+        recipe = tmp / "flat-recipe.json"
+        recipe.write_text('{"quantization.ffn_bits": 8}')
+        argv += ["--recipe", str(recipe), "--out", str(tmp / "compress-out")]
     return argv
 
 
@@ -320,6 +324,7 @@ BAD_OPTIONS: dict[str, list[str]] = {
     "--min-accuracy": ["x", "-0.1", "1.5", "nan"],
     "--sort": ["nope"],
     "--trials": ["x", "-1", "99"],
+    "--steps": ["x", "1.5", "-1"],
     "--study": ["no-such-study"],
 }
 
