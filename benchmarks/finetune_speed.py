@@ -6,13 +6,16 @@ variant (``[model] finetune_precision`` x ``finetune_batches``) fine-tunes a cop
 start for ``--steps`` steps on the same rows, one variant after the other, ``--rounds`` times
 (A B C D A B C D ...). On a shared machine only the ratios within a round mean anything: the
 table gives, per variant, the median over rounds of its time / the fp32 random-batch time of
-the same round, and the spread of those ratios.
+the same round, the spread of those ratios, and the same ratio of this process's CPU time
+(less moved by waiting for the cores). The timed rows are one random sample of the training
+set, the same for every variant; the mean batch width over a whole epoch of each batching is
+printed first.
 
 With ``--full`` the study's reference is then fine-tuned in full with the study's settings
 (``new``) and/or with the fine-tune of before (``old``: fp32, random batches) in its own run
 folder, and scored as ``nas-fair search`` scores it (test macro-F1 and TPR gap, bootstrap).
 
-    python benchmarks/finetune_speed.py [--steps 8] [--rounds 3] [--full new,old]
+    python benchmarks/finetune_speed.py [--steps 6] [--rounds 6] [--full new,old]
 
 Writes benchmarks/results/finetune_speed.json (``--out`` to change).
 """
@@ -60,16 +63,21 @@ def widths(lengths: Any, batch_size: int, seed: int) -> dict[str, float]:
 
 
 def seconds_per_step(start: Any, ids: Any, mask: Any, labels: Any, cfg: Any,
-                     variant: tuple[str, str], seed: int) -> float:
+                     variant: tuple[str, str], seed: int) -> tuple[float, float, float]:
+    """Wall and CPU (this process) seconds per step, and the mean padded batch width."""
     from nas_fair.modeling import finetune
 
     model_cfg = dataclasses.replace(cfg.model, epochs=1.0, finetune_precision=variant[0],
                                     finetune_batches=variant[1])
     steps = len(ids) // model_cfg.batch_size
     model = copy.deepcopy(start)
-    t = time.perf_counter()
+    seen: list[int] = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    t, c = time.perf_counter(), time.process_time()
     finetune(model, ids, mask, labels, model_cfg, seed=seed, quiet=True)
-    return (time.perf_counter() - t) / steps
+    return ((time.perf_counter() - t) / steps, (time.process_time() - c) / steps,
+            statistics.fmean(seen))
 
 
 def full_run(cfg: Any, folder: Path, threads: int, overrides: dict[str, str]) -> dict[str, Any]:
@@ -90,8 +98,8 @@ def full_run(cfg: Any, folder: Path, threads: int, overrides: dict[str, str]) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_args(ap)
-    ap.add_argument("--steps", type=int, default=8, help="fine-tuning steps per measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds over the variants")
+    ap.add_argument("--steps", type=int, default=6, help="fine-tuning steps per measurement")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds over the variants")
     ap.add_argument("--full", default="", help="full fine-tunes to run after: new, old or both")
     ap.add_argument("--out", default=str(RESULTS / "finetune_speed.json"))
     args = ap.parse_args()
@@ -133,22 +141,34 @@ def main() -> None:
     for v in VARIANTS:  # warm-up (kernel selection, first allocations), not kept
         seconds_per_step(start, *(t[: cfg.model.batch_size] for t in sub), cfg, v, cfg.seed)
     times: dict[str, list[float]] = {name(v): [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {name(v): [] for v in VARIANTS}
+    used: dict[str, float] = {}
     for r in range(args.rounds):
         for v in VARIANTS:
-            times[name(v)].append(seconds_per_step(start, *sub, cfg, v, cfg.seed))
-            print(f"round {r + 1}, {name(v)}: {times[name(v)][-1]:.3f} s/step", flush=True)
-    base = times[name(VARIANTS[0])]
-    ratios = {k: [b / t for b, t in zip(base, ts)] for k, ts in times.items()}
-    rows_out = [[k, statistics.median(times[k]), statistics.median(ratios[k]), min(ratios[k]),
-                 max(ratios[k])] for k in times]
-    print(table(rows_out, ["variant", "s per step (median)", "speed-up vs fp32 random (median)",
-                           "min", "max"]))
+            wall, cpu_s, used[name(v)] = seconds_per_step(start, *sub, cfg, v, cfg.seed)
+            times[name(v)].append(wall)
+            cpu[name(v)].append(cpu_s)
+            print(f"round {r + 1}, {name(v)}: {wall:.3f} s/step ({cpu_s:.3f} CPU s)", flush=True)
+
+    def over_base(per: dict[str, list[float]]) -> dict[str, list[float]]:
+        base = per[name(VARIANTS[0])]
+        return {k: [b / t for b, t in zip(base, ts)] for k, ts in per.items()}
+
+    ratios, cpu_ratios = over_base(times), over_base(cpu)
+    rows_out = [[k, used[k], statistics.median(times[k]), statistics.median(ratios[k]),
+                 min(ratios[k]), max(ratios[k]), statistics.median(cpu_ratios[k])]
+                for k in times]
+    print(table(rows_out, ["variant", "batch width", "s per step (median)",
+                           "speed-up vs fp32 random (median)", "min", "max",
+                           "CPU-time speed-up (median)"]))
     results: dict[str, Any] = {
         "study": cfg.name, "steps": args.steps, "rounds": args.rounds, "threads": args.threads,
         "bf16_native": bf16_native(torch.device("cpu")), "rows": len(ids),
         "tokens_per_row": {"mean": float(lengths.float().mean()), **{f"p{q}": v for q, v in
                                                                      quantiles.items()}},
-        "mean_batch_width": width, "seconds_per_step": times, "speedup_vs_fp32_random": ratios,
+        "mean_batch_width": width, "timed_batch_width": used, "seconds_per_step": times,
+        "cpu_seconds_per_step": cpu, "speedup_vs_fp32_random": ratios,
+        "cpu_speedup_vs_fp32_random": cpu_ratios,
     }
     results["full"] = runs = {}
     write_json(Path(args.out), results)  # again after each full run (each takes minutes)

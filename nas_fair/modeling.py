@@ -465,7 +465,6 @@ def _finetune(
     by_length = cfg.finetune_batches == "by_length"
     model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
-    lengths = row_lengths(mask)
     # Bucketed epochs hold full batches only (length_bucketed_batches drops the remainder).
     steps_per_epoch = (max(1, len(ids) // min(cfg.batch_size, len(ids))) if by_length
                        else math.ceil(len(ids) / cfg.batch_size))
@@ -480,7 +479,7 @@ def _finetune(
     step = 0
     while step < total:
         if by_length:
-            epoch = length_bucketed_batches(lengths, cfg.batch_size, gen)
+            epoch = length_bucketed_batches(row_lengths(mask), cfg.batch_size, gen)
         else:
             perm = torch.randperm(len(ids), generator=gen)
             epoch = list(perm.split(cfg.batch_size))
