@@ -92,20 +92,23 @@ def full_run(cfg: Any, folder: Path, threads: int, overrides: dict[str, str]) ->
             "finetune_batches": cfg.model.finetune_batches,
             "resolved_precision": info.get("finetune_precision"),
             "cached": bool(info.get("cached")), "finetune_s": info.get("finetune_s"),
-            "accuracy": ref["accuracy"], "bias": ref["bias"], "values": ref["values"]}
+            # values = (size, latency, accuracy, bias): ref's attrs hold an "accuracy" table too
+            "accuracy": ref["values"][2], "bias": ref["values"][3], "values": ref["values"],
+            "bias_ci": ref.get("bias_ci")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_args(ap)
     ap.add_argument("--steps", type=int, default=6, help="fine-tuning steps per measurement")
-    ap.add_argument("--rounds", type=int, default=6, help="rounds over the variants")
+    ap.add_argument("--rounds", type=int, default=6,
+                    help="rounds over the variants (0: only --full, kept beside --out's timings)")
     ap.add_argument("--full", default="", help="full fine-tunes to run after: new, old or both")
     ap.add_argument("--out", default=str(RESULTS / "finetune_speed.json"))
     args = ap.parse_args()
     full = [f for f in args.full.split(",") if f]
-    if args.steps < 1 or args.rounds < 1 or not set(full) <= {"new", "old"}:
-        raise SystemExit(f"--steps and --rounds must be >= 1 and --full a subset of new,old, got "
+    if args.steps < 1 or args.rounds < 0 or not set(full) <= {"new", "old"}:
+        raise SystemExit(f"--steps must be >= 1, --rounds >= 0 and --full a subset of new,old, got "
                          f"{args.steps}, {args.rounds}, {args.full!r}")
 
     import tempfile
@@ -135,6 +138,11 @@ def main() -> None:
           flush=True)
     start, _ = load_for_task(session.model_path, cfg.model, session.data.label_names,
                              seed=cfg.seed)
+    if args.rounds == 0 and Path(args.out).is_file():
+        import json
+
+        results = json.loads(Path(args.out).read_text())
+        return run_full(args, cfg, full, results)
     rows = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed))
     rows = rows[: args.steps * cfg.model.batch_size]
     sub = (ids[rows], mask[rows], labels[rows])
@@ -170,7 +178,11 @@ def main() -> None:
         "cpu_seconds_per_step": cpu, "speedup_vs_fp32_random": ratios,
         "cpu_speedup_vs_fp32_random": cpu_ratios,
     }
-    results["full"] = runs = {}
+    run_full(args, cfg, full, results)
+
+
+def run_full(args: argparse.Namespace, cfg: Any, full: list[str], results: dict[str, Any]) -> None:
+    runs = results.setdefault("full", {})
     write_json(Path(args.out), results)  # again after each full run (each takes minutes)
     folder = run_dir(args, cfg)
     for which in full:
