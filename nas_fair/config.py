@@ -28,6 +28,7 @@ FINETUNE = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")
 LATENCY_BACKENDS = ("torch", "onnxruntime")  # objectives/onnx_latency.py checks it is installed
+FINETUNE_BATCHES = ("random", "by_length")
 MAX_THREADS = 1024  # torch threads per worker; more is a typo (and would spawn that many)
 # Training steps (recovery, a family's own pass): more is a typo that would run for weeks.
 MAX_STEPS = 1_000_000
@@ -113,10 +114,22 @@ class ModelConfig:
     learning_rate: float = 5e-5
     batch_size: int = 32
     trust_remote_code: bool = False
+    # Arithmetic of the reference fine-tune's forward passes, as [search] recovery_precision:
+    # "bf16" autocasts them to bfloat16 (weights, optimizer and loss stay fp32), "auto" only
+    # where the hardware has bfloat16 instructions. "fp32" is the fine-tune of before.
+    finetune_precision: str = "fp32"
+    # "by_length": each epoch's batches group rows of similar length (as recovery's do) so
+    # trimming a batch to its longest row cuts most padding; "random": plain shuffled batches
+    # (the fine-tune of before). Either way every batch is trimmed to its longest row.
+    finetune_batches: str = "random"
 
     def validate(self) -> None:
         if self.finetune not in FINETUNE:
             raise one_of("[model] finetune", self.finetune, FINETUNE)
+        if self.finetune_precision not in PRECISIONS:
+            raise one_of("[model] finetune_precision", self.finetune_precision, PRECISIONS)
+        if self.finetune_batches not in FINETUNE_BATCHES:
+            raise one_of("[model] finetune_batches", self.finetune_batches, FINETUNE_BATCHES)
         check_limits(self, "model.")
 
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas_fair.config import BUNDLED_MODEL, ModelConfig
-from nas_fair.errors import UserError
+from nas_fair.config import BUNDLED_MODEL, PRECISIONS, ModelConfig
+from nas_fair.errors import UserError, one_of
 
 # Model names [model] path may give instead of a folder: name -> (module, function returning
 # the checkpoint folder). Only these modules are ever imported for a name; anything else must be
@@ -413,12 +413,43 @@ def predict_logits(
     return out
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run on native instructions here (not emulated, which is slower
+    than fp32): CUDA's own check; on x86 Linux the CPU's avx512_bf16 or amx_bf16 flag."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device | str, *,
+                      what: str = "precision") -> str:
+    """"fp32" or "bf16" for ``precision`` in ("fp32", "bf16", "auto") on ``device`` (shared by
+    recovery and the reference fine-tune; ``what`` names the setting in the error)."""
+    if precision not in PRECISIONS:
+        raise one_of(what, precision, PRECISIONS)
+    device = torch.device(device)
+    if precision == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    return precision
+
+
 def finetune(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
     cfg: ModelConfig, *, seed: int, device: torch.device | str = "cpu", quiet: bool = False,
 ) -> nn.Module:
     """Plain cross-entropy fine-tuning with AdamW and linear decay; deterministic given the seed
-    (dropout draws from ``seed``; the global random state is left as it was)."""
+    (dropout draws from ``seed``; the global random state is left as it was).
+
+    ``cfg.finetune_precision`` ("bf16", or "auto" where :func:`bf16_native`) runs the forward
+    passes under bfloat16 autocast; ``cfg.finetune_batches = "by_length"`` draws each epoch's
+    batches from rows of similar length. Each batch is trimmed to its longest row."""
     with seeded(seed):
         return _finetune(model, ids, mask, labels, cfg, seed=seed, device=device, quiet=quiet)
 
@@ -427,9 +458,17 @@ def _finetune(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
     cfg: ModelConfig, *, seed: int, device: torch.device | str, quiet: bool,
 ) -> nn.Module:
+    from nas_fair.encoder import length_bucketed_batches, row_lengths
+
+    device = torch.device(device)
+    bf16 = resolve_precision(cfg.finetune_precision, device,
+                             what="[model] finetune_precision") == "bf16"
+    by_length = cfg.finetune_batches == "by_length"
     model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(ids) / cfg.batch_size)
+    # Bucketed epochs hold full batches only (length_bucketed_batches drops the remainder).
+    steps_per_epoch = (max(1, len(ids) // min(cfg.batch_size, len(ids))) if by_length
+                       else math.ceil(len(ids) / cfg.batch_size))
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
     warmup = max(1, total // 10)
@@ -440,14 +479,18 @@ def _finetune(
                file=sys.stderr, dynamic_ncols=True)
     step = 0
     while step < total:
-        perm = torch.randperm(len(ids), generator=gen)
-        for start in range(0, len(ids), cfg.batch_size):
+        if by_length:
+            epoch = length_bucketed_batches(row_lengths(mask), cfg.batch_size, gen)
+        else:
+            perm = torch.randperm(len(ids), generator=gen)
+            epoch = list(perm.split(cfg.batch_size))
+        for idx in epoch:
             if step >= total:
                 break
-            idx = perm[start : start + cfg.batch_size]
             b_ids, b_mask = _trim(ids[idx], mask[idx])
-            out = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device))
-            loss = nn.functional.cross_entropy(out.logits, labels[idx].to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(input_ids=b_ids.to(device), attention_mask=b_mask.to(device))
+            loss = nn.functional.cross_entropy(out.logits.float(), labels[idx].to(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nas_fair.config import FINETUNE, LIMITS, MAX_NAME, PRECISIONS, SAMPLERS
+from nas_fair.config import FINETUNE, FINETUNE_BATCHES, LIMITS, MAX_NAME, PRECISIONS, SAMPLERS
 
 
 def markdown() -> str:
@@ -22,7 +22,10 @@ def markdown() -> str:
            "outside them is refused in one line (exit 2) before anything is trained or written.",
            "", "## Study file", "",
            f"- `name`: ASCII letters, digits, `-`, `_`, `.`; at most {MAX_NAME} characters.",
-           f"- `[model] finetune`: one of {', '.join(FINETUNE)}; `[search] sampler`: one of "
+           f"- `[model] finetune`: one of {', '.join(FINETUNE)}; `[model] finetune_precision`: "
+           f"one of {', '.join(PRECISIONS)}; `[model] finetune_batches`: one of "
+           f"{', '.join(FINETUNE_BATCHES)}.",
+           f"- `[search] sampler`: one of "
            f"{', '.join(SAMPLERS)}; `[search] recovery_precision`: one of "
            f"{', '.join(PRECISIONS)}.",
            "- Every number must be finite; `[search] population_size` is 0 (sized from the "

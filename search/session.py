@@ -36,6 +36,7 @@ from nas_fair.modeling import (
     predict_logits,
     predictions,
     resolve_model_path,
+    resolve_precision,
     tokenize,
 )
 from nas_fair.objectives import ACCURACY, EvalRecord
@@ -66,6 +67,13 @@ ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_d
                                        "allow_group_postprocessing": True, "fidelity_steps": [],
                                        "fidelity_eta": 3, "fidelity_rank_bias": True,
                                        "latency_backend": "torch"}
+ADDED_MODEL_FIELDS: dict[str, Any] = {"finetune_precision": "fp32", "finetune_batches": "random"}
+
+
+def drop_added(section: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """``section`` without the fields added after studies existed that are at the value which
+    behaves as before: hashed, it is what a definition from before the fields hashed to."""
+    return {k: v for k, v in section.items() if k not in added or v != added[k]}
 
 
 def search_fingerprint(cfg: StudyConfig) -> str:
@@ -76,9 +84,8 @@ def search_fingerprint(cfg: StudyConfig) -> str:
         d["search"].pop(k, None)
     # Fields added after studies existed: at the value that behaves as before, they leave the
     # fingerprint as it was, so those studies still resume.
-    for k, old in ADDED_SEARCH_FIELDS.items():
-        if d["search"].get(k) == old:
-            d["search"].pop(k)
+    d["search"] = drop_added(d["search"], ADDED_SEARCH_FIELDS)
+    d["model"] = drop_added(d["model"], ADDED_MODEL_FIELDS)
     # Limits only decide feasibility, which each trial stores with its named constraints;
     # changing them on resume (CLI flags) must not lock pareto/report/export out of the study.
     for k in ("max_bias_increase", "min_accuracy"):
@@ -262,8 +269,9 @@ class Session:
 
     def fingerprint(self) -> str:
         m = self.cfg.model
-        return _hash([str(self.model_path), asdict(m), self.data.fingerprint(), self.cfg.seed,
-                      __version__])
+        # The fine-tune's settings key the cached reference: another recipe, another model.
+        return _hash([str(self.model_path), drop_added(asdict(m), ADDED_MODEL_FIELDS),
+                      self.data.fingerprint(), self.cfg.seed, __version__])
 
     def _reference_model(self) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
@@ -305,6 +313,9 @@ class Session:
                              seed=self.cfg.seed, device=self.device, quiet=self.quiet)
         info = {"fingerprint": fp, "source": str(self.model_path), "finetuned": bool(do_ft),
                 "finetune_s": round(time.perf_counter() - t, 1), "nas_fair": __version__}
+        if do_ft and self.cfg.model.epochs > 0:  # what "auto" became on this machine
+            info["finetune_precision"] = resolve_precision(
+                self.cfg.model.finetune_precision, self.device, what="[model] finetune_precision")
         tmp = temp_dir_beside(ref_dir)  # unique name: concurrent writers, planted symlinks
         try:
             model.save_pretrained(tmp)

@@ -51,10 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas_fair.config import PRECISIONS
 from nas_fair.encoder import length_bucketed_batches, row_lengths
-from nas_fair.errors import UserError, one_of
-from nas_fair.modeling import fast_dropout, first_token_only
+from nas_fair.errors import UserError
+from nas_fair.modeling import (  # noqa: F401 - bf16_native: its home was here
+    bf16_native,
+    fast_dropout,
+    first_token_only,
+    resolve_precision,
+)
 from nas_fair.spaces.base import (
     CompressionContext,
     RecoveryConfig,
@@ -206,7 +210,7 @@ def recover(
         else None
     )
     device = next(model.parameters()).device
-    bf16 = resolve_precision(precision, device) == "bf16"
+    bf16 = resolve_precision(precision, device, what="recovery precision") == "bf16"
 
     def amp() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -377,30 +381,6 @@ def attention_kernels(device: torch.device, *, dropout: bool) -> contextlib.Abst
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls run on native instructions here (not emulated, which is slower
-    than fp32): CUDA's own check; on x86 Linux the CPU's avx512_bf16 or amx_bf16 flag."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"fp32" or "bf16" for ``precision`` in ("fp32", "bf16", "auto") on ``device``."""
-    if precision not in PRECISIONS:
-        raise one_of("recovery precision", precision, PRECISIONS)
-    if precision == "auto":
-        return "bf16" if bf16_native(device) else "fp32"
-    return precision
 
 
 def log_recovery(model: nn.Module, entry: dict[str, Any]) -> nn.Module:

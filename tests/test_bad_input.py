@@ -143,6 +143,8 @@ STR_OUT_OF_RANGE: dict[str, list[str]] = {
     "description": [],
     "model.path": ["no/such/checkpoint"],
     "model.finetune": ["sometimes", "AUTO"],
+    "model.finetune_precision": ["fp16", "BF16"],
+    "model.finetune_batches": ["sorted", "BY_LENGTH"],
     "data.source": ["bug-bois", ""],
     "data.train": ["missing.csv", "data.txt"],
     "data.validation": ["missing.csv"],

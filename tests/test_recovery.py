@@ -220,7 +220,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_bf16_recovery_is_mixed_precision_deterministic_and_logged(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from nas_fair.spaces import recovery
+    from nas_fair import modeling
 
     ctx = varied_context(tiny_model("bert"))
     start = tiny_model("bert").state_dict()
@@ -245,10 +245,10 @@ def test_bf16_recovery_is_mixed_precision_deterministic_and_logged(
     assert bf16_log["losses"][-1] == pytest.approx(fp32_log["losses"][-1], rel=0.1)
     assert bf16_log["losses"][-1] < 0.9 * bf16_log["losses"][0]
     # "auto" follows the hardware check; the study's setting (ctx.recovery_config) is the default.
-    monkeypatch.setattr(recovery, "bf16_native", lambda device: False)
+    monkeypatch.setattr(modeling, "bf16_native", lambda device: False)
     auto, auto_log = run(precision="auto")
     assert auto_log["precision"] == "fp32" and all(torch.equal(v, fp32[k]) for k, v in auto.items())
-    monkeypatch.setattr(recovery, "bf16_native", lambda device: True)
+    monkeypatch.setattr(modeling, "bf16_native", lambda device: True)
     ctx.recovery_config = replace(ctx.recovery_config, precision="auto")
     auto, auto_log = run()
     assert auto_log["precision"] == "bf16" and all(torch.equal(v, bf16[k]) for k, v in auto.items())
