@@ -265,7 +265,8 @@ class Session:
         self.ref_pred = predictions(ref_logits)
         # The reference compared with itself: compression metrics are 0 by definition.
         self.ref_record = self._record(self.ref_pred, self._cf_pred(ref_logits, self.reference),
-                                       reference=self.ref_pred, probe=self._probe(self.reference))
+                                       reference=self.ref_pred,
+                                       probe=self._probe(self.reference, self.recorded))
 
     def fingerprint(self) -> str:
         m = self.cfg.model
@@ -403,13 +404,13 @@ class Session:
             probe=probe,
         )
 
-    def _probe(self, model: torch.nn.Module) -> Any:
-        """The encoder's embeddings of the WEAT sentences, when a recorded metric reads them
+    def _probe(self, model: torch.nn.Module, metrics: list[str]) -> Any:
+        """The encoder's embeddings of the WEAT sentences, when one of ``metrics`` reads them
         (objectives/association.py): one forward pass of a few dozen short sentences."""
         from nas_fair.objectives import BIAS
         from nas_fair.objectives.association import encoder_probe
 
-        if not any("encoder_probe" in BIAS[n].needs for n in self.recorded if n in BIAS):
+        if not any("encoder_probe" in BIAS[n].needs for n in metrics if n in BIAS):
             return None
         return encoder_probe(model, self.tokenizer, device=self.device,
                              max_length=self.cfg.model.max_length)
@@ -429,16 +430,22 @@ class Session:
             rates["training_share"] = share_correlation(rates, train.labels, train.groups)
         return _jsonable(rates)
 
-    def evaluate(self, model: torch.nn.Module) -> EvalRecord:
+    def evaluate(self, model: torch.nn.Module, *, full: bool = True) -> EvalRecord:
         """Test-split predictions, through the model's group-aware post-processing if it has
-        any (which is why the test groups are passed: they must be known at prediction time)."""
+        any (which is why the test groups are passed: they must be known at prediction time).
+        ``full=False`` (a provisional rung) embeds the WEAT sentences only for the objective."""
         from nas_fair.postprocess import predict
 
         logits = predict_logits(model, self.tensors["test_ids"], self.tensors["test_mask"],
                                 batch_size=self.cfg.search.eval_batch_size, device=self.device)
         y_pred = predict(model, logits, self.data.test.groups)
         return self._record(y_pred, self._cf_pred(logits, model), self.ref_pred,
-                            probe=self._probe(model))
+                            probe=self._probe(model, self.scored(full)))
+
+    def scored(self, full: bool) -> list[str]:
+        """The bias metrics a trial records: all of them, or (``full=False``: a lower rung of a
+        multi-fidelity study, whose scores only rank candidates for promotion) the objective."""
+        return self.recorded if full else [self.cfg.objectives.bias]
 
     def latency(self, model: torch.nn.Module, *, reference_ms: float | None = None,
                 ) -> dict[str, Any]:
@@ -492,9 +499,11 @@ class Session:
 
     def score(self, model: torch.nn.Module, record: EvalRecord, *, paired: bool,
               reference_ms: float | None = None, latency: dict[str, Any] | None = None,
-              ) -> Scores:
+              full: bool = True) -> Scores:
         """Size, latency, accuracy and every recorded bias metric (with intervals) of one model;
-        ``latency`` is a record measured before on a model of the same architecture."""
+        ``latency`` is a record measured before on a model of the same architecture.
+        ``full=False`` (a provisional rung) scores the objectives and constraints only: the
+        audit's views (other bias metrics, class rates, who changed) are for final results."""
         from nas_fair.objectives.size import model_size
 
         times: dict[str, float] = {}
@@ -502,8 +511,9 @@ class Session:
         lat = latency if latency is not None else self.latency(model, reference_ms=reference_ms)
         times["latency_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        (acc, acc_lo, acc_hi), bias, collapse = self.metrics(record, paired=paired)
-        rates = self.class_rates(record)
+        (acc, acc_lo, acc_hi), bias, collapse = self.metrics(record, paired=paired,
+                                                             metrics=self.scored(full))
+        rates = self.class_rates(record) if full else None
         times["metrics_s"] = time.perf_counter() - t
         size = model_size(model)
         primary = bias[self.cfg.objectives.bias]
@@ -519,7 +529,7 @@ class Session:
         }
         if rates is not None:
             attrs["class_rates"] = rates
-        if paired and record.groups is not None and record.y_pred_ref is not None:
+        if full and paired and record.groups is not None and record.y_pred_ref is not None:
             from nas_fair.objectives.compression import disparity_by_group
 
             attrs["disparity"] = _jsonable(disparity_by_group(record))
@@ -535,9 +545,10 @@ class Session:
         return Scores(size["bytes"] / 1e6, float(lat["median_ms"]), float(acc),
                       bias_objective(self.cfg, float(primary["value"])), attrs)
 
-    def metrics(self, record: EvalRecord, *, paired: bool,
+    def metrics(self, record: EvalRecord, *, paired: bool, metrics: list[str] | None = None,
                 ) -> tuple[tuple[float, float, float], dict[str, dict[str, Any]], dict[str, Any]]:
-        """Accuracy with its interval, every recorded bias metric, and the collapse report."""
+        """Accuracy with its interval, every recorded bias metric (or ``metrics``), and the
+        collapse report."""
         from nas_fair.objectives.collapse import collapse_report
         from nas_fair.objectives.stats import bootstrap, score_bias
 
@@ -546,7 +557,8 @@ class Session:
         acc = bootstrap(acc_metric, record, n=s.bootstrap, seed=self.cfg.seed)
         # Paired differences to the reference reuse the same resamples (rows are aligned).
         ref_record = self.ref_record if paired else None
-        bias = score_bias(self.recorded, record, ref_record, n=s.bootstrap, seed=self.cfg.seed)
+        bias = score_bias(self.recorded if metrics is None else metrics, record, ref_record,
+                          n=s.bootstrap, seed=self.cfg.seed)
         return acc, bias, collapse_report(record)
 
     def score_reference(self) -> Scores:

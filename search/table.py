@@ -315,8 +315,9 @@ def format_trial_line(trial: FrozenTrial, reference: dict[str, Any], names: list
     flags = ["on front"] if on_front else []
     if rec.fidelity is not None:
         f = rec.fidelity
-        flags.append(f"rung {f['rung']} of 0-{f.get('top', '?')}, {f.get('steps', '?')} steps"
-                     + (", same model at every rung" if f.get("independent") else ""))
+        flags.append("final at once: no recovery, the same model at every rung"
+                     if f.get("independent") else
+                     f"rung {f['rung']} of 0-{f.get('top', '?')}, {f.get('steps', '?')} steps")
     if rec.same_recipe_as is not None:
         flags.append(f"same recipe as trial {rec.same_recipe_as}: scores reused")
     note = display_note(row)

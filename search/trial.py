@@ -54,11 +54,13 @@ def run_trial(session: Session, trial: optuna.Trial, reference: dict[str, Any]) 
     latency = None
     if fidelity is not None:
         fidelity, latency = _after_recovery(session, trial, ctx, fidelity)
+    # a lower rung only ranks candidates for promotion: its objectives and constraints suffice
+    full = fidelity is None or fidelity["rung"] == fidelity["top"]
     t = time.perf_counter()
-    record = session.evaluate(model)
+    record = session.evaluate(model, full=full)
     evaluate_s = time.perf_counter() - t
     scores = session.score(model, record, paired=True, latency=latency,
-                           reference_ms=reference.get("latency_ms"))
+                           reference_ms=reference.get("latency_ms"), full=full)
     t = time.perf_counter()
     cost = {
         "compress_s": sum(v for k, v in times.items()
@@ -77,7 +79,7 @@ def run_trial(session: Session, trial: optuna.Trial, reference: dict[str, Any]) 
     if pp is not None:  # the fitted group offsets and what they did on validation
         TrialRecord(postprocess=_jsonable(pp.to_dict())).write(trial)
     _check_canonical(trial)
-    if fidelity is None or fidelity["rung"] == fidelity["top"]:
+    if full:
         session._save_artifact(trial, model, record)  # only final results are exported
     cost["bookkeeping_s"] = time.perf_counter() - t
     cost["total_s"] = time.perf_counter() - t0

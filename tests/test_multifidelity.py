@@ -63,6 +63,11 @@ def test_candidates_are_promoted_and_continue_their_student(tmp_path: Path, tiny
         # continued from the lower rung's checkpoint: only the extra steps were run
         assert f["resumed"] and logs["recovery_steps_run"] == f["steps"] - (2, 4, 8)[f["rung"] - 1]
         assert t.user_attrs["latency"]["copied_from"] == src.number  # same architecture
+    # a lower rung records its objectives only; a final result every metric and the audit views
+    for t in done:
+        final = fid[t.number]["rung"] == 2
+        assert ("disparity" in t.user_attrs) == final and ("class_rates" in t.user_attrs) == final
+        assert (len(t.user_attrs["bias"]) > 1) == final, t.user_attrs["bias"].keys()
         # the promoted candidate ranked in its rung's top half when it was promoted
     # the front holds top-rung results only, and lower-rung trials saved no model
     top = {t.number for t in done if fid[t.number]["rung"] == 2}
