@@ -435,18 +435,10 @@ def export_checked(load_cfg: Callable[[], StudyConfig], numbers: list[int] | Non
                    study_args: list[str], reproduce_base: Path | None,
                    log: Callable[[str], None]) -> list[Any]:
     """``nas-fair export``'s checks (those that need no study first), then the export."""
-    from nas_fair.search.export import (
-        check_onnx_available,
-        check_out,
-        clean_debris,
-        export_trials,
-    )
+    from nas_fair.search.export import check_destination, export_trials
 
     # A previous export killed while replacing `out` is put back first, so the check sees it.
-    clean_debris(out, log)
-    check_out(out, force=force)
-    if onnx:
-        check_onnx_available()
+    check_destination(out, force=force, onnx=onnx, log=log)
     cfg = load_cfg()
     folder, _, opened = open_existing(cfg, storage, run_dir)
     return export_trials(cfg, folder, opened, numbers, out, force=force, onnx=onnx,

@@ -209,9 +209,7 @@ def compress_recipe(
         _debris_path,
         _export_one,
         _move_into_place,
-        check_onnx_available,
-        check_out,
-        clean_debris,
+        check_destination,
     )
     from nas_fair.search.records import StudyRecord, TrialRecord
     from nas_fair.search.run import (
@@ -223,10 +221,7 @@ def compress_recipe(
     )
     from nas_fair.search.session import Session, predictions_digest
 
-    clean_debris(out, log)
-    check_out(out, force=force)
-    if onnx:
-        check_onnx_available()
+    check_destination(out, force=force, onnx=onnx, log=log)
     point = one_point_config(cfg, recipe, steps)
     folder = run_dir_for(cfg, run_dir)  # the real study's: its cached reference is reused
     what = "--run-dir" if run_dir else "the run folder"

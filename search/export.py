@@ -62,6 +62,16 @@ def check_out(out: Path, *, force: bool) -> None:
                         "pass --force to replace it")
 
 
+def check_destination(out: Path, *, force: bool, onnx: bool,
+                      log: Callable[[str], None]) -> None:
+    """Before any work: debris of a killed export cleaned (a replaced folder put back), the
+    output folder usable, and --onnx available."""
+    clean_debris(out, log)
+    check_out(out, force=force)
+    if onnx:
+        check_onnx_available()
+
+
 def check_onnx_available() -> None:
     """Before any work: --onnx needs nas-fair's exporter and the onnx packages."""
     import importlib.util
@@ -134,10 +144,7 @@ def export_trials(
     from nas_fair.objectives.scores import directions
     from nas_fair.search.session import Session
 
-    clean_debris(out, log)
-    check_out(out, force=force)
-    if onnx:
-        check_onnx_available()
+    check_destination(out, force=force, onnx=onnx, log=log)
     trials = select_trials(study, numbers, directions(cfg))
     session = Session(cfg, run_dir, quiet=True, log=log)
     session.prepare()

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from nas_fair.errors import UserError
 from nas_fair.search._optuna import trial_id
+from nas_fair.search.records import TrialRecord
 from nas_fair.spaces.base import RecoveryRun
 from nas_fair.spaces.recovery_state import JSON_FILE
 
@@ -228,7 +229,7 @@ def _results(trials: Iterable[FrozenTrial], rung: int) -> dict[int, FrozenTrial]
         # neither competes for promotion a second time nor has a checkpoint to continue.
         if (t.state == TrialState.COMPLETE and f["rung"] == rung and t.values is not None
                 and t.user_attrs.get(DUPLICATE_ATTR) is None
-                and t.user_attrs.get("same_recipe_as") is None):
+                and TrialRecord.from_trial(t).same_recipe_as is None):
             out.setdefault(f["candidate"], t)
     return out
 
@@ -245,7 +246,7 @@ def rung_results(study: optuna.Study | Sequence[FrozenTrial], rung: int,
     out: dict[int, RungResult] = {}
     for t in _results(trials, rung).values():
         f = fidelity_of(t)
-        cons = [float(c) for c in t.user_attrs.get("constraints", [])]
+        cons = [float(c) for c in TrialRecord.from_trial(t).constraints or []]
         values = [s * v for s, v in zip(sign, t.values)]
         out.setdefault(f["candidate"], RungResult(
             candidate=f["candidate"],

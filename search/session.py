@@ -657,6 +657,7 @@ def same_recipe(trial: optuna.Trial) -> FrozenTrial | None:
     for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if (t.params == trial.params and t.values is not None
                 and (TrialRecord.from_trial(t).runtime or {}).get("threads") == threads
-                and fidelity_of(t)["rung"] == rung and t.user_attrs.get("duplicate_of") is None):
+                and fidelity_of(t)["rung"] == rung
+                and TrialRecord.from_trial(t).duplicate_of is None):
             return t
     return None
