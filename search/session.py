@@ -469,8 +469,7 @@ class Session:
             return measure_latency(model, repeats=s.latency_repeats, **common)
         rec = measure_latency_ratio(model, self.reference, rounds=s.latency_repeats,
                                     per_round=1, reference_ms=reference_ms, **common)
-        return {"median_ms": rec["latency_ms"], "iqr_ms": rec["ratio_iqr"] * reference_ms,
-                "method": "interleaved", "reference_ms": reference_ms, **rec}
+        return _interleaved_record(rec, reference_ms)
 
     def ort_reference(self) -> Any:
         """The reference's onnxruntime session, exported once per session."""
@@ -494,8 +493,7 @@ class Session:
             model, self.ort_reference(), self.reference, rounds=s.latency_repeats,
             threads=s.threads or torch.get_num_threads(), max_length=s.seq_len,
             reference_ms=reference_ms, **common)
-        return {"median_ms": rec["latency_ms"], "iqr_ms": rec["ratio_iqr"] * reference_ms,
-                "method": "interleaved", "reference_ms": reference_ms, **rec}
+        return _interleaved_record(rec, reference_ms)
 
     def score(self, model: torch.nn.Module, record: EvalRecord, *, paired: bool,
               reference_ms: float | None = None, latency: dict[str, Any] | None = None,
@@ -620,6 +618,13 @@ def _objective_token_ids(session: Session) -> list[int]:
     from nas_fair.objectives.association import objective_token_ids
 
     return objective_token_ids(session.tokenizer, session.cfg.objectives.bias)
+
+
+def _interleaved_record(rec: dict[str, Any], reference_ms: float) -> dict[str, Any]:
+    """An interleaved ratio measurement as a trial's latency record (``median_ms`` is the
+    objective: the ratio times the reference's milliseconds)."""
+    return {"median_ms": rec["latency_ms"], "iqr_ms": rec["ratio_iqr"] * reference_ms,
+            "method": "interleaved", "reference_ms": reference_ms, **rec}
 
 
 def _jsonable(obj: Any) -> Any:
