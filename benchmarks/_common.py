@@ -115,6 +115,51 @@ def shrink_test(session: Any, rows: int, seed: int = 0) -> int:
     return len(keep)
 
 
+def scores_along_recovery(session: Any, configs: dict[str, Any], steps: tuple[int, ...],
+                          work: Path, predictions: list[Any] | None = None,
+                          ) -> list[dict[str, Any]] | None:
+    """Accuracy and primary bias (with intervals) of one set of family configs after each of
+    ``steps`` recovery steps, or None if its student recovers nothing.
+
+    One recovery schedule of ``steps[-1]`` steps, scored at each budget: every budget continues
+    from the previous one's checkpoint (under ``work``), as the search's rungs do, so the
+    budgets are points of one run, not separate runs. ``predictions``, when given, receives
+    each budget's test predictions (for re-scoring on row subsets afterwards)."""
+    from nas_fair.objectives.scores import bias_objective
+    from nas_fair.spaces import compress
+    from nas_fair.spaces.base import RecoveryRun
+    from nas_fair.spaces.recovery import recovery_logs
+
+    cfg = session.cfg
+    out = []
+    for r, budget in enumerate(steps):
+        configs = dict(configs)
+        configs["distillation"] = dataclasses.replace(configs["distillation"], steps=budget)
+        run = RecoveryRun(schedule_steps=steps[-1],
+                          resume_from=work / f"rung-{r - 1}" if r else None,
+                          save_state_to=work / f"rung-{r}" if r < len(steps) - 1 else None)
+        t = time.perf_counter()
+        model = compress(session.reference, configs, dataclasses.replace(session.ctx,
+                                                                         recovery_run=run))
+        recover_s = time.perf_counter() - t
+        if r == 0 and not any(log["steps_run"] for log in recovery_logs(model)):
+            return None
+        # the objectives only (as a lower rung scores them), on every test row
+        record = session.evaluate(model, full=session.lower_rows is not None)
+        if predictions is not None:
+            predictions.append(record.y_pred)
+        (acc, lo, hi), bias, collapse = session.metrics(record, paired=True,
+                                                        metrics=[cfg.objectives.bias])
+        primary = bias[cfg.objectives.bias]
+        out.append({"rung": r, "steps": budget, "accuracy": float(acc),
+                    "accuracy_ci": [float(lo), float(hi)],
+                    "bias": bias_objective(cfg, float(primary["value"])),
+                    "bias_ci": [primary.get("ci_low"), primary.get("ci_high")],
+                    "collapsed": bool(collapse["collapsed"]), "recover_s": round(recover_s, 1)})
+        del model
+    return out
+
+
 def reference_dict(session: Any) -> dict[str, Any]:
     """The reference model scored as ``nas-fair search`` stores it on the study."""
     ref = session.score_reference()

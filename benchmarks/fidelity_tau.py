@@ -19,7 +19,6 @@ second run continues with the candidates not yet done.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import tempfile
 import time
@@ -27,44 +26,89 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, add_study_args, load_cfg, open_session, run_dir, table, write_json
+from _common import (
+    RESULTS,
+    add_study_args,
+    load_cfg,
+    open_session,
+    run_dir,
+    scores_along_recovery,
+    table,
+    write_json,
+)
 
 OUT = RESULTS / "fidelity_tau.json"
+# Each scored candidate's test predictions at every rung (key c<index>_r<rung>), so that the
+# rungs can be re-scored on subsets of the test rows without recovering anything again.
+PREDICTIONS = RESULTS / "fidelity_tau_predictions.npz"
+
+
+RESCORED = RESULTS / "fidelity_tau_rescored.json"
+
+
+def rescore(cfg: Any, session: Any, shares: list[float]) -> None:
+    """Kendall tau of each lower rung scored on a ``fidelity_test_share`` sample of the test
+    rows (the top rung on every row), from the saved predictions; the same candidates on every
+    row alongside (share 1.0)."""
+    import json
+
+    from nas_fair.objectives import ACCURACY, BIAS, EvalRecord
+    from nas_fair.objectives.scores import bias_objective
+    from nas_fair.search.fidelity import lower_rung_rows
+
+    done = json.loads(OUT.read_text())
+    steps = done["settings"]["steps"]
+    preds = dict(np.load(PREDICTIONS))
+    cands = [c for c in done["candidates"] if c["rungs"] is not None
+             and all(f"c{c['index']}_r{r}" in preds for r in range(len(steps)))]
+    test = session.data.test
+    acc_m, bias_m = ACCURACY[cfg.objectives.accuracy], BIAS[cfg.objectives.bias]
+    out: dict[str, Any] = {"candidates": [c["index"] for c in cands], "test_rows": len(test)}
+    for share in [1.0, *shares]:
+        rows = lower_rung_rows(test.labels, test.groups, share, cfg.seed)
+        rows = np.arange(len(test)) if rows is None else rows
+        values: dict[str, list[list[float]]] = {"accuracy": [], "bias": []}
+        for c in cands:
+            acc, bias = [], []
+            for r in range(len(steps) - 1):
+                rec = EvalRecord(test.labels[rows], preds[f"c{c['index']}_r{r}"][rows],
+                                 groups=test.groups[rows], n_classes=session.data.num_labels)
+                acc.append(acc_m(rec))
+                bias.append(bias_objective(cfg, bias_m(rec)))
+            values["accuracy"].append(acc)
+            values["bias"].append(bias)
+        if share == 1.0:  # every row: the predictions must give back the recorded values
+            for obj in ("accuracy", "bias"):
+                recorded = [[x[obj] for x in c["rungs"][:-1]] for c in cands]
+                if not np.allclose(values[obj], recorded):
+                    raise SystemExit(f"{PREDICTIONS} does not give back the recorded {obj}")
+        summary = {}
+        for obj in ("accuracy", "bias"):
+            top = [c["rungs"][-1][obj] for c in cands]
+            for r in range(len(steps) - 1):
+                summary[f"{obj}/rung{r}"] = kendall([v[r] for v in values[obj]], top)
+        out[str(share)] = {"rows": len(rows), "kendall": summary}
+        print(f"share {share} ({len(rows)} rows): " + "  ".join(
+            f"{k} {v['tau']:.2f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" for k, v in summary.items()))
+    write_json(RESCORED, out)
+
+
+def save_predictions(index: int, preds: list[Any]) -> None:
+    old = dict(np.load(PREDICTIONS)) if PREDICTIONS.is_file() else {}
+    old.update({f"c{index}_r{r}": np.asarray(p, dtype=np.int8) for r, p in enumerate(preds)})
+    tmp = PREDICTIONS.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **old)
+    tmp.replace(PREDICTIONS)
 
 
 def score_candidate(session: Any, params: dict[str, Any], steps: tuple[int, ...],
-                    work: Path) -> list[dict[str, Any]] | None:
+                    work: Path, predictions: list[Any]) -> list[dict[str, Any]] | None:
     """The candidate's accuracy and bias at every rung, or None if it recovers nothing."""
-    from nas_fair.objectives.scores import bias_objective
-    from nas_fair.spaces import compress, configs_from_params, off_configs
-    from nas_fair.spaces.base import RecoveryRun
-    from nas_fair.spaces.recovery import recovery_logs
+    from nas_fair.spaces import configs_from_params, off_configs
 
-    cfg = session.cfg
-    out = []
-    for r, budget in enumerate(steps):
-        configs = off_configs(session.space)
-        configs.update(configs_from_params(params))
-        configs["distillation"] = dataclasses.replace(configs["distillation"], steps=budget)
-        run = RecoveryRun(schedule_steps=steps[-1],
-                          resume_from=work / f"rung-{r - 1}" if r else None,
-                          save_state_to=work / f"rung-{r}" if r < len(steps) - 1 else None)
-        t = time.perf_counter()
-        model = compress(session.reference, configs, dataclasses.replace(session.ctx,
-                                                                         recovery_run=run))
-        recover_s = time.perf_counter() - t
-        if r == 0 and not any(log["steps_run"] for log in recovery_logs(model)):
-            return None
-        record = session.evaluate(model)
-        (acc, lo, hi), bias, collapse = session.metrics(record, paired=True)
-        primary = bias[cfg.objectives.bias]
-        out.append({"rung": r, "steps": budget, "accuracy": float(acc),
-                    "accuracy_ci": [float(lo), float(hi)],
-                    "bias": bias_objective(cfg, float(primary["value"])),
-                    "bias_ci": [primary.get("ci_low"), primary.get("ci_high")],
-                    "collapsed": bool(collapse["collapsed"]), "recover_s": round(recover_s, 1)})
-        del model
-    return out
+    configs = off_configs(session.space)
+    configs.update(configs_from_params(params))
+    return scores_along_recovery(session, configs, steps, work, predictions)
 
 
 def kendall(a: list[float], b: list[float], *, n_boot: int = 2000, seed: int = 0,
@@ -107,10 +151,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=3600.0, help="seconds (default 3600)")
     ap.add_argument("--steps", help="rung steps, e.g. 75,225,675 (default: the study's)")
+    ap.add_argument("--rescore", metavar="SHARES",
+                    help="recover nothing: re-score the lower rungs of the candidates done on "
+                         "samples of the test rows, e.g. 0.25,0.5 (as [search] "
+                         "fidelity_test_share draws them), into " + RESCORED.name)
     args = ap.parse_args()
     import optuna
 
     cfg = load_cfg(args)
+    if args.rescore:
+        rescore(cfg, open_session(cfg, run_dir(args, cfg), args.threads),
+                [float(v) for v in args.rescore.split(",")])
+        return
     steps = tuple(int(s) for s in args.steps.split(",")) if args.steps else \
         tuple(cfg.search.fidelity_steps)
     if len(steps) < 2:
@@ -145,14 +197,17 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="nas-fair-tau-"))
         try:
             t = time.perf_counter()
-            rungs = score_candidate(session, params, steps, work)
+            preds: list[Any] = []
+            rungs = score_candidate(session, params, steps, work, preds)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         done.append({"index": i, "params": params, "rungs": rungs,
-                     "seconds": round(time.perf_counter() - t, 1)})
+                     "seconds": round(time.perf_counter() - t, 1), "threads": args.threads})
         print(f"candidate {i}: " + ("recovers nothing (same model at every rung)" if rungs is None
               else " ".join(f"r{x['rung']} acc {x['accuracy']:.3f} bias {x['bias']:.3f}"
                             for x in rungs)), flush=True)
+        if rungs is not None:
+            save_predictions(i, preds)
         write_json(OUT, {"settings": {"study": cfg.name, "steps": list(steps), "seed": args.seed,
                                       "threads": args.threads},
                          "candidates": done, "kendall": summarize(done, steps)})

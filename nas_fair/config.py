@@ -79,6 +79,7 @@ LIMITS: dict[str, Limit] = {
     "search.seq_len": Limit(1, 8192),
     "search.recovery_steps": Limit(0, MAX_STEPS),
     "search.fidelity_eta": Limit(2, 100),
+    "search.fidelity_test_share": Limit(0, 1, low_open=True),
     "search.recovery_lr": Limit(0, 1, low_open=True),
     "search.recovery_tolerance": Limit(0, 1, high_open=True),
     "search.latency_repeats": Limit(1, 10_000),
@@ -170,6 +171,10 @@ class SearchConfig:
     # accuracy only (bias still decides the front at the top rung), for when a short
     # recovery's bias does not predict the top rung's (benchmarks/fidelity_tau.py).
     fidelity_rank_bias: bool = True
+    # Share of the test split a lower rung is scored on (a seeded sample of every label and
+    # group cell); the top rung always scores every row. Below 1 a lower rung costs less and
+    # ranks on noisier estimates (benchmarks/fidelity_tau.py re-scores its rungs on such samples).
+    fidelity_test_share: float = 1.0
     recovery_lr: float = 1e-4
     # Stop a trial's recovery once its distillation loss has flattened: the mean loss of the
     # last fifth of the budget fell by less than recovery_tolerance (relative) from the fifth
@@ -226,6 +231,9 @@ class SearchConfig:
         if any(b <= a for a, b in zip(steps, steps[1:])) or len(steps) > MAX_RUNGS:
             raise UserError(f"[search] fidelity_steps must be strictly increasing, at most "
                             f"{MAX_RUNGS} rungs, got {steps}")
+        if self.fidelity_test_share < 1 and not steps:
+            raise UserError(f"[search] fidelity_test_share = {self.fidelity_test_share} needs "
+                            f"lower rungs: set fidelity_steps, or drop fidelity_test_share")
 
 
 @dataclass

@@ -87,6 +87,19 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model
                    "sentencepiece.bpe.model")
 
 
+@contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """Transformers' warnings off inside (for one that is expected there), as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_tokenizer(path: Path, cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
@@ -108,7 +121,6 @@ def load_for_task(path: Path, cfg: ModelConfig, label_names: list[str], *,
     ``seed`` they are drawn from that seed (the global random state is left as it was), so the
     same study and seed start fine-tuning from the same head in any process."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     k = len(label_names)
     try:
@@ -119,10 +131,9 @@ def load_for_task(path: Path, cfg: ModelConfig, label_names: list[str], *,
     config.num_labels = k
     config.id2label = dict(enumerate(label_names))
     config.label2id = {n: i for i, n in enumerate(label_names)}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected here
     try:
-        with seeded(seed):
+        # the "newly initialized head" warning is expected here
+        with seeded(seed), transformers_errors_only():
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, output_loading_info=True, use_safetensors=True,
                 trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True,
@@ -130,8 +141,6 @@ def load_for_task(path: Path, cfg: ModelConfig, label_names: list[str], *,
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot load a sequence-classification model from {str(path)!r}: "
                         f"{exc}".splitlines()[0]) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     trained = head_matches and not info["missing_keys"] and not info.get("mismatched_keys")
     return model.eval(), trained
 

@@ -10,7 +10,9 @@ back into the file by rewriting the matching weight initializers. What is kept, 
 
 * 8-bit linears (:class:`RowInt8Linear`). ``int8=True``: the same per-row scheme as torch, in
   standard ops: each activation row divided by its ``ReduceMax(Abs(x))``, ``Mul`` by 127 and
-  ``Round`` to int8, ``MatMulInteger`` with torch's very int8 weights (exact int32 accumulation),
+  ``Round`` to the int8 range, stored as uint8 with zero point 128 (``Add`` 128, ``Cast``),
+  ``MatMulInteger`` with torch's very int8 weights (exact int32 accumulation of the same
+  integers; ONNX Runtime's uint8 x int8 kernels are the fast ones, int8 x int8 is slow),
   then the per-channel weight scales (times 1/127) and the row's max. So a row's logits do not
   depend on its batch or padding, and they match torch's int8 logits up to float rounding in
   the other ops (same argmax).
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
     import onnx
 
 OPSET = 17
+U8_OFFSET = 128  # an int8 activation q is stored as q + 128 in uint8 (MatMulInteger zero point)
 INPUT_NAMES = ("input_ids", "attention_mask")
 GROUP_INPUT = "group_index"  # int64 (batch,): index into the metadata's nas_fair.groups
 OUTPUT_NAME = "logits"
@@ -464,6 +467,10 @@ def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tag
     graph.initializer.extend([
         numpy_helper.from_array(np.array(ROW_SCALE_FLOOR, dtype=np.float32), f"{const}.floor"),
         numpy_helper.from_array(np.array(INT8_MAX, dtype=np.float32), f"{const}.max"),
+        # the int8 row as uint8 with zero point 128: ORT's MatMulInteger kernels are fast for
+        # uint8 x int8, slow for int8 x int8, and (a - 128) * w accumulates the same integers
+        numpy_helper.from_array(np.array(U8_OFFSET, dtype=np.float32), f"{const}.offset"),
+        numpy_helper.from_array(np.array(U8_OFFSET, dtype=np.uint8), f"{const}.zero_point"),
     ])
     new_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -491,8 +498,9 @@ def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tag
             n("Div", [x, f"{p}.floored"], f"{p}.normed"),
             n("Mul", [f"{p}.normed", f"{const}.max"], f"{p}.scaled"),
             n("Round", [f"{p}.scaled"], f"{p}.rounded"),
-            n("Cast", [f"{p}.rounded"], f"{p}.q", to=TensorProto.INT8),
-            n("MatMulInteger", [f"{p}.q", f"{key}.int8"], f"{p}.acc"),
+            n("Add", [f"{p}.rounded", f"{const}.offset"], f"{p}.shifted"),
+            n("Cast", [f"{p}.shifted"], f"{p}.q", to=TensorProto.UINT8),
+            n("MatMulInteger", [f"{p}.q", f"{key}.int8", f"{const}.zero_point"], f"{p}.acc"),
             n("Cast", [f"{p}.acc"], f"{p}.accf", to=TensorProto.FLOAT),
             n("Mul", [f"{p}.accf", f"{key}.int8_scales"], f"{p}.chan"),
             helper.make_node("Mul", [f"{p}.chan", f"{p}.floored"], [node.output[0]],

@@ -127,6 +127,21 @@ def class_rate_lines(rates: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def disparity_lines(disparity: dict[str, Any] | None) -> list[str]:
+    """Who paid for compression: per group, the shares of its test rows whose prediction
+    changed against the reference, went from right to wrong, and from wrong to right."""
+    if not disparity:
+        return []
+    lines = ["", "Who paid for compression (per group, share of its test rows against the "
+             "reference's predictions):", "",
+             "| group | rows | changed | right -> wrong | wrong -> right |",
+             "| --- | --- | --- | --- | --- |"]
+    for group, row in sorted(disparity.items()):
+        lines.append(f"| {group} | {row['n']} | {_fmt(row['flipped'])} | "
+                     f"{_fmt(row['newly_wrong'])} | {_fmt(row['newly_right'])} |")
+    return lines
+
+
 def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], final: Path,
                study_args: Sequence[str], *, budget: int, onnx: bool = False,
                base: Path | None = None, class_rates: dict[str, Any] | None = None,
@@ -181,17 +196,23 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
     front.append("---")
 
     kept = acc["ratio"]
+    # a reproduce command is given for a recipe re-applied by `nas-fair compress`: no search
+    origin = (f"trial {n} of study `{cfg.name}` (seed {cfg.seed}), a multi-objective search on "
+              f"size, latency, {acc_name} and {bias_name}" if reproduce is None else
+              f"a recipe applied by `nas-fair compress` (study `{cfg.name}`, seed {cfg.seed}; "
+              "no search)")
     summary = (
-        f"Compressed from {shown_base} by nas-fair {__version__}: trial {n} of study `{cfg.name}` "
-        f"(seed {cfg.seed}), a multi-objective search on size, latency, {acc_name} and "
-        f"{bias_name}. Against the study's fine-tuned reference it is "
+        f"Compressed from {shown_base} by nas-fair {__version__}: {origin}. Against the "
+        f"study's fine-tuned reference it is "
         f"**{_x(size['ratio'])} the size** and **{_x(latency['ratio'])} the latency**, keeps "
         f"**{_fmt(None if kept is None else 100 * kept, 1)}%** of its {acc_name}, and its "
         f"{bias_name} is {_fmt(bias['value'])} versus {_fmt(bias['reference'])}."
     )
-    status = (f"On the study's feasible Pareto front: {'yes' if metrics['on_pareto_front'] else 'no'}"
-              f". Feasible (not collapsed, within the study's limits): "
-              f"{'yes' if metrics['feasible'] else 'no'}.")
+    status = ("" if reproduce is not None else  # a one-point study's front is that point
+              f"On the study's feasible Pareto front: "
+              f"{'yes' if metrics['on_pareto_front'] else 'no'}. ") + (
+        f"Feasible (not collapsed, within the study's limits): "
+        f"{'yes' if metrics['feasible'] else 'no'}.")
     lines = [*front, "", f"# {cfg.name}, trial {n}: a compressed text classifier with its bias "
              "measured", "", summary, "", status, "", "## How it was compressed", "",
              "Applied in this order to a copy of the reference (a family at its identity setting "
@@ -234,6 +255,7 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
             f"| {name} | {_fmt(row.get('value'))}{_ci([row.get('ci_low'), row.get('ci_high')])} "
             f"| {_fmt(row.get('p_value'))} | {_fmt(row.get('ref_value'))} | "
             f"{_fmt(diff)}{_ci([row.get('diff_low'), row.get('diff_high')])} |")
+    lines += disparity_lines(metrics.get("disparity"))
     lines += class_rate_lines(class_rates)
     collapse = metrics.get("collapse") or {}
     cons = ", ".join(f"{k} {v:.3g}" for k, v in metrics["constraints"].items())

@@ -321,6 +321,26 @@ def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
     return {FIDELITY_ATTR: f} if isinstance(f, dict) else {}
 
 
+def lower_rung_rows(labels: Any, groups: Any | None, share: float, seed: int) -> Any | None:
+    """The test rows a lower rung is scored on (sorted indexes), or None for all of them:
+    ``share`` of every (label, group) cell, at least one row of each, drawn with ``seed``, so
+    every class and group stays in the sample and every candidate is scored on the same rows."""
+    import numpy as np
+
+    if share >= 1:
+        return None
+    _, cell = np.unique(np.asarray(labels), return_inverse=True)
+    if groups is not None:
+        _, group = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        cell = cell * (int(group.max()) + 1) + group
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(cell):
+        rows = np.flatnonzero(cell == c)
+        keep.append(rng.permutation(rows)[:max(1, round(share * len(rows)))])
+    return np.sort(np.concatenate(keep))
+
+
 # ------------------------------------------------------------------------------ trial glue
 
 

@@ -41,7 +41,7 @@ from nas_fair.modeling import (
 )
 from nas_fair.objectives import ACCURACY, EvalRecord
 from nas_fair.objectives.scores import Scores, bias_objective, check_objectives, limit_constraints
-from nas_fair.search.fidelity import Rungs, fidelity_of
+from nas_fair.search.fidelity import Rungs, fidelity_of, lower_rung_rows
 from nas_fair.search.records import TrialRecord
 from nas_fair.search.storage import preparation_lock, read_only_error
 from nas_fair.spaces import CompressionContext, RecoveryData, build_space, compress, off_configs
@@ -66,6 +66,7 @@ def config_dict(cfg: StudyConfig) -> dict[str, Any]:
 ADDED_SEARCH_FIELDS: dict[str, Any] = {"recovery_precision": "fp32", "recovery_dropout": True,
                                        "allow_group_postprocessing": True, "fidelity_steps": [],
                                        "fidelity_eta": 3, "fidelity_rank_bias": True,
+                                       "fidelity_test_share": 1.0,
                                        "latency_backend": "torch"}
 ADDED_MODEL_FIELDS: dict[str, Any] = {"finetune_precision": "fp32", "finetune_batches": "random"}
 
@@ -177,6 +178,9 @@ class Session:
         self.recorded = check_objectives(cfg, self.data)
         self.recorded = _readable_metrics(self, self.recorded)
         self.rungs = rungs_for(cfg)
+        test = self.data.test
+        self.lower_rows = None if self.rungs is None else lower_rung_rows(
+            test.labels, test.groups, cfg.search.fidelity_test_share, cfg.seed)
         if cfg.search.latency_backend != "torch":
             from nas_fair.objectives.onnx_latency import check_backend
 
@@ -375,8 +379,10 @@ class Session:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _cf_pred(self, logits: torch.Tensor, model: torch.nn.Module) -> np.ndarray | None:
+    def _cf_pred(self, logits: torch.Tensor, model: torch.nn.Module,
+                 rows: np.ndarray | None = None) -> np.ndarray | None:
         """Predictions on gender-swapped inputs; rows without gendered words keep their own.
+        ``logits`` are the test rows' (only ``rows`` of them, when given).
 
         With group-aware post-processing a swapped row is predicted as the swapped gender's
         (with two gender groups; see ``postprocess.counterfactual_groups``)."""
@@ -384,33 +390,38 @@ class Session:
 
         if "cf_rows" not in self.tensors:
             return None
-        groups = self.data.test.groups
+        groups = _take(self.data.test.groups, rows)
         pred = predict(model, logits, groups).copy()
-        rows = self.tensors["cf_rows"]
-        if len(rows):
-            cf_logits = predict_logits(model, self.tensors["cf_ids"], self.tensors["cf_mask"],
-                                       batch_size=self.cfg.search.eval_batch_size,
+        ids, mask = self.tensors["cf_ids"], self.tensors["cf_mask"]
+        at = self.tensors["cf_rows"].numpy()  # the test row of each swapped text
+        if rows is not None:
+            pos = np.full(len(self.data.test), -1)
+            pos[rows] = np.arange(len(rows))
+            sel = pos[at] >= 0
+            ids, mask, at = ids[torch.from_numpy(sel)], mask[torch.from_numpy(sel)], pos[at][sel]
+        if len(at):
+            cf_logits = predict_logits(model, ids, mask, batch_size=self.cfg.search.eval_batch_size,
                                        device=self.device)
-            cf_groups = None if groups is None else counterfactual_groups(groups)[rows.numpy()]
-            pred[rows.numpy()] = predict(model, cf_logits, cf_groups)
+            cf_groups = None if groups is None else counterfactual_groups(groups)[at]
+            pred[at] = predict(model, cf_logits, cf_groups)
         return pred
 
     def _record(self, y_pred: np.ndarray, y_cf: np.ndarray | None,
-                reference: np.ndarray | None, probe: Any = None) -> EvalRecord:
+                reference: np.ndarray | None, probe: Any = None,
+                rows: np.ndarray | None = None) -> EvalRecord:
         test = self.data.test
         return EvalRecord(
-            y_true=test.labels, y_pred=y_pred, groups=test.groups, y_pred_cf=y_cf,
-            y_pred_ref=reference, stereotype=test.stereotype, n_classes=self.data.num_labels,
-            probe=probe,
+            y_true=_take(test.labels, rows), y_pred=y_pred, groups=_take(test.groups, rows),
+            y_pred_cf=y_cf, y_pred_ref=_take(reference, rows),
+            stereotype=_take(test.stereotype, rows), n_classes=self.data.num_labels, probe=probe,
         )
 
     def _probe(self, model: torch.nn.Module, metrics: list[str]) -> Any:
         """The encoder's embeddings of the WEAT sentences, when one of ``metrics`` reads them
         (objectives/association.py): one forward pass of a few dozen short sentences."""
-        from nas_fair.objectives import BIAS
         from nas_fair.objectives.association import encoder_probe
 
-        if not any("encoder_probe" in BIAS[n].needs for n in metrics if n in BIAS):
+        if not _reads(metrics, "encoder_probe"):
             return None
         return encoder_probe(model, self.tokenizer, device=self.device,
                              max_length=self.cfg.model.max_length)
@@ -433,14 +444,23 @@ class Session:
     def evaluate(self, model: torch.nn.Module, *, full: bool = True) -> EvalRecord:
         """Test-split predictions, through the model's group-aware post-processing if it has
         any (which is why the test groups are passed: they must be known at prediction time).
-        ``full=False`` (a provisional rung) embeds the WEAT sentences only for the objective."""
+        ``full=False`` (a provisional rung) scores the ``[search] fidelity_test_share`` sample
+        of the rows, and embeds the WEAT sentences or predicts the gender-swapped rows only when
+        the objective reads them."""
         from nas_fair.postprocess import predict
 
-        logits = predict_logits(model, self.tensors["test_ids"], self.tensors["test_mask"],
-                                batch_size=self.cfg.search.eval_batch_size, device=self.device)
-        y_pred = predict(model, logits, self.data.test.groups)
-        return self._record(y_pred, self._cf_pred(logits, model), self.ref_pred,
-                            probe=self._probe(model, self.scored(full)))
+        rows = None if full else self.lower_rows
+        ids, mask = self.tensors["test_ids"], self.tensors["test_mask"]
+        if rows is not None:
+            ids, mask = ids[torch.from_numpy(rows)], mask[torch.from_numpy(rows)]
+        logits = predict_logits(model, ids, mask, batch_size=self.cfg.search.eval_batch_size,
+                                device=self.device)
+        y_pred = predict(model, logits, _take(self.data.test.groups, rows))
+        scored = self.scored(full)
+        y_cf = self._cf_pred(logits, model, rows) \
+            if full or _reads(scored, "y_pred_counterfactual") else None
+        return self._record(y_pred, y_cf, self.ref_pred, probe=self._probe(model, scored),
+                            rows=rows)
 
     def scored(self, full: bool) -> list[str]:
         """The bias metrics a trial records: all of them, or (``full=False``: a lower rung of a
@@ -555,6 +575,9 @@ class Session:
         acc = bootstrap(acc_metric, record, n=s.bootstrap, seed=self.cfg.seed)
         # Paired differences to the reference reuse the same resamples (rows are aligned).
         ref_record = self.ref_record if paired else None
+        if ref_record is not None and self.lower_rows is not None \
+                and len(record) == len(self.lower_rows) != len(ref_record):
+            ref_record = ref_record.take(self.lower_rows)  # a lower rung's sample of the rows
         bias = score_bias(self.recorded if metrics is None else metrics, record, ref_record,
                           n=s.bootstrap, seed=self.cfg.seed)
         return acc, bias, collapse_report(record)
@@ -601,6 +624,17 @@ class Session:
         configs = off_configs(self.space)
         configs.update(configs_from_params(params))
         return compress(self.reference, configs, self.ctx)
+
+
+def _take(values: Any, rows: np.ndarray | None) -> Any:
+    return values if values is None or rows is None else values[rows]
+
+
+def _reads(metrics: list[str], need: str) -> bool:
+    """Whether one of the bias ``metrics`` reads the record's ``need`` (objectives/base.py)."""
+    from nas_fair.objectives import BIAS
+
+    return any(need in BIAS[n].needs for n in metrics if n in BIAS)
 
 
 def _readable_metrics(session: Session, recorded: list[str]) -> list[str]:

@@ -301,7 +301,7 @@ def export_folder(model: nn.Module, tokenizer: Any, dest: Path, *, texts: Sequen
     from transformers import AutoTokenizer
 
     from nas_fair.checkpoint import load_compressed, save_compressed
-    from nas_fair.modeling import predict_logits, tokenize
+    from nas_fair.modeling import predict_logits, tokenize, transformers_errors_only
 
     remap = remapped(model)
     if remap is None:
@@ -321,7 +321,11 @@ def export_folder(model: nn.Module, tokenizer: Any, dest: Path, *, texts: Sequen
     shutil.rmtree(dest)
     tmp.rename(dest)
     back = load_compressed(dest)
-    ids, mask = tokenize(AutoTokenizer.from_pretrained(str(dest)), list(texts), max_length)
+    # transformers warns that it reads config.json's model type "nas-fair-compressed" with a
+    # generic config: expected, the tokenizer files are complete
+    with transformers_errors_only():
+        back_tokenizer = AutoTokenizer.from_pretrained(str(dest))
+    ids, mask = tokenize(back_tokenizer, list(texts), max_length)
     if not (torch.equal(ids, expected_ids) and torch.equal(mask, attention_mask)):
         bad = int((ids != expected_ids).any(dim=1).sum()) if ids.shape == expected_ids.shape \
             else len(ids)

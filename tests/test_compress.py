@@ -95,6 +95,8 @@ def test_recipe_rebuilds_the_exported_model(world: dict[str, Any], capsys: Any) 
     assert nas_fair.load(out).nas_fair_recipe.study == "comp-recipe"
     card = (out / "README.md").read_text()
     assert "nas-fair compress --config" in card and "nas-fair export" not in card
+    # no search made it: the card says so, and claims no place on a front
+    assert "a recipe applied by `nas-fair compress`" in card and "Pareto front" not in card
     assert f"--out {out.name}-rebuilt" in card
     # the real study and its saved models are untouched: no trial, no artifact added
     study = optuna.load_study(study_name="comp",

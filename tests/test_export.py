@@ -258,6 +258,12 @@ def test_exported_family_reproduces_the_study_in_a_fresh_process(world: dict[str
         assert metrics["bias"] == finite(attrs["bias"])
         assert metrics["reference_bias"] == finite(ref["bias"])
         assert metrics["objectives"]["size_mb"]["exported_weight_bytes"] == weights
+        # who paid: every test row in one group, the card's table as recorded
+        assert metrics["disparity"] == finite(attrs["disparity"])
+        assert sum(row["n"] for row in metrics["disparity"].values()) == metrics["test_rows"]
+        card = (folder / "README.md").read_text()
+        for group, row in metrics["disparity"].items():
+            assert f"| {group} | {row['n']} | {row['flipped']:.3f} |" in card
     # the saved artifact and the rebuilt model are the same bytes
     a, r = (fam["outs"][s] / "model.safetensors" for s in ("artifact", "replay"))
     assert a.read_bytes() == r.read_bytes()

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import test_search
 from optuna.trial import TrialState
-from test_search import load, run_cli, write_study
+from test_search import load, run_cli, write_csv, write_study
 
 from nas_fair.search.fidelity import Rungs, stale_checkpoints
 
@@ -169,6 +169,8 @@ def test_fidelity_settings_are_validated_before_anything_is_written(tmp_path: Pa
         ("fidelity_steps = [4, 2]", "strictly increasing"),
         ("fidelity_steps = [0, 2]", "integers in [1,"),
         ("fidelity_steps = [2, 4]\nfidelity_eta = 1", "fidelity_eta"),
+        ("fidelity_steps = [2, 4]\nfidelity_test_share = 0", "fidelity_test_share must be in"),
+        ("fidelity_test_share = 0.5", "fidelity_test_share = 0.5 needs lower rungs"),
     ):
         toml = _study(tmp_path, tiny_checkpoint, extra)
         run_dir = tmp_path / "bad"
@@ -212,3 +214,76 @@ def test_stale_checkpoints_keep_what_a_promotion_may_read() -> None:
     assert 1 not in stale  # its promotion is waiting for it
     # rung 0 ranks 0 > 1 > 2 > ... (each dominates the next): the top 2/eta are 4 of 6
     assert {4, 5} <= stale and not {2, 3, 7} & stale
+
+
+def test_a_lower_rung_predicts_swapped_rows_only_when_its_objective_reads_them(
+        tmp_path: Path, tiny_checkpoint: Path, monkeypatch) -> None:
+    """The counterfactual pass is half of a lower rung's evaluation: it runs there only for an
+    objective that reads it; a final result always records it (the audit's flip rates)."""
+    from nas_fair.config import load_study
+    from nas_fair.search.session import Session
+
+    calls: list[bool] = []
+    original = Session._cf_pred
+
+    def spy(self: Session, *args):  # noqa: ANN002, ANN202
+        calls.append(True)
+        return original(self, *args)
+
+    monkeypatch.setattr(Session, "_cf_pred", spy)
+    for bias, share, lower_reads in (("tpr_gap_rms", 1.0, False),
+                                     ("counterfactual_flip_rate", 1.0, True),
+                                     ("counterfactual_flip_rate", 0.5, True)):
+        # noisy cues: rows the model gets wrong, so that rows' predictions differ
+        noisy = write_csv(tmp_path / "noisy.csv", n=240, seed=1, cue_right={"f": 0.6, "m": 0.8})
+        toml = write_study(tmp_path, tiny_checkpoint, data=str(noisy))
+        toml.write_text(toml.read_text().replace('bias = "tpr_gap_rms"', f'bias = "{bias}"')
+                        .replace("threads = 1", f"threads = 1\n{FIDELITY}\n"
+                                 f"fidelity_test_share = {share}"))
+        session = Session(load_study(toml), tmp_path / "run", quiet=True)
+        session.prepare()
+        assert len(session.tensors["cf_rows"]) > 0  # the tiny texts have pronouns to swap
+        model = session.replay({"pruning.ffn": 0.5})  # not the reference: predictions differ
+        records = {}
+        for full, expected in ((False, lower_reads), (True, True)):
+            calls.clear()
+            records[full] = record = session.evaluate(model, full=full)
+            assert bool(calls) == expected and (record.y_pred_cf is not None) == expected
+            session.metrics(record, paired=True, metrics=session.scored(full))  # scores as is
+        # a lower rung's sample: the same predictions, swapped ones too, as on every row
+        rows = session.lower_rows if share < 1 else slice(None)
+        lower, every = records[False], records[True]
+        assert (share < 1) == (len(lower) < len(every))
+        assert (lower.y_pred == every.y_pred[rows]).all()
+        assert (lower.y_pred_ref == every.y_pred_ref[rows]).all()
+        if lower_reads:  # a swapped row's prediction put at another row's place would differ
+            assert (lower.y_pred_cf == every.y_pred_cf[rows]).all()
+
+
+def test_lower_rungs_score_a_sample_of_the_test_rows(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """fidelity_test_share: a lower rung is scored on the same seeded sample of every (label,
+    group) cell for every candidate; a final result on every row."""
+    from nas_fair.config import load_study
+    from nas_fair.search.audit import decode_predictions
+    from nas_fair.search.fidelity import lower_rung_rows
+    from nas_fair.search.session import Session
+
+    toml = _study(tmp_path, tiny_checkpoint, FIDELITY + "\nfidelity_test_share = 0.5")
+    run_dir = tmp_path / "run"
+    assert run_cli("search", "--config", str(toml), "--budget", "6", "--run-dir", str(run_dir),
+                   "--quiet") == 0
+    session = Session(load_study(toml), run_dir, quiet=True)
+    test, rows = session.data.test, session.lower_rows
+    assert rows is not None and 0 < len(rows) < len(test)
+    assert set(zip(test.labels, test.groups)) == set(zip(test.labels[rows], test.groups[rows]))
+    assert list(lower_rung_rows(test.labels, test.groups, 0.5, 0)) == list(rows)  # seeded
+    done = _complete(load(run_dir))
+    lower = [t for t in done if t.user_attrs["fidelity"]["rung"] < 2]
+    final = [t for t in done if t.user_attrs["fidelity"]["rung"] == 2]
+    assert lower and final
+    for t in lower:
+        assert t.user_attrs["fidelity"]["test_rows"] == len(rows)
+        assert len(decode_predictions(t.user_attrs["test_predictions"])) == len(rows)
+    for t in final:
+        assert "test_rows" not in t.user_attrs["fidelity"]
+        assert len(decode_predictions(t.user_attrs["test_predictions"])) == len(test)

@@ -284,6 +284,18 @@ def test_int8_file_is_smaller_and_holds_int8_weights(tmp_path: Path) -> None:
     assert "MatMulInteger" in ops and "MatMulInteger" not in {
         n.op_type for n in onnx.load(str(big)).graph.node
     }
+    # activations go in as uint8 with zero point 128 (ORT's fast uint8 x int8 kernels), the
+    # weights as int8 without one
+    proto = onnx.load(str(small))
+    inits = {i.name: i for i in proto.graph.initializer}
+    casts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Cast"}
+    for node in (n for n in proto.graph.node if n.op_type == "MatMulInteger"):
+        assert len(node.input) == 3
+        assert casts[node.input[0]].attribute[0].i == onnx.TensorProto.UINT8
+        assert inits[node.input[1]].data_type == onnx.TensorProto.INT8
+        zero = inits[node.input[2]]
+        assert zero.data_type == onnx.TensorProto.UINT8
+        assert onnx.numpy_helper.to_array(zero) == 128
 
 
 def test_sharing_stores_shared_layers_once(tmp_path: Path) -> None:
