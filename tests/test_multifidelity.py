@@ -268,7 +268,10 @@ def test_lower_rungs_score_a_sample_of_the_test_rows(tmp_path: Path, tiny_checkp
     from nas_fair.search.fidelity import lower_rung_rows
     from nas_fair.search.session import Session
 
-    toml = _study(tmp_path, tiny_checkpoint, FIDELITY + "\nfidelity_test_share = 0.5")
+    # the anchors make the outcome not depend on timing: the pruning ones start at rung 0, the
+    # int8 one recovers nothing and is final at once
+    toml = _study(tmp_path, tiny_checkpoint, FIDELITY + "\nfidelity_test_share = 0.5",
+                  anchors=True)
     run_dir = tmp_path / "run"
     assert run_cli("search", "--config", str(toml), "--budget", "6", "--run-dir", str(run_dir),
                    "--quiet") == 0
