@@ -67,12 +67,18 @@ def test_ratio_does_not_move_under_load():
     kw = {**SHAPE, "rounds": 41, "per_round": 4}
     quiet = measure_latency_ratio(cand, ref, **kw)
     ref_alone = measure_latency(ref, repeats=21, **SHAPE)["median_ms"]
-    with busy(os.cpu_count() or 1):
-        loaded = measure_latency_ratio(cand, ref, **kw)
-        cand_alone = measure_latency(cand, repeats=21, **SHAPE)["median_ms"]
-    # The old protocol: the reference timed once (quiet), the candidate later under load.
-    old = cand_alone / ref_alone
-    assert abs(old / quiet["ratio"] - 1) > TOLERANCE, (old, quiet)  # the load does bite
+    # The scheduler does not always let a few spinning processes slow these short passes: the
+    # load grows until it does bite, or the test fails (it would otherwise check nothing).
+    for n in (1, 2, 4):
+        with busy(n * (os.cpu_count() or 1)):
+            loaded = measure_latency_ratio(cand, ref, **kw)
+            cand_alone = measure_latency(cand, repeats=21, **SHAPE)["median_ms"]
+        # The old protocol: the reference timed once (quiet), the candidate later under load.
+        old = cand_alone / ref_alone
+        if abs(old / quiet["ratio"] - 1) > TOLERANCE:
+            break
+    else:
+        pytest.fail(f"the planted load never moved the old protocol's ratio: {old} vs {quiet}")
     assert abs(loaded["ratio"] / quiet["ratio"] - 1) <= TOLERANCE, (loaded, quiet)
 
 
