@@ -4,7 +4,8 @@ Each method runs ``nas-fair search --budget <minutes>m`` exactly as a user would
 ``run_search``), into its own run folder, for each seed; the prepared reference and caches are
 hard-linked from the study's run folder, so no run fine-tunes. Methods:
 
-* ``mf``: the study as defined (the shipped ``bios`` is multi-fidelity: 75/225/675 steps, eta 3);
+* ``mf``: the study as defined (the shipped ``bios`` is multi-fidelity: 75/225/675 steps, eta 3,
+  NSGA-II with anchors); ``mf+tpe`` (or ``mf+random``) the same with another sampler;
 * ``nsga2+anchors``: one fidelity (``fidelity_steps = []``, ``recovery_steps = 300``), NSGA-II
   with the families' anchors queued first, as before the multi-fidelity search;
 * ``random``, ``tpe``: one fidelity, 300 steps, no anchors.
@@ -16,7 +17,7 @@ completed evaluations per hour and whether the front holds a non-anchor model at
 as the combined anchor (FFN 25% + int8) on all four objectives.
 
     python benchmarks/search_budget.py [--minutes 30] [--seeds 0,1]
-        [--methods mf,nsga2+anchors,random,tpe] [--resume]
+        [--methods mf,nsga2+anchors,random,tpe] [--resume | --recompute]
 
 Writes benchmarks/results/search_budget.json after every run.
 """
@@ -40,12 +41,14 @@ OUT = RESULTS / "search_budget.json"
 
 def configure(cfg: Any, method: str) -> Any:
     cfg = copy.deepcopy(cfg)
-    if method == "mf":
+    head, _, extra = method.partition("+")
+    if head == "mf":  # the study's rungs, anchors and sampler; "mf+tpe" swaps the sampler
+        if extra:
+            cfg.search.sampler = extra
         return cfg
     cfg.search.fidelity_steps = []
     cfg.search.recovery_steps = 300
-    sampler, _, extra = method.partition("+")
-    cfg.search.sampler = sampler
+    cfg.search.sampler = head
     cfg.search.anchors = extra == "anchors"
     return cfg
 
@@ -58,11 +61,22 @@ def link_prepared(src: Path, dest: Path) -> None:
             shutil.copytree(src / part, dest / part, copy_function=os.link, dirs_exist_ok=True)
 
 
+def folder_for(study: str, method: str, seed: int) -> Path:
+    return Path("studies") / f"{study}-bench-{method.replace('+', '_')}-s{seed}"
+
+
+def load(name: str, folder: Path) -> Any:
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'study.db'}")
+
+
 def front_figures(study: Any, dirs: list[str], names: list[str]) -> dict[str, Any]:
     import numpy as np
     from optuna.trial import TrialState
 
     from nas_fair.objectives.scores import Scores
+    from nas_fair.search.fidelity import fidelity_of, top_rung_trials
     from nas_fair.search.front import pareto_front
     from nas_fair.search.records import ReferenceRecord, TrialRecord
     from nas_fair.search.report import HV_REFERENCE_POINT, hypervolume, normalized
@@ -75,18 +89,22 @@ def front_figures(study: Any, dirs: list[str], names: list[str]) -> dict[str, An
         pts = normalized(np.array([t.values for t in front], dtype=float), ref.values, dirs)
         hv = hypervolume(pts, np.full(len(dirs), HV_REFERENCE_POINT))
     sign = [1.0 if d == "minimize" else -1.0 for d in dirs]
-    combined = [t for t in done if TrialRecord.from_trial(t).anchor and
-                t.params.get("pruning.ffn") == 0.25 and t.params.get("quantization.ffn_bits") == 8]
-    beats = []
-    for c in combined:
-        for t in front:
-            if TrialRecord.from_trial(t).anchor or t.params == c.params:
-                continue
-            if all(s * a <= s * b for s, a, b in zip(sign, t.values, c.values)):
-                beats.append(t.number)
+    # A promoted trial carries its candidate's number, not the anchor flag of the candidate's
+    # first trial: anchors are told apart per candidate, and compared at the top rung.
+    cand = {t.number: fidelity_of(t)["candidate"] for t in done}
+    anchors = {cand[t.number] for t in done if TrialRecord.from_trial(t).anchor}
+    first = {t.number: t for t in done}
+    combined_cands = {c for c in anchors if c in first
+                      and first[c].params.get("pruning.ffn") == 0.25
+                      and first[c].params.get("quantization.ffn_bits") == 8}
+    combined = [t for t in top_rung_trials(done) if cand[t.number] in combined_cands]
+    beats = [t.number for c in combined for t in front
+             if cand[t.number] not in anchors and t.params != c.params
+             and all(s * a <= s * b for s, a, b in zip(sign, t.values, c.values))]
     return {"hypervolume": hv, "front": [t.number for t in front],
             "front_values": {t.number: Scores.of_trial(t).values() for t in front},
-            "combined_anchor": [c.number for c in combined], "non_anchor_at_least_as_good": beats}
+            "anchor_candidates": sorted(anchors), "combined_anchor": [c.number for c in combined],
+            "non_anchor_at_least_as_good": sorted(set(beats))}
 
 
 def main() -> None:
@@ -96,26 +114,37 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--methods", default="mf,nsga2+anchors,random,tpe")
     ap.add_argument("--resume", action="store_true", help="skip runs already in the JSON")
+    ap.add_argument("--recompute", action="store_true",
+                    help="run nothing: recompute the front figures of the runs in the JSON "
+                         "from their run folders")
     args = ap.parse_args()
-    import optuna
-
     import nas_fair.search.run as run
     from nas_fair.objectives.scores import directions, objective_names
     from nas_fair.search.sampling import make_sampler
 
     cfg = load_cfg(args)
-    base = run_dir(args, cfg)
-    open_session(cfg, base, args.threads)  # prepares (fine-tunes once) in the study's folder
+    settings = {"study": cfg.name, "minutes": args.minutes, "threads": args.threads}
     done: list[dict[str, Any]] = []
-    if args.resume and OUT.is_file():
+    if (args.resume or args.recompute) and OUT.is_file():
         done = json.loads(OUT.read_text())["runs"]
+    if args.recompute:
+        for r in done:
+            c = configure(cfg, r["method"])
+            r.update(front_figures(load(c.name, folder_for(cfg.name, r["method"], r["seed"])),
+                                   directions(c), objective_names(c)))
+        settings = json.loads(OUT.read_text())["settings"]
+        write_json(OUT, {"settings": settings, "runs": done})
+        args.seeds = ""
+    else:
+        base = run_dir(args, cfg)
+        open_session(cfg, base, args.threads)  # prepares (fine-tunes once) in the study's folder
     seen = {(r["method"], r["seed"]) for r in done}
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
         for method in args.methods.split(","):
             if (method, seed) in seen:
                 continue
             c = configure(cfg, method)
-            folder = Path("studies") / f"{cfg.name}-bench-{method.replace('+', '_')}-s{seed}"
+            folder = folder_for(cfg.name, method, seed)
             shutil.rmtree(folder, ignore_errors=True)
             link_prepared(base, folder)
             # the sampler's seed is the run's; the study seed (and so the reference) stays
@@ -124,8 +153,7 @@ def main() -> None:
             run.run_search(c, run.Budget(seconds=args.minutes * 60), run_dir=str(folder),
                            quiet=True, show=False)
             wall = time.perf_counter() - t
-            study = optuna.load_study(study_name=c.name,
-                                      storage=f"sqlite:///{folder / 'study.db'}")
+            study = load(c.name, folder)
             complete = [x for x in study.trials if x.values is not None]
             r = {"method": method, "seed": seed, "minutes": args.minutes, "wall_s": wall,
                  "evaluations": len(complete),
@@ -136,8 +164,7 @@ def main() -> None:
                   f"{r['evaluations']} evaluations ({r['evaluations_per_hour']:.0f}/h), "
                   f"non-anchor >= combined anchor: {r['non_anchor_at_least_as_good'] or 'none'}",
                   flush=True)
-            write_json(OUT, {"settings": {"study": cfg.name, "minutes": args.minutes,
-                                          "threads": args.threads}, "runs": done})
+            write_json(OUT, {"settings": settings, "runs": done})
     rows = []
     for method in args.methods.split(","):
         hvs = [r["hypervolume"] for r in done if r["method"] == method]
