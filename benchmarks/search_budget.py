@@ -92,11 +92,10 @@ def front_figures(study: Any, dirs: list[str], names: list[str]) -> dict[str, An
     # A promoted trial carries its candidate's number, not the anchor flag of the candidate's
     # first trial: anchors are told apart per candidate, and compared at the top rung.
     cand = {t.number: fidelity_of(t)["candidate"] for t in done}
-    anchors = {cand[t.number] for t in done if TrialRecord.from_trial(t).anchor}
-    first = {t.number: t for t in done}
-    combined_cands = {c for c in anchors if c in first
-                      and first[c].params.get("pruning.ffn") == 0.25
-                      and first[c].params.get("quantization.ffn_bits") == 8}
+    anchored = [t for t in done if TrialRecord.from_trial(t).anchor]
+    anchors = {cand[t.number] for t in anchored}
+    combined_cands = {cand[t.number] for t in anchored if t.params.get("pruning.ffn") == 0.25
+                      and t.params.get("quantization.ffn_bits") == 8}
     combined = [t for t in top_rung_trials(done) if cand[t.number] in combined_cands]
     beats = [t.number for c in combined for t in front
              if cand[t.number] not in anchors and t.params != c.params
@@ -105,6 +104,18 @@ def front_figures(study: Any, dirs: list[str], names: list[str]) -> dict[str, An
             "front_values": {t.number: Scores.of_trial(t).values() for t in front},
             "anchor_candidates": sorted(anchors), "combined_anchor": [c.number for c in combined],
             "non_anchor_at_least_as_good": sorted(set(beats))}
+
+
+def print_summary(done: list[dict[str, Any]], methods: list[str]) -> None:
+    rows = []
+    for method in methods:
+        hvs = [r["hypervolume"] for r in done if r["method"] == method]
+        rate = [r["evaluations_per_hour"] for r in done if r["method"] == method]
+        if hvs:
+            rows.append([method, f"{statistics.mean(hvs):.4f}",
+                         f"{min(hvs):.4f}-{max(hvs):.4f}", f"{statistics.mean(rate):.0f}",
+                         len(hvs)])
+    print(table(rows, ["method", "mean HV", "seed range", "evaluations/h", "runs"]))
 
 
 def main() -> None:
@@ -126,20 +137,22 @@ def main() -> None:
     settings = {"study": cfg.name, "minutes": args.minutes, "threads": args.threads}
     done: list[dict[str, Any]] = []
     if (args.resume or args.recompute) and OUT.is_file():
-        done = json.loads(OUT.read_text())["runs"]
+        saved = json.loads(OUT.read_text())
+        done = saved["runs"]
+        if args.recompute:  # the settings the runs were made with
+            settings = saved["settings"]
     if args.recompute:
         for r in done:
             c = configure(cfg, r["method"])
             r.update(front_figures(load(c.name, folder_for(cfg.name, r["method"], r["seed"])),
                                    directions(c), objective_names(c)))
-        settings = json.loads(OUT.read_text())["settings"]
         write_json(OUT, {"settings": settings, "runs": done})
-        args.seeds = ""
-    else:
-        base = run_dir(args, cfg)
-        open_session(cfg, base, args.threads)  # prepares (fine-tunes once) in the study's folder
+        print_summary(done, args.methods.split(","))
+        return
+    base = run_dir(args, cfg)
+    open_session(cfg, base, args.threads)  # prepares (fine-tunes once) in the study's folder
     seen = {(r["method"], r["seed"]) for r in done}
-    for seed in [int(s) for s in args.seeds.split(",") if s]:
+    for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):
             if (method, seed) in seen:
                 continue
@@ -165,16 +178,7 @@ def main() -> None:
                   f"non-anchor >= combined anchor: {r['non_anchor_at_least_as_good'] or 'none'}",
                   flush=True)
             write_json(OUT, {"settings": settings, "runs": done})
-    rows = []
-    for method in args.methods.split(","):
-        hvs = [r["hypervolume"] for r in done if r["method"] == method]
-        rate = [r["evaluations_per_hour"] for r in done if r["method"] == method]
-        if hvs:
-            rows.append([method, f"{statistics.mean(hvs):.4f}",
-                         f"{min(hvs):.4f}-{max(hvs):.4f}", f"{statistics.mean(rate):.0f}",
-                         len(hvs)])
-    print(table(rows, ["method", "mean HV", "seed range", "evaluations/h", "runs"]))
-
+    print_summary(done, args.methods.split(","))
 
 if __name__ == "__main__":
     main()
