@@ -69,6 +69,22 @@ def open_session(cfg: Any, folder: Path, threads: int) -> Any:
     return session
 
 
+def machine() -> dict[str, Any]:
+    """The CPU a timing ran on: wall-clock figures from different machines are not compared."""
+    import torch
+
+    from nas_fair.modeling import bf16_native
+
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "bf16_native": bf16_native(torch.device("cpu"))}
+
+
 def shrink_test(session: Any, rows: int, seed: int = 0) -> int:
     """Keep ``rows`` test rows (stratified by label, seeded) everywhere the Session reads the
     test split: texts, tensors, reference logits, counterfactual rows. Returns the rows kept."""

@@ -34,7 +34,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, add_study_args, load_cfg, open_session, run_dir, table, write_json
+from _common import (
+    RESULTS,
+    add_study_args,
+    load_cfg,
+    machine,
+    open_session,
+    run_dir,
+    table,
+    write_json,
+)
 
 OUT = RESULTS / "search_budget.json"
 
@@ -149,6 +158,15 @@ def main() -> None:
         write_json(OUT, {"settings": settings, "runs": done})
         print_summary(done, args.methods.split(","))
         return
+    here = machine()
+    other = next((r["machine"] for r in done if r.get("machine", here) != here), None)
+    if other is not None:
+        raise SystemExit(f"--resume: {OUT} holds runs from another machine ({other['cpu']}, "
+                         f"bf16 {other['bf16_native']}; this one: {here['cpu']}, bf16 "
+                         f"{here['bf16_native']}); resume there, or move the file aside")
+    if any("machine" not in r for r in done):
+        print("note: runs without a recorded machine are in the JSON; compare them with these "
+              "only if this is the same kind of machine", flush=True)
     base = run_dir(args, cfg)
     open_session(cfg, base, args.threads)  # prepares (fine-tunes once) in the study's folder
     seen = {(r["method"], r["seed"]) for r in done}
@@ -168,7 +186,8 @@ def main() -> None:
             wall = time.perf_counter() - t
             study = load(c.name, folder)
             complete = [x for x in study.trials if x.values is not None]
-            r = {"method": method, "seed": seed, "minutes": args.minutes, "wall_s": wall,
+            r = {"method": method, "seed": seed, "machine": here, "minutes": args.minutes,
+                 "wall_s": wall,
                  "evaluations": len(complete),
                  "evaluations_per_hour": len(complete) / wall * 3600,
                  **front_figures(study, directions(c), objective_names(c))}

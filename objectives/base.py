@@ -41,6 +41,9 @@ class EvalRecord:
     n_classes: int | None = None
     # Computed from the model, not per row (association.EncoderProbe): resampling keeps it whole.
     probe: Any = None
+    # Which rows of the full test split these are (None: all of them, in order): a lower rung
+    # of a multi-fidelity study scores a sample, and paired metrics must align the reference.
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y_true)
@@ -60,6 +63,7 @@ class EvalRecord:
             t(self.stereotype),
             self.n_classes,
             self.probe,
+            t(self.rows),
         )
 
 

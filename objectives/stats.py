@@ -31,7 +31,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -421,11 +421,7 @@ def permutation_pvalue(
             shuffled = groups.copy()
             for s in strata:
                 shuffled[s] = groups[rng.permutation(s)]
-            rec = EvalRecord(
-                record.y_true, record.y_pred, shuffled, record.y_pred_cf, record.y_pred_ref,
-                record.stereotype, record.n_classes, record.probe,
-            )
-            null_v[i] = m(rec)
+            null_v[i] = m(replace(record, groups=shuffled))
     if math.isnan(observed):
         return math.nan
     hits = int(np.sum(null_v >= observed - 1e-12 * max(1.0, abs(observed))))

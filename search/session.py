@@ -414,6 +414,7 @@ class Session:
             y_true=_take(test.labels, rows), y_pred=y_pred, groups=_take(test.groups, rows),
             y_pred_cf=y_cf, y_pred_ref=_take(reference, rows),
             stereotype=_take(test.stereotype, rows), n_classes=self.data.num_labels, probe=probe,
+            rows=rows,
         )
 
     def _probe(self, model: torch.nn.Module, metrics: list[str]) -> Any:
@@ -575,9 +576,8 @@ class Session:
         acc = bootstrap(acc_metric, record, n=s.bootstrap, seed=self.cfg.seed)
         # Paired differences to the reference reuse the same resamples (rows are aligned).
         ref_record = self.ref_record if paired else None
-        if ref_record is not None and self.lower_rows is not None \
-                and len(record) == len(self.lower_rows) != len(ref_record):
-            ref_record = ref_record.take(self.lower_rows)  # a lower rung's sample of the rows
+        if ref_record is not None and record.rows is not None:
+            ref_record = ref_record.take(record.rows)  # a lower rung's sample of the rows
         bias = score_bias(self.recorded if metrics is None else metrics, record, ref_record,
                           n=s.bootstrap, seed=self.cfg.seed)
         return acc, bias, collapse_report(record)

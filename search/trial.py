@@ -59,7 +59,7 @@ def run_trial(session: Session, trial: optuna.Trial, reference: dict[str, Any]) 
     t = time.perf_counter()
     record = session.evaluate(model, full=full)
     evaluate_s = time.perf_counter() - t
-    if fidelity is not None and len(record) != len(session.data.test):
+    if fidelity is not None and record.rows is not None:
         fidelity = {**fidelity, "test_rows": len(record)}  # [search] fidelity_test_share
         TrialRecord(fidelity=fidelity).write(trial)
     scores = session.score(model, record, paired=True, latency=latency,

@@ -254,6 +254,10 @@ def test_a_lower_rung_predicts_swapped_rows_only_when_its_objective_reads_them(
         rows = session.lower_rows if share < 1 else slice(None)
         lower, every = records[False], records[True]
         assert (share < 1) == (len(lower) < len(every))
+        assert every.rows is None and (lower.rows is None) == (share == 1)  # says which rows
+        if share < 1:
+            assert list(lower.rows) == list(rows) and list(lower.take([1, 0]).rows) == \
+                [rows[1], rows[0]]
         assert (lower.y_pred == every.y_pred[rows]).all()
         assert (lower.y_pred_ref == every.y_pred_ref[rows]).all()
         if lower_reads:  # a swapped row's prediction put at another row's place would differ
