@@ -38,7 +38,7 @@ from nas_fair.modules import (
     QuantEmbedding,
     RowInt8Linear,
 )
-from nas_fair.onnx_export import _export, export_onnx, export_view
+from nas_fair.onnx_export import _export, export_onnx, export_view, ort_int8_exact
 from nas_fair.spaces import REGISTRY, compress
 
 from conftest import RandomTrial, random_batch, tiny_context, tiny_model
@@ -175,8 +175,15 @@ def export(model: nn.Module, tmp_path: Path, int8: bool, name: str = "model.onnx
     return path
 
 
+# ONNX Runtime's uint8 x int8 MatMulInteger saturates in int16 on CPUs without VNNI: there an
+# int8 file's logits differ from torch's, which is what docs/deployment.md warns about.
+ORT_SATURATES = "ONNX Runtime's int8 MatMulInteger saturates on this CPU (no VNNI)"
+
+
 def check_matches(model: nn.Module, path: Path, int8: bool) -> None:
     if int8 and has_int8(model):
+        if not ort_int8_exact():
+            pytest.xfail(ORT_SATURATES)
         fp32 = export_view(model)[0]
         ids, mask = random_batch(64, 12, seed=7)
         ours, theirs = run_onnx(session(path), ids, mask), run_torch(model, ids, mask)
