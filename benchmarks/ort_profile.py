@@ -37,12 +37,11 @@ def profile(model: Any, *, threads: int, batch: int, seq: int, vocab: int, runs:
     import onnxruntime as ort
 
     from nas_fair.objectives.onnx_latency import has_int8, ort_timer
-    from nas_fair.onnx_export import export_onnx
+    from nas_fair.onnx_export import export_onnx, session_options
 
     path = work / f"{name}.onnx"
     export_onnx(model, path, int8=has_int8(model), max_length=seq)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts = session_options(threads=threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = str(work / name)
     session = ort.InferenceSession(str(path), sess_options=opts,

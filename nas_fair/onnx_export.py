@@ -36,6 +36,8 @@ back into the file by rewriting the matching weight initializers. What is kept, 
 
 The graph is a trace: it is exact for this architecture's forward with an attention mask, any
 batch size and any length up to the position embeddings. Nothing here measures ORT latency.
+Run int8 files with :func:`session_options`: on x86 CPUs without VNNI it switches ONNX
+Runtime to its exact uint8 x uint8 kernels, as its default uint8 x int8 one saturates there.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from nas_fair.modules import (
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+    import onnxruntime as ort
 
 OPSET = 17
 U8_OFFSET = 128  # an int8 activation q is stored as q + 128 in uint8 (MatMulInteger zero point)
@@ -87,20 +90,53 @@ def export_onnx(model: nn.Module, path: Path, *, int8: bool, max_length: int) ->
     any length up to the model's position limit runs. A model with group-aware decision
     offsets (post-processing) gets a third input, ``group_index`` (int64, one per row: the
     position of the row's group in the metadata's ``nas_fair.groups``; -1 for a group not seen
-    in fitting), and its ``logits`` output is the float64 decision scores."""
+    in fitting), and its ``logits`` output is the float64 decision scores. Open the file with
+    :func:`session_options` so that int8 files compute what torch does on every CPU."""
     _export(model, Path(path), int8=int8, max_length=max_length, exporter="auto")
     if int8 and not ort_int8_exact():
-        warnings.warn("ONNX Runtime's int8 MatMulInteger saturates on this CPU (no VNNI): the "
-                      "int8 file's outputs here differ from the measured torch model's; run it "
-                      "on a VNNI CPU or export with int8=False", stacklevel=2)
+        warnings.warn("ONNX Runtime's default uint8 x int8 MatMulInteger saturates on this CPU (no "
+                      "VNNI): run int8 files here with the session option "
+                      f"{PRECISE_INT8[0]}={PRECISE_INT8[1]} "
+                      "(nas_fair.onnx_export.session_options() sets it)", stacklevel=2)
+
+
+# ONNX Runtime's exact uint8 x uint8 int8 kernels (it shifts the int8 weights at load), x86 only;
+# slower than its uint8 x int8 ones, so set only where those saturate
+PRECISE_INT8 = ("session.x64quantprecision", "1")
+
+
+def session_options(*, threads: int | None = None) -> ort.SessionOptions:
+    """onnxruntime CPU session options under which an int8 file gives torch's integers:
+    :data:`PRECISE_INT8` where ORT's uint8 x int8 kernel saturates (:func:`ort_int8_exact` is
+    False), nothing extra elsewhere. ``threads``: intra-op threads (one inter-op thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not ort_int8_exact():
+        opts.add_session_config_entry(*PRECISE_INT8)
+    return opts
 
 
 @functools.cache
-def ort_int8_exact() -> bool:
-    """Whether ONNX Runtime's uint8 x int8 ``MatMulInteger`` accumulates exactly on this CPU.
+def ort_int8_exact(*, precise: bool = False) -> bool:
+    """Whether ONNX Runtime's uint8 x int8 ``MatMulInteger`` accumulates exactly on this CPU
+    (``precise``: with :data:`PRECISE_INT8` set).
 
     CPUs without VNNI add u8 x s8 pairs in saturating int16; the probe's pairs overflow int16,
-    so there an int8 export's outputs differ from the torch model nas-fair measured."""
+    so there an int8 file run with default options differs from the torch model measured."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if precise:
+        opts.add_session_config_entry(*PRECISE_INT8)
+    return _int8_probe(opts)
+
+
+def _int8_probe(opts: ort.SessionOptions) -> bool:
+    """Whether a ``MatMulInteger`` whose u8 x s8 pairs overflow int16 is exact under ``opts``."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -113,7 +149,8 @@ def ort_int8_exact() -> bool:
         [numpy_helper.from_array(np.full((k, 8), 127, dtype=np.int8), "b"),
          numpy_helper.from_array(np.array(U8_OFFSET, dtype=np.uint8), "zp")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {"a": np.full((4, k), U8_OFFSET + 127, dtype=np.uint8)})
     return bool((y == k * 127 * 127).all())
 
@@ -340,6 +377,7 @@ def _export(model: nn.Module, path: Path, *, int8: bool, max_length: int, export
             _rowwise_int8(proto, int8_nodes, tags)
         _compact_weights(proto, tags)
         _dedupe_initializers(proto)
+        _distinct_int8_weights(proto)
         del proto.graph.value_info[:]  # stale shape hints after the rewrites; ORT infers them
         _set_metadata(proto, int8=int8, max_length=max_length, groups=(
             None if _offsets(model) is None else list(_offsets(model).groups)))
@@ -539,6 +577,41 @@ def _rowwise_int8(proto: onnx.ModelProto, nodes: list[str], tags: dict[str, _Tag
     _drop_unused_initializers(proto)
 
 
+def _distinct_int8_weights(proto: onnx.ModelProto) -> None:
+    """Give each ``MatMulInteger`` its own name for a shared int8 weight: a full ``Slice`` of it
+    with a distinct end (ORT folds it at load). Under :data:`PRECISE_INT8` ORT names its uint8
+    copy after the weight, and a second node on the same name fails to load."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    rows = {i.name: i.dims[0] for i in graph.initializer if i.dims}
+    seen: dict[str, int] = {}
+    made: set[str] = set()
+    new_nodes: list[onnx.NodeProto] = []
+    const = "nasfair.int8"
+    for node in graph.node:
+        w = node.input[1] if node.op_type == "MatMulInteger" else None
+        if w is not None and w in rows:
+            use = seen[w] = seen.get(w, -1) + 1
+            if use:
+                end = f"{const}.slice_end{rows[w] + use}"
+                if end not in made:
+                    graph.initializer.append(
+                        numpy_helper.from_array(np.array([rows[w] + use], np.int64), end))
+                    made.add(end)
+                node.input[1] = f"{w}.use{use}"
+                new_nodes.append(helper.make_node(
+                    "Slice", [w, f"{const}.slice_zero", end, f"{const}.slice_zero"],
+                    [node.input[1]], f"{w}.use{use}"))
+        new_nodes.append(node)
+    if made:
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([0], np.int64), f"{const}.slice_zero"))
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+
+
 def _compact_weights(proto: onnx.ModelProto, tags: dict[str, _Tagged]) -> None:
     """Put fp16 and packed 4-bit weights back where the view had them in fp32."""
     from onnx import TensorProto, helper, numpy_helper
@@ -730,7 +803,8 @@ def _smoke_test(file: Path, view: nn.Module, max_length: int) -> None:
     import onnxruntime as ort
 
     ids, mask = _dummy_inputs(view, max_length)
-    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(file), sess_options=session_options(),
+                                   providers=["CPUExecutionProvider"])
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     if GROUP_INPUT in input_names(view):
         feed[GROUP_INPUT] = np.array([0, -1], dtype=np.int64)
@@ -739,4 +813,5 @@ def _smoke_test(file: Path, view: nn.Module, max_length: int) -> None:
         raise RuntimeError(f"the exported ONNX model produced bad logits for {file}")
 
 
-__all__ = ["GROUP_INPUT", "export_onnx", "export_view", "input_names"]
+__all__ = ["GROUP_INPUT", "PRECISE_INT8", "export_onnx", "export_view", "input_names",
+           "ort_int8_exact", "session_options"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,14 @@ def ort_session(model: nn.Module, *, max_length: int, threads: int) -> Any:
     """An onnxruntime session of ``model`` exported as ``nas-fair export --onnx`` does."""
     import onnxruntime as ort
 
-    from nas_fair.onnx_export import export_onnx
+    from nas_fair.onnx_export import export_onnx, session_options
 
     with tempfile.TemporaryDirectory(prefix="nas-fair-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
-        export_onnx(model, path, int8=has_int8(model), max_length=max_length)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        return ort.InferenceSession(str(path), sess_options=opts,
+        with warnings.catch_warnings():  # its advice, session_options, is taken below
+            warnings.simplefilter("ignore")
+            export_onnx(model, path, int8=has_int8(model), max_length=max_length)
+        return ort.InferenceSession(str(path), sess_options=session_options(threads=threads),
                                     providers=["CPUExecutionProvider"])
 
 

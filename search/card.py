@@ -144,10 +144,12 @@ def disparity_lines(disparity: dict[str, Any] | None) -> list[str]:
 
 def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], final: Path,
                study_args: Sequence[str], *, budget: int, onnx: bool = False,
-               base: Path | None = None, class_rates: dict[str, Any] | None = None,
+               onnx_int8: bool = False, base: Path | None = None,
+               class_rates: dict[str, Any] | None = None,
                reproduce: Sequence[str] | None = None) -> str:
     """Hugging Face style card: YAML front matter, then what was done, measured, and how to
     load and reproduce it. ``budget``: completed trials the study needed to reach this one.
+    ``onnx_int8``: the ONNX file runs its 8-bit linears as ONNX Runtime int8 MatMuls.
     Paths are relative (to ``base`` for the reproduce commands): a card is meant to be shared."""
     from nas_fair import __version__
     from nas_fair.config import BUNDLED_MODEL
@@ -313,7 +315,17 @@ def model_card(session: Any, metrics: dict[str, Any], recipe: dict[str, Any], fi
             ", `group_index` (position of the row's group in the metadata's `nas_fair.groups`, "
             "-1 for another group)" if offsets else "")
         lines.append(f"`{ONNX_FILE}` is the same model exported to ONNX (inputs {inputs}; "
-                     "output `logits`), int8 as in torch, one activation scale per row.")
+                     "output `logits`).")
+        if onnx_int8:
+            from nas_fair.onnx_export import PRECISE_INT8
+
+            key, value = PRECISE_INT8
+            lines[-1] += (
+                " Its 8-bit linears run as ONNX Runtime int8 MatMuls, one activation scale per "
+                "row as in torch. Open it with the session options of "
+                "`nas_fair.onnx_export.session_options()`, or set the session option "
+                f"`{key}` to `{value}` on x86 CPUs without VNNI: there ONNX Runtime's default "
+                "int8 kernel saturates and the logits differ from the model measured here.")
     search = ["nas-fair", "search", *study_args, "--budget", str(budget)]
     export = ["nas-fair", "export", *study_args, "--trials", str(n), "--out",
               relative(final.parent, reproduce_base)]

@@ -288,17 +288,17 @@ def _export_one(session: Any, study: Any, trial: FrozenTrial, dest: Path, final:
     if Recipe.read(dest) != recipe:  # what nas_fair.load reads must be what was written
         raise RuntimeError(f"trial {trial.number}: {RECIPE_FILE} does not read back as written")
     rates = write_class_rates(session, study, record, dest)
+    q = recipe.families.get("quantization")
+    int8 = q is not None and 8 in (q.attention_bits, q.ffn_bits)
     if onnx:
         from nas_fair.onnx_export import export_onnx
 
-        q = recipe.families.get("quantization")
-        int8 = q is not None and 8 in (q.attention_bits, q.ffn_bits)
         export_onnx(model, dest / ONNX_FILE, int8=int8, max_length=session.cfg.model.max_length)
     budget = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if t.number <= trial.number)
     (dest / CARD_FILE).write_text(model_card(session, metrics, recipe.to_dict(), final, study_args,
-                                             budget=budget, onnx=onnx, base=base,
-                                             class_rates=rates, reproduce=reproduce))
+                                             budget=budget, onnx=onnx, onnx_int8=onnx and int8,
+                                             base=base, class_rates=rates, reproduce=reproduce))
     how = "copied the search's saved model" if source == "artifact" else "rebuilt from its recipe"
     log(f"trial {trial.number}: {how}; reloaded, its test predictions match the search's "
         f"record (sha256 {digest[:12]})")

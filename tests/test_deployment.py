@@ -154,7 +154,7 @@ def test_a_post_processed_model_needs_groups(tmp_path: Path) -> None:
     import nas_fair
     from nas_fair import postprocess
     from nas_fair.checkpoint import save_compressed
-    from nas_fair.onnx_export import export_onnx
+    from nas_fair.onnx_export import export_onnx, session_options
 
     from conftest import random_batch, tiny_model
 
@@ -183,7 +183,8 @@ def test_a_post_processed_model_needs_groups(tmp_path: Path) -> None:
     assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "group_index"]
     names = json.loads({p.key: p.value for p in proto.metadata_props}["nas_fair.groups"])
     index = [names.index(g) if g in names else -1 for g in groups]
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), sess_options=session_options(),
+                                providers=["CPUExecutionProvider"])
     (scores,) = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
                                       "group_index": np.array(index, dtype=np.int64)})
     assert (scores.argmax(1) == want).all()

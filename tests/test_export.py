@@ -608,8 +608,11 @@ def test_onnx_flag(world: dict[str, Any], capsys: Any, tmp_path: Path, monkeypat
         calls.append({"int8": int8, "max_length": max_length})
         Path(path).write_bytes(b"onnx")
 
+    from nas_fair.onnx_export import PRECISE_INT8
+
     fake = types.ModuleType("nas_fair.onnx_export")
     fake.export_onnx = fake_export  # type: ignore[attr-defined]
+    fake.PRECISE_INT8 = PRECISE_INT8  # type: ignore[attr-defined]  # the card names it
     monkeypatch.setitem(sys.modules, "nas_fair.onnx_export", fake)
     for key, int8 in (("int8", True), ("4bit", False)):
         fam = world["families"][key]
@@ -633,6 +636,7 @@ def test_onnx_export_runs_in_onnxruntime(world: dict[str, Any], capsys: Any,
     from transformers import AutoTokenizer
 
     import nas_fair
+    from nas_fair.onnx_export import session_options
 
     fam = world["families"]["int8"]
     code, err = export(capsys, fam["toml"], world["run_dir"], tmp_path / "o", "--trials", "0",
@@ -642,7 +646,8 @@ def test_onnx_export_runs_in_onnxruntime(world: dict[str, Any], capsys: Any,
     tok = AutoTokenizer.from_pretrained(folder)
     texts = [line.split('"')[1] for line in world["csv"].read_text().splitlines()[1:41]]
     batch = tok(texts, padding="max_length", truncation=True, max_length=16, return_tensors="np")
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(folder / "model.onnx"), sess_options=session_options(),
+                                providers=["CPUExecutionProvider"])
     (logits,) = sess.run(None, {"input_ids": batch["input_ids"].astype(np.int64),
                                 "attention_mask": batch["attention_mask"].astype(np.int64)})
     import torch
@@ -652,6 +657,7 @@ def test_onnx_export_runs_in_onnxruntime(world: dict[str, Any], capsys: Any,
                                     attention_mask=torch.from_numpy(batch["attention_mask"]).long())
     agree = (logits.argmax(-1) == ref.logits.argmax(-1).numpy()).mean()
     assert logits.shape == (40, 3) and agree >= 0.9
+    assert "`session.x64quantprecision` to `1`" in (folder / "README.md").read_text()
 
 
 def test_a_trial_scored_from_an_earlier_recipe_exports(world: dict[str, Any], capsys: Any) -> None:

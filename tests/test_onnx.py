@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,15 @@ from nas_fair.modules import (
     QuantEmbedding,
     RowInt8Linear,
 )
-from nas_fair.onnx_export import _export, export_onnx, export_view, ort_int8_exact
+from nas_fair.onnx_export import (
+    PRECISE_INT8,
+    _export,
+    _int8_probe,
+    export_onnx,
+    export_view,
+    ort_int8_exact,
+    session_options,
+)
 from nas_fair.spaces import REGISTRY, compress
 
 from conftest import RandomTrial, random_batch, tiny_context, tiny_model
@@ -92,7 +101,8 @@ def compressed(kind: str, case: str) -> nn.Module:
 
 
 def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=session_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def run_onnx(sess: ort.InferenceSession, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -175,15 +185,8 @@ def export(model: nn.Module, tmp_path: Path, int8: bool, name: str = "model.onnx
     return path
 
 
-# ONNX Runtime's uint8 x int8 MatMulInteger saturates in int16 on CPUs without VNNI: there an
-# int8 file's logits differ from torch's, which is what docs/deployment.md warns about.
-ORT_SATURATES = "ONNX Runtime's int8 MatMulInteger saturates on this CPU (no VNNI)"
-
-
 def check_matches(model: nn.Module, path: Path, int8: bool) -> None:
     if int8 and has_int8(model):
-        if not ort_int8_exact():
-            pytest.xfail(ORT_SATURATES)
         fp32 = export_view(model)[0]
         ids, mask = random_batch(64, 12, seed=7)
         ours, theirs = run_onnx(session(path), ids, mask), run_torch(model, ids, mask)
@@ -366,3 +369,57 @@ def test_dynamo_exporter_gives_the_same_model(tmp_path: Path) -> None:
     assert rel_err(run_onnx(session(path), ids, mask), run_onnx(session(legacy), ids, mask)) <= (
         FLOAT_RTOL
     )
+
+
+def test_session_options_make_int8_exact_on_this_cpu() -> None:
+    """The options every nas-fair session uses give exact int8 sums, VNNI or not."""
+    assert _int8_probe(session_options())
+    assert _int8_probe(session_options(threads=1))
+    assert ort_int8_exact(precise=True)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_precise_option_and_export_warning_only_where_int8_saturates(
+    exact: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nas_fair.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "ort_int8_exact", lambda **_: exact)
+    opts = session_options(threads=2)
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+    key, value = PRECISE_INT8
+    if exact:
+        with pytest.raises(Exception, match="does not have configuration"):
+            opts.get_session_config_entry(key)
+    else:
+        assert opts.get_session_config_entry(key) == value
+    model = compressed("bert", "int8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(model, tmp_path / "m.onnx", int8=True, max_length=MAX_LENGTH)
+        export_onnx(model, tmp_path / "f.onnx", int8=False, max_length=MAX_LENGTH)
+    said = [str(w.message) for w in caught if "MatMulInteger" in str(w.message)]
+    assert said == ([] if exact else [said[0]])
+    assert exact or f"{key}={value}" in said[0]
+
+
+def test_shared_int8_weights_stay_shared_and_load_under_the_precise_option(tmp_path: Path) -> None:
+    """ORT's precise option names its uint8 copy after the weight: every MatMulInteger gets its
+    own name (a folded Slice), while the file stores each shared weight once."""
+    ref = tiny_model("bert")
+    model = compress(ref, {n: REGISTRY[n].config_class.from_dict(v) for n, v in {
+        "sharing": {"group_size": 2},
+        "quantization": {"attention_bits": 8, "ffn_bits": 8}}.items()}, tiny_context(ref))
+    path = export(model, tmp_path, int8=True)
+    proto = onnx.load(str(path))
+    weights = [n.input[1] for n in proto.graph.node if n.op_type == "MatMulInteger"]
+    stored = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(set(weights)) == len(weights) == 4 * 6 + 1  # 4 layers x 6 matrices, the pooler
+    assert len(stored) == 2 * 6 + 1  # group_size 2: two layers' worth
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry(*PRECISE_INT8)
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    ids, mask = random_batch(16, 12, seed=4)
+    ours, theirs = run_onnx(sess, ids, mask), run_torch(model, ids, mask)
+    assert rel_err(ours, theirs) <= INT8_RTOL
+    assert (ours.argmax(1) == theirs.argmax(1)).all()
