@@ -17,9 +17,10 @@ completed evaluations per hour and whether the front holds a non-anchor model at
 as the combined anchor (FFN 25% + int8) on all four objectives.
 
     python benchmarks/search_budget.py [--minutes 30] [--seeds 0,1]
-        [--methods mf,nsga2+anchors,random,tpe] [--resume | --recompute]
+        [--methods mf,nsga2+anchors,random,tpe] [--series NAME] [--resume | --recompute]
 
-Writes benchmarks/results/search_budget.json after every run.
+Writes benchmarks/results/search_budget.json (``--series NAME``: search_budget_NAME.json, for
+runs on another kind of machine) after every run.
 """
 
 from __future__ import annotations
@@ -70,8 +71,14 @@ def link_prepared(src: Path, dest: Path) -> None:
             shutil.copytree(src / part, dest / part, copy_function=os.link, dirs_exist_ok=True)
 
 
-def folder_for(study: str, method: str, seed: int) -> Path:
-    return Path("studies") / f"{study}-bench-{method.replace('+', '_')}-s{seed}"
+def folder_for(study: str, method: str, seed: int, series: str = "") -> Path:
+    tag = f"{series}-" if series else ""
+    return Path("studies") / f"{study}-bench-{tag}{method.replace('+', '_')}-s{seed}"
+
+
+def out_for(series: str) -> Path:
+    """The series' JSON: one series per kind of machine, as runs compare only within one."""
+    return RESULTS / f"search_budget_{series}.json" if series else OUT
 
 
 def load(name: str, folder: Path) -> Any:
@@ -133,6 +140,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--methods", default="mf,nsga2+anchors,random,tpe")
+    ap.add_argument("--series", default="",
+                    help="a name for a series of runs on another kind of machine: its own JSON "
+                         "(search_budget_<name>.json) and run folders (default: the main one)")
     ap.add_argument("--resume", action="store_true", help="skip runs already in the JSON")
     ap.add_argument("--recompute", action="store_true",
                     help="run nothing: recompute the front figures of the runs in the JSON "
@@ -142,26 +152,29 @@ def main() -> None:
     from nas_fair.objectives.scores import directions, objective_names
     from nas_fair.search.sampling import make_sampler
 
+    if args.series and not args.series.replace("_", "").isalnum():
+        raise SystemExit(f"--series must be letters, digits and _, got {args.series!r}")
+    out = out_for(args.series)
     cfg = load_cfg(args)
     settings = {"study": cfg.name, "minutes": args.minutes, "threads": args.threads}
     done: list[dict[str, Any]] = []
-    if (args.resume or args.recompute) and OUT.is_file():
-        saved = json.loads(OUT.read_text())
+    if (args.resume or args.recompute) and out.is_file():
+        saved = json.loads(out.read_text())
         done = saved["runs"]
         if args.recompute:  # the settings the runs were made with
             settings = saved["settings"]
     if args.recompute:
         for r in done:
             c = configure(cfg, r["method"])
-            r.update(front_figures(load(c.name, folder_for(cfg.name, r["method"], r["seed"])),
-                                   directions(c), objective_names(c)))
-        write_json(OUT, {"settings": settings, "runs": done})
+            folder = folder_for(cfg.name, r["method"], r["seed"], args.series)
+            r.update(front_figures(load(c.name, folder), directions(c), objective_names(c)))
+        write_json(out, {"settings": settings, "runs": done})
         print_summary(done, args.methods.split(","))
         return
     here = machine()
     other = next((r["machine"] for r in done if r.get("machine", here) != here), None)
     if other is not None:
-        raise SystemExit(f"--resume: {OUT} holds runs from another machine ({other['cpu']}, "
+        raise SystemExit(f"--resume: {out} holds runs from another machine ({other['cpu']}, "
                          f"bf16 {other['bf16_native']}; this one: {here['cpu']}, bf16 "
                          f"{here['bf16_native']}); resume there, or move the file aside")
     if any("machine" not in r for r in done):
@@ -175,7 +188,7 @@ def main() -> None:
             if (method, seed) in seen:
                 continue
             c = configure(cfg, method)
-            folder = folder_for(cfg.name, method, seed)
+            folder = folder_for(cfg.name, method, seed, args.series)
             shutil.rmtree(folder, ignore_errors=True)
             link_prepared(base, folder)
             # the sampler's seed is the run's; the study seed (and so the reference) stays
@@ -196,7 +209,7 @@ def main() -> None:
                   f"{r['evaluations']} evaluations ({r['evaluations_per_hour']:.0f}/h), "
                   f"non-anchor >= combined anchor: {r['non_anchor_at_least_as_good'] or 'none'}",
                   flush=True)
-            write_json(OUT, {"settings": settings, "runs": done})
+            write_json(out, {"settings": settings, "runs": done})
     print_summary(done, args.methods.split(","))
 
 if __name__ == "__main__":
