@@ -6,8 +6,9 @@ run in onnxruntime with default session options and with
 ``nas_fair.onnx_export.session_options()`` (which adds ``session.x64quantprecision=1`` only
 where the uint8 x int8 kernel saturates, i.e. on x86 CPUs without VNNI). For each it prints
 how far the test rows' logits are from the torch model's (a row's largest difference over the
-largest logit: the median row and the worst; argmax agreement) and the median pass at the study's batch and length; the passes of
-all configurations and the fp32 reference file are timed in turns, one pass each per round.
+largest logit: the median row and the worst; argmax agreement) and the median pass at the
+study's batch and length; the passes of all configurations and the fp32 reference file are
+timed in turns, one pass each per round.
 
     python benchmarks/ort_int8_cpu.py [--model DIR] [--rows 512] [--rounds 15]
 """
